@@ -1,0 +1,570 @@
+"""The language model of glimpse: a LLaMA-style decoder, read top to bottom.
+
+    LMConfig -> RMSNorm, RoPE, Attention (GQA, KV cache, chunked/NoPE), MLP (SwiGLU), MoE
+             -> Block -> LanguageModel -> loading (HF safetensors, GGUF) and saving
+
+Mirrors `transformers/models/llama/modeling_llama.py` (Touvron et al. 2023, "LLaMA"), with the
+options of Qwen2 (q/k/v bias), Mixtral (mixture of experts, Jiang et al. 2024) and LLaMA-4
+(interleaved NoPE layers with chunked local attention in the RoPE layers).
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 49152
+    dim: int = 576  # hidden size
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3  # < n_heads: grouped-query attention
+    head_dim: int = 0  # 0: dim // n_heads
+    hidden_dim: int = 1536  # SwiGLU inner size
+    norm_eps: float = 1e-5
+    max_seq_len: int = 8192
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    tie_embeddings: bool = True
+    qkv_bias: bool = False  # Qwen2 has biases on q, k, v
+    o_bias: bool = False  # Llama's attention_bias=True puts one on o_proj too
+    # Mixture of experts (Mixtral / LLaMA-4): 0 experts means a dense SwiGLU MLP everywhere.
+    n_experts: int = 0
+    top_k: int = 2
+    shared_expert: bool = True
+    moe_every: int = 1  # layers i with (i + 1) % moe_every == 0 are MoE layers
+    # LLaMA-4's interleaved attention: every nope_every-th layer has no RoPE and full causal
+    # attention; the others use RoPE and, if attention_chunk > 0, attend only inside their chunk.
+    nope_every: int = 0
+    attention_chunk: int = 0
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    def is_moe(self, layer: int) -> bool:
+        return self.n_experts > 0 and (layer + 1) % self.moe_every == 0
+
+    def uses_rope(self, layer: int) -> bool:
+        return not (self.nope_every > 0 and (layer + 1) % self.nope_every == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (HF `LlamaRMSNorm`)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # (..., D)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(cfg: LMConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), rescaled as `rope_scaling` asks
+    (HF `modeling_rope_utils._compute_llama3_parameters` for "llama3")."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)  # long waves: slow down
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)  # in between: blend
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3 are)")
+
+
+def rotate_half(x):  # (..., hd) -> (..., hd): [x1, x2] -> [-x2, x1], HF's layout
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):  # x (B, H, T, hd), cos/sin (B, 1, T, hd)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    Slot s of row b holds the token fed at step s; `valid[b, s]` says whether it is a real token
+    (False for left padding) and `pos[b, s]` its position id. Prefill writes many slots at once,
+    decoding writes one per step."""
+
+    def __init__(self, cfg: LMConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"a cache of {max_len} positions exceeds the context of {cfg.max_seq_len}")
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
+        self.pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # (B, S)
+        self.max_len = max_len
+        self.length = 0  # slots filled so far
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention through `F.scaled_dot_product_attention` (HF `LlamaAttention`)."""
+
+    def __init__(self, cfg: LMConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.use_rope = cfg.uses_rope(layer)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        # x (B, T, D); cos/sin (B, 1, T, hd); mask None (causal) or bool (B, 1, T, S)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write this step's keys/values, then attend over every filled slot
+            start, end = cache.length, cache.length + T
+            cache.k[self.layer][:, :, start:end] = k
+            cache.v[self.layer][:, :, start:end] = v
+            k, v = cache.k[self.layer][:, :, :end], cache.v[self.layer][:, :, :end]  # (B, Hkv, S, hd)
+        causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020; HF `LlamaMLP`)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x):  # (N, D) or (B, T, D)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Sparse mixture of SwiGLU experts with an always-on shared expert.
+
+    A linear router scores every expert, each token goes to its `top_k` best (weights renormalised
+    to sum to 1, as Mixtral does), and only the experts that some token chose are run. Returns the
+    output and the load-balancing loss of Switch Transformers (Fedus et al. 2021) in Mixtral's
+    top-k form: n_experts * sum_e f_e * P_e, where f_e is the share of tokens sent to expert e
+    (summing to top_k) and P_e the mean router probability of e. A uniform router gives top_k."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.top_k = cfg.top_k
+        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg.dim, cfg.hidden_dim) for _ in range(cfg.n_experts))
+        self.shared_expert = MLP(cfg.dim, cfg.hidden_dim) if cfg.shared_expert else None
+
+    def forward(self, x):  # x (B, T, D) -> (B, T, D), aux loss ()
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)  # (N, D)
+        probs = self.router(x).float().softmax(dim=-1)  # (N, E)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)  # (N, D)
+        for e in chosen.unique().tolist():  # only the experts chosen run
+            token, slot = (chosen == e).nonzero(as_tuple=True)  # (n_e,), (n_e,)
+            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None])
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        share = F.one_hot(chosen, len(self.experts)).sum(dim=1).float().mean(dim=0)  # (E,) f_e
+        aux = len(self.experts) * (share * probs.mean(dim=0)).sum()
+        return out.view(B, T, D), aux
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)) (HF `LlamaDecoderLayer`)."""
+
+    def __init__(self, cfg: LMConfig, layer: int):
+        super().__init__()
+        self.chunked = cfg.uses_rope(layer) and cfg.attention_chunk > 0
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg.dim, cfg.hidden_dim)
+
+    def forward(self, x, cos, sin, masks, cache):  # x (B, T, D), masks: {"full": ..., "chunked": ...}
+        x = x + self.attn(self.attn_norm(x), cos, sin, masks["chunked" if self.chunked else "full"], cache)
+        h = self.mlp(self.mlp_norm(x))
+        if isinstance(self.mlp, MoE):
+            h, aux = h
+            return x + h, aux
+        return x + h, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class LanguageModel(nn.Module):
+    """Token embeddings -> n_layers Blocks -> RMSNorm -> logits (HF `LlamaForCausalLM`)."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (hd/2,)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        """Normal(0, 0.02) for linears and embeddings, zero biases (HF's `initializer_range`)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        w = self.embed.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, w.device, w.dtype)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                inputs_embeds=None, last_only: bool = False, return_aux: bool = False):
+        """input_ids (B, T) or inputs_embeds (B, T, D) -> logits (B, T, V), or (B, 1, V) if last_only.
+
+        attention_mask (B, T): 1 for real tokens, 0 for (left) padding, for the tokens given now;
+        a cache remembers the earlier ones. Position ids default to the count of real tokens before
+        each one, so left-padded rows get the positions they would have alone. With return_aux the
+        mean MoE load-balancing loss over the MoE layers comes back too: (logits, aux)."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        start = cache.length if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.config.max_seq_len
+        if start + T > limit:
+            raise ValueError(f"{start + T} tokens do not fit the context of {limit} tokens")
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        attention_mask = attention_mask.bool()  # (B, T)
+        if position_ids is None:
+            seen = cache.valid[:, :start].sum(dim=1, keepdim=True) if cache is not None else 0  # (B, 1)
+            position_ids = (seen + attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+
+        masks = self._masks(attention_mask, position_ids, cache)
+        if cache is not None:
+            cache.valid[:, start:start + T] = attention_mask
+            cache.pos[:, start:start + T] = position_ids
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, hd/2)
+        freqs = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, hd)
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+
+        aux = []
+        for block in self.layers:
+            x, layer_aux = block(x, cos, sin, masks, cache)
+            if layer_aux is not None:
+                aux.append(layer_aux)
+        if cache is not None:
+            cache.length = start + T
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)  # (B, T, V)
+        if return_aux:
+            return logits, (torch.stack(aux).mean() if aux else x.new_zeros(()))
+        return logits
+
+    def _masks(self, attention_mask, position_ids, cache):
+        """Boolean (B, 1, T, S) masks, True where a query may attend a key; None means plain causal.
+
+        "full": causal over the real tokens. "chunked": also only keys whose position lies in the
+        query's chunk of `attention_chunk` positions (LLaMA-4's local attention)."""
+        B, T = attention_mask.shape
+        start = cache.length if cache is not None else 0
+        chunk = self.config.attention_chunk
+        has_chunks = chunk > 0 and any(b.chunked for b in self.layers)
+        if not has_chunks and (start == 0 or T == 1) and bool(attention_mask.all()) and \
+                (cache is None or bool(cache.valid[:, :start].all())):
+            return {"full": None, "chunked": None}  # causal and nothing to hide: the fast path
+        key_valid, key_pos = attention_mask, position_ids  # (B, S), S = start + T
+        if cache is not None:
+            key_valid = torch.cat((cache.valid[:, :start], attention_mask), dim=1)
+            key_pos = torch.cat((cache.pos[:, :start], position_ids), dim=1)
+        S = start + T
+        q_slot = torch.arange(start, S, device=attention_mask.device)[:, None]  # (T, 1)
+        k_slot = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
+        full = (k_slot <= q_slot) & key_valid[:, None, :]  # (B, T, S)
+        full = full | (k_slot == q_slot)  # a padding query sees itself, so no row is empty (no NaN)
+        masks = {"full": full[:, None], "chunked": full[:, None]}
+        if has_chunks:
+            same_chunk = (key_pos[:, None, :] // chunk) == (position_ids[:, :, None] // chunk)  # (B, T, S)
+            masks["chunked"] = (full & same_chunk | (k_slot == q_slot))[:, None]
+        return masks
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu") -> "LanguageModel":
+        """A Llama/Qwen2 checkpoint (hub id or folder with config.json + safetensors, single or
+        sharded), a folder this class saved, or a llama.cpp `.gguf` file."""
+        if str(name_or_path).endswith(".gguf"):
+            cfg, state = read_gguf(name_or_path)
+        else:
+            folder = checkpoint_folder(name_or_path)
+            cfg, key_map = config_from_json(read_json(os.path.join(folder, "config.json")))
+            state = read_safetensors(folder)
+            state = rename_keys(state, key_map, where=folder)
+        return build_model(cls, cfg, state, dtype, device)
+
+    def save_pretrained(self, folder: str):
+        """Write config.json + model.safetensors. A config that Llama or Qwen2 can express is written
+        in their HF layout (loads in `transformers.AutoModelForCausalLM`); MoE or NoPE models are
+        written with our own names and `model_type: glimpse_lm`."""
+        hf = hf_config(self.config)
+        key_map = hf_key_map(self.config) if hf["model_type"] != "glimpse_lm" else None
+        state = {k: v for k, v in self.state_dict().items()}
+        if key_map is not None:
+            ours_to_hf = {ours: theirs for theirs, ours in key_map.items()}
+            state = {ours_to_hf[k]: v for k, v in state.items()}
+        os.makedirs(folder, exist_ok=True)
+        write_json(hf, os.path.join(folder, "config.json"))
+        write_safetensors(state, os.path.join(folder, "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and saving: configs, key maps, safetensors, GGUF
+# ---------------------------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message is one line naming the problem."""
+
+
+def hf_key_map(cfg: LMConfig) -> dict[str, str]:
+    """HF Llama/Qwen2 tensor names -> ours, for every tensor the model has."""
+    m = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
+    if not cfg.tie_embeddings:
+        m["lm_head.weight"] = "lm_head.weight"
+    for i in range(cfg.n_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        m[hf + "input_layernorm.weight"] = ours + "attn_norm.weight"
+        m[hf + "post_attention_layernorm.weight"] = ours + "mlp_norm.weight"
+        for p in "qkvo":
+            m[hf + f"self_attn.{p}_proj.weight"] = ours + f"attn.{p}_proj.weight"
+            if (cfg.qkv_bias and p != "o") or (cfg.o_bias and p == "o"):
+                m[hf + f"self_attn.{p}_proj.bias"] = ours + f"attn.{p}_proj.bias"
+        for p in ("gate", "up", "down"):
+            m[hf + f"mlp.{p}_proj.weight"] = ours + f"mlp.{p}_proj.weight"
+    return m
+
+
+def config_from_json(hf: dict) -> tuple[LMConfig, dict | None]:
+    """Our config from a config.json, and the key map to use (None: the names are already ours)."""
+    kind = hf.get("model_type")
+    if kind == "glimpse_lm":
+        names = {f.name for f in fields(LMConfig)}
+        return LMConfig(**{k: v for k, v in hf.items() if k in names}), None
+    if kind not in ("llama", "qwen2"):
+        raise CheckpointError(f"config.json describes a {kind!r} model ({hf.get('architectures')}); "
+                              "LanguageModel loads llama and qwen2 checkpoints")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias") or hf.get("use_sliding_window"):
+        raise CheckpointError("this checkpoint uses hidden_act/mlp_bias/sliding window options we do not support")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # transformers 5 / 4 layouts
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        rope = None
+    cfg = LMConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or 0, hidden_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
+        max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=theta, rope_scaling=rope,
+        tie_embeddings=hf.get("tie_word_embeddings", kind == "qwen2"),
+        qkv_bias=kind == "qwen2" or hf.get("attention_bias", False),
+        o_bias=kind == "llama" and hf.get("attention_bias", False))
+    return cfg, hf_key_map(cfg)
+
+
+def hf_config(cfg: LMConfig) -> dict:
+    """The config.json that `save_pretrained` writes: Llama's or Qwen2's if they can express `cfg`."""
+    if cfg.n_experts or cfg.nope_every or cfg.attention_chunk or (cfg.o_bias and not cfg.qkv_bias):
+        return {"model_type": "glimpse_lm", **asdict(cfg)}
+    kind = "qwen2" if cfg.qkv_bias and not cfg.o_bias else "llama"
+    hf = {"architectures": ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"], "model_type": kind,
+          "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
+          "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+          "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+          "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
+          "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+          "tie_word_embeddings": cfg.tie_embeddings}
+    if kind == "llama":
+        hf["attention_bias"] = cfg.qkv_bias
+    return hf
+
+
+def rename_keys(state: dict, key_map: dict | None, where: str) -> dict:
+    """Checkpoint names -> ours; every name must be known and every expected one present."""
+    if key_map is None:
+        return state
+    missing = sorted(set(key_map) - set(state))
+    unexpected = sorted(set(state) - set(key_map) - {"lm_head.weight"})  # tied checkpoints may keep a copy
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                              f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    return {ours: state[theirs] for theirs, ours in key_map.items()}
+
+
+def build_model(cls, cfg: LMConfig, state: dict, dtype, device):
+    """Create the model without random init (on the meta device) and fill it from `state`,
+    checking names and shapes."""
+    with torch.device("meta"):
+        model = cls(cfg)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{name}: checkpoint shape {tuple(tensor.shape)}, "
+                                  f"model expects {tuple(expected[name].shape)}")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    if torch.device(device).type == "cpu":
+        # Column-major linear weights: one-token decoding reads each weight once, and the BLAS on
+        # CPUs streams an (in, out) matrix about 1.5x faster than an (out, in) one (bench.py lm).
+        state = {k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers are not in checkpoints
+    return model.eval()
+
+
+def read_gguf(path: str) -> tuple[LMConfig, dict]:
+    """Config and float32 weights of a llama.cpp GGUF file of a Llama-family model.
+
+    Tensors are dequantized with the `gguf` package; llama.cpp's converter permuted the rows of
+    q and k for its interleaved RoPE (`convert_hf_to_gguf.py: LlamaModel.permute`), which we undo
+    to get back HF's rotate_half layout."""
+    import gguf  # only needed for .gguf files
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (llama and qwen2 are)")
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise CheckpointError(f"{path}: GGUF rope_freqs (Llama-3.1 rope scaling) is not supported")
+    n_heads, n_kv = meta[f"{arch}.attention.head_count"], meta.get(f"{arch}.attention.head_count_kv")
+    cfg = LMConfig(
+        vocab_size=meta.get(f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
+        dim=meta[f"{arch}.embedding_length"], n_layers=meta[f"{arch}.block_count"], n_heads=n_heads,
+        n_kv_heads=n_kv or n_heads, head_dim=meta.get(f"{arch}.attention.key_length") or 0,
+        hidden_dim=meta[f"{arch}.feed_forward_length"], norm_eps=meta[f"{arch}.attention.layer_norm_rms_epsilon"],
+        max_seq_len=meta[f"{arch}.context_length"], rope_theta=meta.get(f"{arch}.rope.freq_base", 10000.0),
+        tie_embeddings="output.weight" not in tensors, qkv_bias=arch == "qwen2")
+
+    names = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight",
+             "output.weight": "lm_head.weight"}
+    per_layer = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_q": "attn.q_proj",
+                 "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
+                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    state = {}
+    for name, t in tensors.items():
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+        ours = f"layers.{m[1]}.{per_layer.get(m[2], m[2])}.{m[3]}" if m else names.get(name, name)
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        w = w.reshape(tuple(reversed([int(d) for d in t.shape])))  # GGUF lists dims innermost first
+        if arch == "llama" and m and m[2] in ("attn_q", "attn_k"):
+            heads = n_heads if m[2] == "attn_q" else cfg.n_kv_heads
+            w = w.reshape(heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)  # undo the permute
+        state[ours] = w
+    return cfg, state
+
+
+# File helpers shared by every loader.
+
+
+def checkpoint_folder(name_or_path: str, patterns=("config.json", "*.safetensors", "*.safetensors.index.json")) -> str:
+    """A local folder as it is, or a hub id downloaded (only `patterns`) into the HF cache."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1:
+        raise CheckpointError(f"{name_or_path}: no such folder (and not a hub id like 'org/name')")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name_or_path, allow_patterns=list(patterns))
+    except Exception as e:
+        raise CheckpointError(f"could not get {name_or_path} from the Hugging Face hub and it is not cached "
+                              f"({type(e).__name__}); pass a local folder instead") from None
+
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's model.safetensors, or of the shards its index names."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        files = sorted(set(read_json(index)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: shard named in the index is missing")
+        try:
+            state.update(load_file(path))
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt? ({e})") from None
+    return state
+
+
+def write_json(obj: dict, path: str):
+    """Write to a temporary name, then rename: a crash never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def write_safetensors(state: dict, path: str):
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)

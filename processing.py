@@ -1,0 +1,282 @@
+"""Turning raw inputs into the token ids a glimpse model reads.
+
+Text: a `Tokenizer` (a thin wrapper over Hugging Face `tokenizers`) loaded from a folder with a
+`tokenizer.json`, a Hugging Face Hub id, or a llama.cpp `.gguf` file, and `build_prompt`, which
+renders a chat into ids the way the model's chat template does.
+
+    tokenizer = Tokenizer.from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")
+    ids = build_prompt(tokenizer, [{"role": "user", "content": "What is in this picture?"}])
+
+One rule runs through this file: text a user typed is always plain text. Writing "<|im_start|>"
+in a message gives the ids of those characters, never the special token, so a prompt's structure
+comes only from the chat template.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import gguf
+import tokenizers
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+# ---------------------------------------------------------------------------
+# Text: tokenizer and chat prompts
+# ---------------------------------------------------------------------------
+
+# The files a Hub download fetches: the tokenizer and what names its special tokens, no weights.
+TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "config.json",
+    "chat_template.jinja",
+]
+
+# How a byte-level BPE GGUF splits text before the merges run, by its `tokenizer.ggml.pre` name
+# (the `regex_exprs` in llama.cpp's llama-vocab.cpp). `ByteLevel(use_regex=True)` is GPT-2's split
+# followed by GPT-2's mapping of bytes to printable characters.
+def _digits_then_gpt2_split():
+    """Every digit on its own (llama.cpp's `\\p{N}`), then GPT-2's split: SmolLM's tokenizer.json."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+
+
+def _gpt2_split():
+    """GPT-2's split alone."""
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+GGUF_PRE_TOKENIZERS = {
+    "smollm": _digits_then_gpt2_split,
+    "starcoder": _digits_then_gpt2_split,
+    "refact": _digits_then_gpt2_split,
+    "gpt-2": _gpt2_split,
+}
+
+# llama.cpp's token types (`tokenizer.ggml.token_type`): CONTROL tokens like <|im_start|> and
+# USER_DEFINED ones are matched whole, never cut into pieces, so they become added special tokens.
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
+
+
+class Tokenizer:
+    """Text <-> token ids, over a `tokenizers.Tokenizer` (mirrors the useful core of transformers'
+    `PreTrainedTokenizerFast`).
+
+    Special tokens written in the text are not matched: `encode` sees user text as plain text and
+    adds no BOS. Prompts get their special tokens from `build_prompt`, by name.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, bos_token: str | None = None,
+                 eos_token: str | None = None, pad_token: str | None = None,
+                 chat_template: str | None = None):
+        backend.encode_special_tokens = True  # "<|im_start|>" in the text stays text
+        self.backend = backend
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.chat_template = chat_template  # the Jinja template the checkpoint ships, for reference
+        self.bos_id = self.token_to_id(bos_token) if bos_token is not None else None
+        self.eos_id = self.token_to_id(eos_token) if eos_token is not None else None
+        self.pad_id = self.token_to_id(pad_token) if pad_token is not None else None
+        self.special_ids = {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (transformers' `len(tokenizer)`)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` as plain text: no BOS/EOS added, no special tokens matched."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    # --- loading and saving ---
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "Tokenizer":
+        """Load from a local folder with tokenizer.json, a `.gguf` file, or a Hub id like
+        "HuggingFaceTB/SmolLM2-135M-Instruct" (only the tokenizer files are downloaded)."""
+        path = os.path.expanduser(name_or_path)
+        if os.path.isdir(path):
+            return cls.from_folder(path)
+        if os.path.isfile(path):
+            if not path.endswith(".gguf"):
+                raise ValueError(f"Expected a folder with tokenizer.json or a .gguf file, got {path}")
+            return cls.from_gguf(path)
+        # A Hub id is "owner/name"; anything else that is not on disk is a path that is missing.
+        if os.path.isabs(path) or path.startswith(".") or path.endswith(".gguf") or path.count("/") != 1:
+            raise FileNotFoundError(f"No such tokenizer file or folder: {path}")
+        try:
+            folder = snapshot_download(name_or_path, allow_patterns=TOKENIZER_FILES)
+        except (LocalEntryNotFoundError, ConnectionError) as error:
+            raise OSError(f"Could not reach the Hugging Face Hub to download {name_or_path!r}; "
+                          "pass a local folder with tokenizer.json or a .gguf file instead.") from error
+        return cls.from_folder(folder)
+
+    @classmethod
+    def from_folder(cls, folder: str) -> "Tokenizer":
+        """Load a Hugging Face tokenizer folder: tokenizer.json, with bos/eos/pad named by
+        tokenizer_config.json, else special_tokens_map.json, else config.json's token ids."""
+        tokenizer_file = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(tokenizer_file):
+            raise FileNotFoundError(f"No tokenizer.json in {folder}")
+        backend = tokenizers.Tokenizer.from_file(tokenizer_file)
+
+        names = {}  # "bos" -> "<|im_start|>"; later files override earlier ones
+        model_config = _read_json(os.path.join(folder, "config.json"))
+        for role in ("bos", "eos", "pad"):
+            token_id = model_config.get(f"{role}_token_id")
+            if isinstance(token_id, list):  # some models list several EOS ids; the first is the main one
+                token_id = token_id[0]
+            if token_id is not None:
+                names[role] = backend.id_to_token(token_id)
+        for file in ("special_tokens_map.json", "tokenizer_config.json"):
+            config = _read_json(os.path.join(folder, file))
+            for role in ("bos", "eos", "pad"):
+                token = config.get(f"{role}_token")
+                if token is not None:  # a string, or {"content": ...} in older files
+                    names[role] = token["content"] if isinstance(token, dict) else token
+
+        chat_template = _read_json(os.path.join(folder, "tokenizer_config.json")).get("chat_template")
+        template_file = os.path.join(folder, "chat_template.jinja")
+        if os.path.isfile(template_file):
+            with open(template_file, encoding="utf-8") as f:
+                chat_template = f.read()
+        return cls(backend, names.get("bos"), names.get("eos"), names.get("pad"), chat_template)
+
+    @classmethod
+    def from_gguf(cls, path: str) -> "Tokenizer":
+        """Rebuild the tokenizer a llama.cpp GGUF file describes in its `tokenizer.*` metadata.
+
+        Only byte-level BPE (`tokenizer.ggml.model` "gpt2", as GPT-2 and SmolLM use) is
+        supported: the vocabulary and merges go into a BPE model, split and decoded byte-level
+        (mirrors transformers' GGUF tokenizer conversion and llama.cpp's llama-vocab.cpp).
+        """
+        fields = gguf.GGUFReader(path).fields
+
+        def read(key, default=None):
+            return fields[key].contents() if key in fields else default
+
+        model_type = read("tokenizer.ggml.model")
+        if model_type != "gpt2":
+            raise ValueError(f"{path} has tokenizer model {model_type!r}; only byte-level BPE ('gpt2') "
+                             "GGUF tokenizers are supported, use a folder with tokenizer.json instead")
+        # Files from before `tokenizer.ggml.pre` existed get GPT-2's split, as in transformers.
+        pre = read("tokenizer.ggml.pre", "gpt-2")
+        if pre not in GGUF_PRE_TOKENIZERS:
+            raise ValueError(f"{path} has pre-tokenizer {pre!r}; supported: {sorted(GGUF_PRE_TOKENIZERS)}")
+
+        if "tokenizer.ggml.merges" not in fields:  # llama.cpp refuses these too
+            raise ValueError(f"{path} has no tokenizer.ggml.merges, which a byte-level BPE tokenizer needs")
+        tokens = read("tokenizer.ggml.tokens")
+        merges = [tuple(merge.split(" ")) for merge in read("tokenizer.ggml.merges")]
+        backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        backend.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([
+            AddedToken(token, special=True, normalized=False)
+            for token, kind in zip(tokens, read("tokenizer.ggml.token_type"))
+            if kind in (GGUF_CONTROL, GGUF_USER_DEFINED)
+        ])
+
+        def token(key):
+            token_id = read(key)
+            return tokens[token_id] if token_id is not None else None
+
+        return cls(backend, token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"),
+                   token("tokenizer.ggml.padding_token_id"), read("tokenizer.chat_template"))
+
+    def save(self, folder: str) -> None:
+        """Write tokenizer.json and a tokenizer_config.json naming bos/eos/pad, which
+        `from_pretrained(folder)` reads back."""
+        os.makedirs(folder, exist_ok=True)
+        self.backend.save(os.path.join(folder, "tokenizer.json"))
+        config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                  "chat_template": self.chat_template}
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+def _read_json(path: str) -> dict:
+    """The JSON object in `path`, or {} when there is no such file."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# --- chat prompts ---
+#
+# A chat template turns messages into a list of parts: plain text, which is tokenized, and
+# `Special` tokens, which are looked up by name. Only the template writes `Special` parts, so a
+# message can never forge one.
+
+ROLES = ("system", "user", "assistant")
+
+SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@dataclass(frozen=True)
+class Special:
+    """A special token in a rendered prompt, e.g. Special("<|im_start|>")."""
+    token: str
+
+
+def render_chatml(messages: list[dict], add_generation_prompt: bool) -> list:
+    r"""ChatML, as SmolLM2's chat template writes it:
+
+        <|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\n
+        <|im_start|>user\nHi<|im_end|>\n
+        <|im_start|>assistant\n
+
+    one `<|im_start|>{role}\n{content}<|im_end|>\n` per message, SmolLM2's default system message
+    first when the chat does not start with one, and `<|im_start|>assistant\n` to ask for a reply.
+    """
+    if messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": SMOLLM2_SYSTEM_PROMPT}, *messages]
+    parts = []
+    for message in messages:
+        turn = f"{message['role']}\n{message['content']}"
+        parts += [Special("<|im_start|>"), turn, Special("<|im_end|>"), "\n"]
+    if add_generation_prompt:
+        parts += [Special("<|im_start|>"), "assistant\n"]
+    return parts
+
+
+CHAT_TEMPLATES = {
+    "chatml": render_chatml,
+}
+
+
+def build_prompt(tokenizer: Tokenizer, messages: list[dict], template: str = "chatml",
+                 add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a chat, rendered by `CHAT_TEMPLATES[template]` (the same ids as transformers'
+    `apply_chat_template(messages, add_generation_prompt=..., tokenize=True)`, except that special
+    tokens typed in a message stay text).
+
+    messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]
+    """
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"Unknown chat template {template!r}; available: {sorted(CHAT_TEMPLATES)}")
+    for message in messages:
+        if message["role"] not in ROLES or not isinstance(message["content"], str):
+            raise ValueError(f"A message needs a role in {ROLES} and string content, got {message!r}")
+    ids = []
+    for part in CHAT_TEMPLATES[template](messages, add_generation_prompt):
+        if isinstance(part, Special):
+            token_id = tokenizer.token_to_id(part.token)
+            if token_id not in tokenizer.special_ids:
+                raise ValueError(f"Chat template {template!r} needs the special token {part.token!r}, "
+                                 "which this tokenizer does not have")
+            ids.append(token_id)
+        else:
+            ids += tokenizer.encode(part)
+    return ids
