@@ -8,7 +8,6 @@ options of Qwen2 (q/k/v bias), Mixtral (mixture of experts, Jiang et al. 2024) a
 (interleaved NoPE layers with chunked local attention in the RoPE layers).
 """
 
-import json
 import math
 import os
 import re
@@ -17,6 +16,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from processing import (CheckpointError, checkpoint_folder, read_json, read_safetensors, write_json,
+                        write_safetensors)
 
 
 @dataclass
@@ -228,6 +230,9 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+WEIGHT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")  # what a hub download fetches
+
+
 class LanguageModel(nn.Module):
     """Token embeddings -> n_layers Blocks -> RMSNorm -> logits (HF `LlamaForCausalLM`)."""
 
@@ -302,7 +307,7 @@ class LanguageModel(nn.Module):
 
         "full": causal over the real tokens. "chunked": also only keys whose position lies in the
         query's chunk of `attention_chunk` positions (LLaMA-4's local attention)."""
-        B, T = attention_mask.shape
+        T = attention_mask.shape[1]
         start = cache.length if cache is not None else 0
         chunk = self.config.attention_chunk
         has_chunks = chunk > 0 and any(b.chunked for b in self.layers)
@@ -331,7 +336,7 @@ class LanguageModel(nn.Module):
         if str(name_or_path).endswith(".gguf"):
             cfg, state = read_gguf(name_or_path)
         else:
-            folder = checkpoint_folder(name_or_path)
+            folder = checkpoint_folder(name_or_path, WEIGHT_FILES)
             cfg, key_map = config_from_json(read_json(os.path.join(folder, "config.json")))
             state = read_safetensors(folder)
             state = rename_keys(state, key_map, where=folder)
@@ -355,10 +360,6 @@ class LanguageModel(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Loading and saving: configs, key maps, safetensors, GGUF
 # ---------------------------------------------------------------------------------------------
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message is one line naming the problem."""
 
 
 def hf_key_map(cfg: LMConfig) -> dict[str, str]:
@@ -504,67 +505,3 @@ def read_gguf(path: str) -> tuple[LMConfig, dict]:
             w = w.reshape(heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)  # undo the permute
         state[ours] = w
     return cfg, state
-
-
-# File helpers shared by every loader.
-
-
-def checkpoint_folder(name_or_path: str, patterns=("config.json", "*.safetensors", "*.safetensors.index.json")) -> str:
-    """A local folder as it is, or a hub id downloaded (only `patterns`) into the HF cache."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1:
-        raise CheckpointError(f"{name_or_path}: no such folder (and not a hub id like 'org/name')")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(name_or_path, allow_patterns=list(patterns))
-    except Exception as e:
-        raise CheckpointError(f"could not get {name_or_path} from the Hugging Face hub and it is not cached "
-                              f"({type(e).__name__}); pass a local folder instead") from None
-
-
-def read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
-def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
-    """All tensors of a folder's model.safetensors, or of the shards its index names."""
-    from safetensors.torch import load_file
-
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        files = sorted(set(read_json(index)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    state = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: shard named in the index is missing")
-        try:
-            state.update(load_file(path))
-        except Exception as e:
-            raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt? ({e})") from None
-    return state
-
-
-def write_json(obj: dict, path: str):
-    """Write to a temporary name, then rename: a crash never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def write_safetensors(state: dict, path: str):
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)

