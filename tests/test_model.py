@@ -22,9 +22,11 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
 LLAMA_CASES = {
     "gqa-untied": dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0),
     "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True, rope_theta=500.0),
-    "llama3-rope": dict(num_key_value_heads=1, tie_word_embeddings=False, rope_theta=500000.0,
+    # theta 1e4, head_dim 16: wavelengths 6, 20, 63, 199, 628, ... so with an original length of 128
+    # the high (6, 20), medium (63) and low (199, ...) frequency bands of llama3 scaling all occur.
+    "llama3-rope": dict(num_key_value_heads=1, tie_word_embeddings=False, rope_theta=10000.0,
                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 128}),
     "attention-bias": dict(num_key_value_heads=2, tie_word_embeddings=False, attention_bias=True),
 }
 
@@ -64,7 +66,8 @@ def test_llama_parity_logits_and_greedy(tmp_path, case):
         diff = max_diff(hf(ids).logits, ours(ids))
     assert diff <= 1e-4, diff
     prompt = ids[:, :8]
-    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[:, 8:]
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                         pad_token_id=0)[:, 8:]
     assert torch.equal(generate(ours, prompt, max_new_tokens=20), theirs)
 
 
@@ -88,8 +91,11 @@ def test_qwen2_parity_with_qkv_bias(tmp_path):
         if name.endswith("bias"):
             torch.nn.init.normal_(p, std=0.1)
     hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["tie_word_embeddings"]  # older Qwen2 files leave it out; transformers then unties
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     ours = LanguageModel.from_pretrained(str(tmp_path))
-    assert ours.config.qkv_bias and not ours.config.o_bias
+    assert ours.config.qkv_bias and not ours.config.o_bias and not ours.config.tie_embeddings
     ids = torch.randint(0, 128, (2, 30))
     with torch.no_grad():
         assert max_diff(hf(ids).logits, ours(ids)) <= 1e-4
@@ -121,7 +127,9 @@ def test_save_pretrained_loads_in_transformers(tmp_path, kind):
     with torch.no_grad():
         assert max_diff(hf(ids).logits, ours(ids)) <= 1e-4
     again = LanguageModel.from_pretrained(str(tmp_path))
-    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+    assert again.config == ours.config
+    with torch.no_grad():
+        assert max_diff(again(ids), ours(ids)) == 0
 
 
 # --- KV cache ------------------------------------------------------------------------------------
@@ -169,6 +177,21 @@ def test_batched_left_padded_decode_equals_each_row_alone(cfg):
             assert max_diff(torch.cat(alone, dim=1)[0], batched[b]) <= 1e-5
     assert torch.equal(generate(model, ids, 10, attention_mask=mask)[1],
                        generate(model, ids[1:2, mask[1].bool()], 10)[0])
+
+
+def test_bad_inputs_are_clear_errors():
+    model = LanguageModel(DENSE).eval()
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model(torch.tensor([[5, 96]]))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        model(torch.tensor([5, 6]))
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        model(torch.tensor([[5, 6]]), attention_mask=torch.ones(1, 3))
+    cache = model.new_cache(2, 8)
+    with pytest.raises(ValueError, match="batch size 2"):
+        model(torch.tensor([[5, 6]]), cache=cache)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        generate(model, torch.tensor([[5, 6]]), max_new_tokens=0)
 
 
 def test_prompt_longer_than_context_is_a_clear_error():
@@ -268,6 +291,12 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     state["extra.weight"] = state.pop("model.layers.1.mlp.up_proj.weight")
     save_file(state, missing / "model.safetensors")
     cases["missing"] = r"missing keys \['model.layers.1.mlp.up_proj.weight'\], unexpected keys \['extra.weight'\]"
+    nohidden = tmp_path / "nohidden"
+    nohidden.mkdir()
+    cfg = json.loads((tmp_path / "good" / "config.json").read_text())
+    del cfg["hidden_size"]
+    (nohidden / "config.json").write_text(json.dumps(cfg))
+    cases["nohidden"] = "config.json lacks 'hidden_size'"
     for name, message in cases.items():
         with pytest.raises(CheckpointError, match=message) as e:
             LanguageModel.from_pretrained(str(tmp_path / name))
@@ -311,16 +340,16 @@ def write_tiny_gguf(path, hf, arch="llama"):
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
     for name, t in hf.state_dict().items():
         a = t.numpy().astype(np.float32)
-        if ".q_proj" in name:
+        if arch == "llama" and ".q_proj" in name:
             a = permute_like_llama_cpp(a, c.num_attention_heads)
-        if ".k_proj" in name:
+        if arch == "llama" and ".k_proj" in name:
             a = permute_like_llama_cpp(a, c.num_key_value_heads)
-        base = name.rsplit(".", 1)[0]
+        base, suffix = name.rsplit(".", 1)
         if base.startswith("model.layers."):
             i, rest = base.split(".", 3)[2:]
-            gname = f"blk.{i}.{names[rest]}.weight"
+            gname = f"blk.{i}.{names[rest]}.{suffix}"
         else:
-            gname = names[base] + ".weight"
+            gname = f"{names[base]}.{suffix}"
         w.add_tensor(gname, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -332,6 +361,20 @@ def test_gguf_unpermutes_q_and_k(tmp_path):
     hf, _ = hf_llama(tmp_path / "hf", **LLAMA_CASES["gqa-untied"])
     write_tiny_gguf(tmp_path / "tiny.gguf", hf)
     ours = LanguageModel.from_pretrained(str(tmp_path / "tiny.gguf"))
+    ids = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        assert max_diff(hf(ids).logits, ours(ids)) <= 1e-4
+
+
+def test_gguf_qwen2_keeps_q_and_k_and_biases(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY, num_key_value_heads=2,
+                                                                tie_word_embeddings=False)).eval()
+    for name, p in hf.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.1)
+    write_tiny_gguf(tmp_path / "qwen.gguf", hf, arch="qwen2")
+    ours = LanguageModel.from_pretrained(str(tmp_path / "qwen.gguf"))
     ids = torch.randint(0, 128, (2, 40))
     with torch.no_grad():
         assert max_diff(hf(ids).logits, ours(ids)) <= 1e-4
@@ -366,7 +409,8 @@ def test_real_smollm2_gguf_answers_paris_like_transformers():
     # transformers dequantizes the same GGUF with its own loader (and its own q/k un-permutation).
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     hf.generation_config.eos_token_id = None  # neither side stops early: all 32 tokens are compared
-    theirs = hf.eval().generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:]
+    theirs = hf.eval().generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
+                                do_sample=False)[0, prompt.shape[1]:]
     assert len(mine) == len(theirs) == 32 and torch.equal(mine, theirs)
 
 
