@@ -1,9 +1,11 @@
 """Benchmarks against `transformers`, on the same weights, in the same run, printed as ratios.
 
-    python bench.py lm    # LM prefill time and decode tokens/s (SmolLM2-135M-Instruct GGUF)
+    python bench.py lm        # LM prefill time and decode tokens/s (SmolLM2-135M-Instruct GGUF)
+    python bench.py vision    # vision tower images/s, batch 8 (DINOv2-S from the shared assets)
 """
 
 import argparse
+import os
 import statistics
 import time
 
@@ -24,8 +26,6 @@ def timed(fn, repeats: int) -> float:
 def bench_lm(args):
     """Prefill: one forward over the prompt (logits of the last token only, as both generate()s do).
     Decode: (N - 1) / (time of N new tokens - time of 1 new token), greedy, no early stop."""
-    import os
-
     from transformers import AutoModelForCausalLM
 
     from generate import default_lm, generate
@@ -53,7 +53,8 @@ def bench_lm(args):
         return out
 
     def theirs_gen(k):
-        out = theirs.generate(ids, max_new_tokens=k, do_sample=False, pad_token_id=tok.pad_id)
+        out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, do_sample=False,
+                              pad_token_id=tok.pad_id)
         sync()
         return out[:, ids.shape[1]:]
 
@@ -69,8 +70,7 @@ def bench_lm(args):
 
     same = torch.equal(ours_gen(n), theirs_gen(n))
     rows = []
-    for name, fn_o, fn_t in [("prefill (s)", ours_prefill, theirs_prefill)]:
-        rows.append((name, timed(fn_o, args.repeats), timed(fn_t, args.repeats), "lower"))
+    rows.append(("prefill (s)", timed(ours_prefill, args.repeats), timed(theirs_prefill, args.repeats), "lower"))
     decode = []
     for gen in (ours_gen, theirs_gen):
         t1, tn = timed(lambda: gen(1), args.repeats), timed(lambda: gen(n), args.repeats)
@@ -78,6 +78,38 @@ def bench_lm(args):
     rows.append(("decode (tokens/s)", decode[0], decode[1], "higher"))
     print(f"LM: {os.path.basename(path)}  prompt {ids.shape[1]} tokens, {n} new tokens, "
           f"{args.dtype} on {args.device}, {torch.get_num_threads()} threads; same greedy tokens: {same}")
+    table(rows)
+
+
+def bench_vision(args):
+    """Images/s of the vision tower on a batch, against the transformers model on the same weights."""
+    from transformers import AutoModel
+
+    from siglip import VisionTower
+
+    path = args.model or os.path.join(os.environ.get("GLIMPSE_ASSETS", "../shared/assets"), "dinov2-small")
+    dtype = getattr(torch, args.dtype)
+    ours = VisionTower.from_pretrained(path, dtype=dtype, device=args.device)
+    theirs = AutoModel.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    theirs = getattr(theirs, "vision_model", theirs)  # the vision half of a full SigLIP/CLIP checkpoint
+    size = args.image_size
+    pixels = torch.randn(args.batch, 3, size, size, device=args.device, dtype=dtype)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    def run(model):
+        def step():
+            with torch.inference_mode():
+                out = model(pixels)
+            sync()
+            return out
+        return step
+
+    with torch.inference_mode():
+        same = (ours(pixels) - theirs(pixel_values=pixels).last_hidden_state).abs().max().item()
+    rows = [("images/s", args.batch / timed(run(ours), args.repeats),
+             args.batch / timed(run(lambda p: theirs(pixel_values=p)), args.repeats), "higher")]
+    print(f"vision: {path} ({ours.config.family}), batch {args.batch} at {size}px, {args.dtype} on {args.device}, "
+          f"{torch.get_num_threads()} threads; max abs difference {same:.2e}")
     table(rows)
 
 
@@ -90,15 +122,18 @@ def table(rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmark glimpse against transformers on the same weights.")
-    p.add_argument("what", choices=["lm"], help="which benchmark")
-    p.add_argument("--model", default=None, help="LM hub id, folder or .gguf (default: SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("what", choices=["lm", "vision"], help="which benchmark")
+    p.add_argument("--model", default=None, help="checkpoint: hub id, folder or .gguf (default: SmolLM2-135M-Instruct "
+                   "GGUF for lm, the shared DINOv2-S for vision)")
+    p.add_argument("--batch", type=int, default=8, help="vision: images per batch")
+    p.add_argument("--image-size", type=int, default=224, help="vision: pixels per side")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-repeat", type=int, default=4, help="how many times the prompt sentence repeats")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
-    {"lm": bench_lm}[args.what](args)
+    {"lm": bench_lm, "vision": bench_vision}[args.what](args)
 
 
 if __name__ == "__main__":

