@@ -22,9 +22,9 @@ def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eo
     B, T = input_ids.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if T + max_new_tokens > model.config.max_seq_len:
+    if T + max_new_tokens > model.max_seq_len:
         raise ValueError(f"the prompt ({T} tokens) plus {max_new_tokens} new tokens exceed the "
-                         f"context of {model.config.max_seq_len} tokens")
+                         f"context of {model.max_seq_len} tokens")
     cache = model.new_cache(B, T + max_new_tokens)
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, last_only=True)  # (B, 1, V)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=input_ids.device)

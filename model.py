@@ -130,6 +130,12 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots filled so far
 
+    def reorder(self, index):  # index (B',): row b' of the new cache is row index[b'] of this one
+        """Keep, repeat or permute rows, as beam search does when beams fork or die."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+        self.valid, self.pos = self.valid.index_select(0, index), self.pos.index_select(0, index)
+
 
 class Attention(nn.Module):
     """Grouped-query self-attention through `F.scaled_dot_product_attention` (HF `LlamaAttention`)."""
@@ -257,6 +263,10 @@ class LanguageModel(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         w = self.embed.weight

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import gguf
 import numpy as np
+import safetensors
 import safetensors.torch
 import tokenizers
 import torch
@@ -71,13 +72,14 @@ def read_json(path: str, default: dict | None = None) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def read_safetensors(folder: str, names=None) -> dict:
-    """The tensors of a folder's model.safetensors, or of the shards its index names (only the
-    shards holding `names`, when given)."""
+def read_safetensors(folder: str, keep=None) -> dict:
+    """The tensors of a folder's model.safetensors, or of the shards its index names; with `keep`
+    (a test on the name) only those tensors are read, and only the shards that hold them opened:
+    the vision half of a SigLIP checkpoint, the Q-Former of a BLIP-2 one."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         weight_map = read_json(index)["weight_map"]
-        files = sorted({f for k, f in weight_map.items() if names is None or k in names})
+        files = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
     elif os.path.isfile(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -88,7 +90,8 @@ def read_safetensors(folder: str, names=None) -> dict:
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: shard named in the index is missing")
         try:
-            state.update(safetensors.torch.load_file(path))
+            with safetensors.safe_open(path, "pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)})
         except Exception as e:
             raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt? ({e})") from None
     return state

@@ -167,7 +167,7 @@ class VisionTower(nn.Module):
         a hub id or a local folder with config.json and safetensors."""
         folder = checkpoint_folder(name_or_path, ("config.json", "*.safetensors", "*.safetensors.index.json"))
         cfg = config_from_json(read_json(f"{folder}/config.json"))
-        state = read_safetensors(folder)
+        state = read_safetensors(folder, keep=lambda k: not k.startswith(("text_model.", "logit_")))
         prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
         key_map = hf_key_map(cfg)
         ignored = IGNORED[cfg.family]
