@@ -1,17 +1,21 @@
 """The language model of glimpse: a LLaMA-style decoder, read top to bottom.
 
-    LMConfig -> RMSNorm, RoPE, Attention (GQA, KV cache, chunked/NoPE), MLP (SwiGLU), MoE
-             -> Block -> LanguageModel -> loading (HF safetensors, GGUF) and saving
+    LMConfig, VLMConfig -> RMSNorm, RoPE, Attention (GQA, KV cache, chunked/NoPE), MLP (SwiGLU), MoE
+    -> Block -> LanguageModel -> connectors -> VLM -> loading (HF safetensors, GGUF) and saving
 
 Mirrors `transformers/models/llama/modeling_llama.py` (Touvron et al. 2023, "LLaMA"), with the
 options of Qwen2 (q/k/v bias), Mixtral (mixture of experts, Jiang et al. 2024) and LLaMA-4
 (interleaved NoPE layers with chunked local attention in the RoPE layers).
+
+The VLM puts a vision tower (siglip.py) and a connector in front of the LM: the connector turns
+patch features into LM-wide embeddings, which replace the `<image>` placeholder tokens of the
+prompt (LLaVA, Liu et al. 2023; SmolVLM, Marafioti et al. 2025).
 """
 
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import gguf
 import numpy as np
@@ -21,6 +25,9 @@ import torch.nn.functional as F
 
 from processing import (CheckpointError, checkpoint_folder, read_json, read_safetensors, write_json,
                         write_safetensors)
+from siglip import VisionConfig, VisionTower
+from siglip import config_from_json as vision_config_from_json
+from siglip import hf_key_map as vision_key_map
 
 
 @dataclass
@@ -60,6 +67,24 @@ class LMConfig:
 
     def uses_rope(self, layer: int) -> bool:
         return not (self.nope_every > 0 and (layer + 1) % self.nope_every == 0)
+
+
+@dataclass
+class VLMConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    connector: str = "mlp"  # "mlp" (LLaVA) | "pixel_shuffle" (SmolVLM) | "cls_gate" (one token)
+    image_token_id: int = 49190  # the <image> placeholder id in the prompt
+    vision_layer: int | None = None  # which vision hidden state feeds the connector (LLaVA: -2; None: the last, normed)
+    scale_factor: int = 2  # pixel_shuffle: r x r neighbouring patches become one token
+    gate_dim: int = 512  # cls_gate: width between the projector and the gate
+
+    def tokens_per_image(self) -> int:
+        """How many <image> placeholders one image (or one SmolVLM tile) fills."""
+        if self.connector == "cls_gate":
+            return 1
+        n = self.vision.grid**2
+        return n // self.scale_factor**2 if self.connector == "pixel_shuffle" else n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,8 +260,68 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), None
 
 
+class MLPConnector(nn.Module):
+    """LLaVA-1.5's projector: Linear -> GELU -> Linear on every patch (HF `LlavaMultiModalProjector`)."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.vision.dim, cfg.lm.dim)
+        self.fc2 = nn.Linear(cfg.lm.dim, cfg.lm.dim)
+
+    def forward(self, x):  # (N, P, Dv) patches, class token dropped -> (N, P, D)
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def pixel_shuffle(x, r: int):  # (N, P, Dv) on a square grid -> (N, P / r^2, Dv * r^2)
+    """Merge each r x r block of neighbouring patches into one token (HF `SmolVLMConnector.pixel_shuffle`)."""
+    N, P, D = x.shape
+    side = math.isqrt(P)
+    x = x.view(N, side, side // r, D * r)  # fold r columns into the channels
+    x = x.permute(0, 2, 1, 3).reshape(N, side // r, side // r, D * r * r)  # then r rows
+    return x.permute(0, 2, 1, 3).reshape(N, P // (r * r), D * r * r)
+
+
+class PixelShuffleConnector(nn.Module):
+    """SmolVLM / nanoVLM: pixel shuffle, then one linear map without bias."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.r = cfg.scale_factor
+        self.proj = nn.Linear(cfg.vision.dim * self.r**2, cfg.lm.dim, bias=False)
+
+    def forward(self, x):  # (N, P, Dv) -> (N, P / r^2, D)
+        return self.proj(pixel_shuffle(x, self.r))
+
+
+class ClsGateConnector(nn.Module):
+    """One vision token: the pooled class embedding through a projector (Dv -> 512) and a gate
+    (512 -> LM width), as the TinyLlama-VLM design does with CLIP."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.projector = nn.Linear(cfg.vision.dim, cfg.gate_dim)
+        self.gate = nn.Linear(cfg.gate_dim, cfg.lm.dim)
+
+    def forward(self, cls):  # (N, Dv) -> (N, 1, D)
+        return self.gate(self.projector(cls))[:, None]
+
+
+CONNECTORS = {"mlp": MLPConnector, "pixel_shuffle": PixelShuffleConnector, "cls_gate": ClsGateConnector}
+
+
+def merge_image_embeddings(embeds, placeholders, image_embeds):
+    """Put the image embeddings, in order, where the placeholders are.
+    embeds (B, T, D), placeholders (B, T) bool, image_embeds (N, n, D): N images of n tokens each,
+    in the order their placeholders appear reading the batch row by row."""
+    have, need = int(placeholders.sum()), image_embeds.shape[0] * image_embeds.shape[1]
+    if have != need:
+        raise ValueError(f"the prompt has {have} <image> placeholders but the images give {need} embeddings "
+                         f"({image_embeds.shape[0]} images x {image_embeds.shape[1]})")
+    return embeds.masked_scatter(placeholders[..., None], image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+
+
 # ---------------------------------------------------------------------------------------------
-# The model
+# The models
 # ---------------------------------------------------------------------------------------------
 
 
@@ -366,19 +451,81 @@ class LanguageModel(nn.Module):
             state = rename_keys(read_safetensors(where), key_map, where)
         return build_model(cls, cfg, state, dtype, device, where)
 
+    def hf_names(self) -> dict[str, str]:
+        """Our parameter names -> the names in a transformers Llama/Qwen2 model (lora.py writes
+        PEFT adapters with them)."""
+        return {ours: theirs for theirs, ours in hf_key_map(self.config).items()}
+
     def save_pretrained(self, folder: str):
         """Write config.json + model.safetensors. A config that Llama or Qwen2 can express is written
         in their HF layout (loads in `transformers.AutoModelForCausalLM`); MoE or NoPE models are
         written with our own names and `model_type: glimpse_lm`."""
         hf = hf_config(self.config)
-        key_map = hf_key_map(self.config) if hf["model_type"] != "glimpse_lm" else None
         state = self.state_dict()
-        if key_map is not None:
-            ours_to_hf = {ours: theirs for theirs, ours in key_map.items()}
-            state = {ours_to_hf[k]: v for k, v in state.items()}
+        if hf["model_type"] != "glimpse_lm":
+            names = self.hf_names()
+            state = {names[k]: v for k, v in state.items()}
         os.makedirs(folder, exist_ok=True)
         write_json(hf, os.path.join(folder, "config.json"))
         write_safetensors(state, os.path.join(folder, "model.safetensors"))
+
+
+class VLM(nn.Module):
+    """Vision tower -> connector -> image embeddings merged at the <image> placeholders -> LM."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision = VisionTower(cfg.vision)
+        if cfg.connector not in CONNECTORS:
+            raise ValueError(f"unknown connector {cfg.connector!r}; choose one of {sorted(CONNECTORS)}")
+        self.connector = CONNECTORS[cfg.connector](cfg)
+        self.lm = LanguageModel(cfg.lm)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.lm.max_seq_len
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        return self.lm.new_cache(batch_size, max_len)
+
+    def image_embeddings(self, pixel_values):  # (N, 3, H, W) -> (N, n, D)
+        """Each image (or tile) as the LM-wide embeddings that fill its placeholders."""
+        hidden = self.vision(pixel_values, layer=self.config.vision_layer)  # (N, [1 +] P, Dv)
+        if self.config.connector == "cls_gate":
+            return self.connector(self.vision.pool(hidden))
+        if self.vision.cls_token is not None:
+            hidden = hidden[:, 1:]  # patches only (LLaVA's "default" feature selection)
+        return self.connector(hidden)
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, cache: KVCache | None = None,
+                last_only: bool = False, return_aux: bool = False):
+        """input_ids (B, T) with <image> placeholders, pixel_values (N, 3, H, W) for the N images
+        they stand for, in order -> logits (B, T, V). With a cache, pass the images with the
+        prefill only; decoding steps feed text tokens."""
+        placeholders = input_ids == self.config.image_token_id  # (B, T)
+        embeds = self.lm.embed(input_ids.masked_fill(placeholders, 0))  # (B, T, D)
+        if pixel_values is not None:
+            embeds = merge_image_embeddings(embeds, placeholders, self.image_embeddings(pixel_values))
+        elif bool(placeholders.any()):
+            raise ValueError("the prompt has <image> placeholders but no pixel_values were given")
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, last_only=last_only,
+                       return_aux=return_aux)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu") -> "VLM":
+        """A SmolVLM / Idefics3 checkpoint (hub id or folder), or a folder that `save_pretrained` wrote."""
+        folder = checkpoint_folder(name_or_path, WEIGHT_FILES)
+        cfg, key_map = vlm_config_from_json(read_json(os.path.join(folder, "config.json")))
+        state = rename_keys(read_safetensors(folder), key_map, folder)
+        return build_model(cls, cfg, state, dtype, device, folder)
+
+    def save_pretrained(self, folder: str):
+        """Our config (vision, connector, LM) and every weight under our own names."""
+        os.makedirs(folder, exist_ok=True)
+        cfg = {"model_type": "glimpse_vlm", **asdict(self.config)}
+        write_json(cfg, os.path.join(folder, "config.json"))
+        write_safetensors(self.state_dict(), os.path.join(folder, "model.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,6 +602,31 @@ def hf_config(cfg: LMConfig) -> dict:
     return hf
 
 
+def vlm_config_from_json(hf: dict) -> tuple[VLMConfig, dict | None]:
+    """Our VLM config from a SmolVLM/Idefics3 config.json (and the key map of the hub's tensor
+    names: model.vision_model.*, model.connector.modality_projection.proj, model.text_model.*,
+    lm_head), or from the config.json our save_pretrained wrote (names already ours)."""
+    kind = hf.get("model_type")
+    if kind == "glimpse_vlm":
+        top = {k: v for k, v in hf.items() if k in {f.name for f in fields(VLMConfig)}}
+        return VLMConfig(**{**top, "vision": VisionConfig(**hf["vision"]), "lm": LMConfig(**hf["lm"])}), None
+    if kind not in ("smolvlm", "idefics3"):
+        raise CheckpointError(f"config.json describes a {kind!r} model; VLM loads smolvlm/idefics3 checkpoints "
+                              "and folders saved by glimpse")
+    vision = vision_config_from_json({"model_type": "siglip_vision_model", **hf.get("vision_config", {})})
+    text = dict(hf.get("text_config", {}))
+    text.setdefault("model_type", "llama")
+    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+    lm, lm_map = config_from_json(text)
+    cfg = VLMConfig(vision=vision, lm=lm, connector="pixel_shuffle", image_token_id=hf.get("image_token_id", 49190),
+                    scale_factor=hf.get("scale_factor", 2))
+    key_map = {f"model.vision_model.{k}": f"vision.{v}" for k, v in vision_key_map(vision).items()}
+    key_map["model.connector.modality_projection.proj.weight"] = "connector.proj.weight"
+    for k, v in lm_map.items():
+        key_map[k.replace("model.", "model.text_model.", 1) if k.startswith("model.") else k] = f"lm.{v}"
+    return cfg, key_map
+
+
 def rename_keys(state: dict, key_map: dict | None, where: str) -> dict:
     """Checkpoint names -> ours; every name must be known and every expected one present."""
     if key_map is None:
@@ -468,7 +640,7 @@ def rename_keys(state: dict, key_map: dict | None, where: str) -> dict:
     return {ours: state[theirs] for theirs, ours in key_map.items()}
 
 
-def build_model(cls, cfg: LMConfig, state: dict, dtype, device, where: str):
+def build_model(cls, cfg, state: dict, dtype, device, where: str):
     """Create the model without random init (on the meta device) and fill it from `state`,
     checking names and shapes."""
     with torch.device("meta"):
@@ -482,12 +654,15 @@ def build_model(cls, cfg: LMConfig, state: dict, dtype, device, where: str):
             raise CheckpointError(f"{where}: {name}: checkpoint shape {tuple(tensor.shape)}, "
                                   f"model expects {tuple(expected[name].shape)}")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    lm_prefix = "lm." if isinstance(model, VLM) else ""
     if torch.device(device).type == "cpu":
-        # Column-major linear weights: one-token decoding reads each weight once, and the BLAS on
+        # Column-major LM weights: one-token decoding reads each weight once, and the BLAS on
         # CPUs streams an (in, out) matrix about 1.5x faster than an (out, in) one (bench.py lm).
-        state = {k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in state.items()}
+        state = {k: v.t().contiguous().t() if v.dim() == 2 and k.startswith(lm_prefix) else v
+                 for k, v in state.items()}
     model.load_state_dict(state, assign=True)
-    model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers are not in checkpoints
+    lm = model.lm if isinstance(model, VLM) else model
+    lm.inv_freq = rope_inv_freq(lm.config).to(device)  # buffers are not in checkpoints
     return model.eval()
 
 

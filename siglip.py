@@ -211,6 +211,8 @@ def config_from_json(hf: dict) -> VisionConfig:
         hf = hf.get("vision_config") or {}
     elif kind in ("siglip_vision_model", "clip_vision_model"):
         kind = kind.split("_")[0]
+    elif kind in ("smolvlm_vision", "idefics3_vision"):  # SmolVLM's tower is a SigLIP
+        kind = "siglip"
     elif kind != "dinov2":
         raise CheckpointError(f"config.json describes a {kind!r} model; VisionTower loads siglip, clip and dinov2")
     if kind == "dinov2":

