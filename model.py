@@ -78,12 +78,13 @@ class VLMConfig:
     vision_layer: int | None = None  # which vision hidden state feeds the connector (LLaVA: -2; None: the last, normed)
     scale_factor: int = 2  # pixel_shuffle: r x r neighbouring patches become one token
     gate_dim: int = 512  # cls_gate: width between the projector and the gate
+    image_size: int = 0  # pixels per side of the images fed in (0: the tower's own image_size)
 
     def tokens_per_image(self) -> int:
         """How many <image> placeholders one image (or one SmolVLM tile) fills."""
         if self.connector == "cls_gate":
             return 1
-        n = self.vision.grid**2
+        n = ((self.image_size or self.vision.image_size) // self.vision.patch_size) ** 2
         return n // self.scale_factor**2 if self.connector == "pixel_shuffle" else n
 
 
@@ -513,19 +514,27 @@ class VLM(nn.Module):
                        return_aux=return_aux)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu") -> "VLM":
-        """A SmolVLM / Idefics3 checkpoint (hub id or folder), or a folder that `save_pretrained` wrote."""
+    def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu", adapter: bool = True) -> "VLM":
+        """A SmolVLM / Idefics3 checkpoint (hub id or folder), or a folder that `save_pretrained` wrote.
+        A LoRA adapter saved beside the weights (PEFT's files) is loaded and merged unless adapter=False."""
         folder = checkpoint_folder(name_or_path, WEIGHT_FILES)
         cfg, key_map = vlm_config_from_json(read_json(os.path.join(folder, "config.json")))
         state = rename_keys(read_safetensors(folder), key_map, folder)
-        return build_model(cls, cfg, state, dtype, device, folder)
+        model = build_model(cls, cfg, state, dtype, device, folder)
+        if adapter and os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            from lora import load_adapter, merge_lora
 
-    def save_pretrained(self, folder: str):
-        """Our config (vision, connector, LM) and every weight under our own names."""
+            merge_lora(load_adapter(model, folder))
+        return model
+
+    def save_pretrained(self, folder: str, state_dict: dict | None = None):
+        """Our config (vision, connector, LM) and every weight under our own names (or `state_dict`,
+        e.g. the base weights of a model with LoRA adapters)."""
         os.makedirs(folder, exist_ok=True)
         cfg = {"model_type": "glimpse_vlm", **asdict(self.config)}
         write_json(cfg, os.path.join(folder, "config.json"))
-        write_safetensors(self.state_dict(), os.path.join(folder, "model.safetensors"))
+        write_safetensors(self.state_dict() if state_dict is None else state_dict,
+                          os.path.join(folder, "model.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------
