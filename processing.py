@@ -7,6 +7,11 @@ checkpoint's `preprocessor_config.json` resizes, crops and normalizes exactly as
     processor = ImageProcessor.from_pretrained("google/siglip-base-patch16-224")
     pixel_values = processor(["cat.jpg", "dog.png"])  # (2, 3, 224, 224)
 
+SmolVLM cuts each image into tiles: `SmolVLMImageProcessor` gives all the tiles and each image's grid.
+
+    processor = SmolVLMImageProcessor.from_pretrained("HuggingFaceTB/SmolVLM-256M-Instruct")
+    pixel_values, grids = processor(["cat.jpg"])  # a 3:2 photo: (13, 3, 512, 512), [(3, 4)]
+
 Text: a `Tokenizer` (a thin wrapper over Hugging Face `tokenizers`) loaded from a folder with a
 `tokenizer.json`, a Hugging Face Hub id, or a llama.cpp `.gguf` file, and `build_prompt`, which
 renders a chat into ids the way the model's chat template does.
@@ -14,16 +19,26 @@ renders a chat into ids the way the model's chat template does.
     tokenizer = Tokenizer.from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")
     ids = build_prompt(tokenizer, [{"role": "user", "content": "What is in this picture?"}])
 
+A message's content may also be parts, images among them; each image part becomes the tokens the
+model's image embeddings go into, and labels can mask everything but the assistant's replies:
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": "A cat."}]
+    ids, labels = build_prompt(tokenizer, messages, template="smolvlm", add_generation_prompt=False,
+                               image_tokens=[smolvlm_image_tokens(3, 4, 64)], return_labels=True)
+
 One rule runs through this file: text a user typed is always plain text. Writing "<|im_start|>"
-in a message gives the ids of those characters, never the special token, so a prompt's structure
-comes only from the chat template.
+(or "<image>") in a message gives the ids of those characters, never the special token, so a
+prompt's structure comes only from the chat template.
 """
 
+import itertools
 import json
+import math
 import os
 import warnings
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import gguf
 import numpy as np
@@ -240,6 +255,7 @@ class ImageProcessor:
     image_std: tuple = IMAGENET_STANDARD_STD
 
     def __post_init__(self):
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)  # JSON gives lists
         if isinstance(self.size, int):
             self.size = {"shortest_edge": self.size}
         if isinstance(self.crop_size, int):
@@ -258,26 +274,18 @@ class ImageProcessor:
     def from_pretrained(cls, name_or_path: str) -> "ImageProcessor":
         """Read preprocessor_config.json from a local folder or a hub id like
         "google/siglip-base-patch16-224" (only that file is downloaded)."""
-        folder = checkpoint_folder(name_or_path, ["preprocessor_config.json"])
-        path = os.path.join(folder, "preprocessor_config.json")
-        config = read_json(path)
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{path}: expected a JSON object")
-        # The class, as transformers' AutoImageProcessor finds it: older files only name a feature
-        # extractor, files saved by transformers 4's fast processors end in "Fast".
-        kind = config.get("image_processor_type") or (config.get("feature_extractor_type") or "").replace(
-            "FeatureExtractor", "ImageProcessor")
-        kind = kind.removesuffix("Fast")
+        path, config, kind = read_preprocessor_config(name_or_path)
         if kind not in IMAGE_PROCESSOR_DEFAULTS:
+            hint = "; use SmolVLMImageProcessor" if kind in SMOLVLM_IMAGE_PROCESSORS else ""
             raise CheckpointError(f"{path}: image processor {kind!r} is not supported; "
-                                  f"supported: {sorted(IMAGE_PROCESSOR_DEFAULTS)}")
-        # A key set to null takes the default, as in transformers.
-        settings = {key: value for key, value in config.items()
-                    if key in cls.__dataclass_fields__ and value is not None}
-        try:
-            return cls(**deepcopy({**IMAGE_PROCESSOR_DEFAULTS[kind], **settings}))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: {e}") from None
+                                  f"supported: {sorted(IMAGE_PROCESSOR_DEFAULTS)}{hint}")
+        return build_from_config(cls, path, {**IMAGE_PROCESSOR_DEFAULTS[kind], **settings_in(cls, config)})
+
+    def save(self, folder: str):
+        """Write a preprocessor_config.json that `from_pretrained(folder)` reads back as this processor."""
+        kind = "SiglipImageProcessor" if "height" in self.size else "CLIPImageProcessor"
+        config = {"image_processor_type": kind, **asdict(self), "resample": int(self.resample)}
+        write_json(config, os.path.join(folder, "preprocessor_config.json"))
 
     def __call__(self, images) -> torch.Tensor:
         """pixel_values (B, 3, H, W) float32 for one image or a list of them: paths, binary file
@@ -301,14 +309,7 @@ class ImageProcessor:
         pixels = np.array(image).transpose(2, 0, 1)  # (3, H, W) uint8
         if self.do_center_crop:
             pixels = center_crop(pixels, self.crop_size["height"], self.crop_size["width"])
-        if self.do_rescale:  # image_transforms.rescale: multiply in float64, then round to float32
-            pixels = pixels.astype(np.float64) * self.rescale_factor
-        pixels = pixels.astype(np.float32)  # (3, H, W)
-        if self.do_normalize:  # image_transforms.normalize: in float32
-            mean = np.array(self.image_mean, dtype=np.float32).reshape(3, 1, 1)
-            std = np.array(self.image_std, dtype=np.float32).reshape(3, 1, 1)
-            pixels = (pixels - mean) / std
-        return pixels
+        return rescale_and_normalize(pixels, self)
 
     def resize_output_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) after resizing: `size` itself, or the short side to size["shortest_edge"]
@@ -319,6 +320,48 @@ class ImageProcessor:
         short, long = (width, height) if width <= height else (height, width)
         new_short, new_long = self.size["shortest_edge"], int(self.size["shortest_edge"] * long / short)
         return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def read_preprocessor_config(name_or_path: str) -> tuple[str, dict, str]:
+    """(path, settings, class name) of a checkpoint's preprocessor_config.json, from a local folder
+    or a hub id (only that file is downloaded). The class is named as transformers'
+    AutoImageProcessor finds it: older files only name a feature extractor, files saved by
+    transformers 4's fast processors end in "Fast"."""
+    folder = checkpoint_folder(name_or_path, ["preprocessor_config.json"])
+    path = os.path.join(folder, "preprocessor_config.json")
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    kind = config.get("image_processor_type") or (config.get("feature_extractor_type") or "").replace(
+        "FeatureExtractor", "ImageProcessor")
+    return path, config, kind.removesuffix("Fast")
+
+
+def settings_in(cls, config: dict) -> dict:
+    """The keys of `config` that are fields of the dataclass `cls`; a key set to null is left out,
+    so it takes the default, as in transformers."""
+    return {key: value for key, value in config.items() if key in cls.__dataclass_fields__ and value is not None}
+
+
+def build_from_config(cls, path: str, settings: dict):
+    """cls(**settings), a bad setting reported as a CheckpointError naming the file."""
+    try:
+        return cls(**deepcopy(settings))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def rescale_and_normalize(pixels: np.ndarray, settings) -> np.ndarray:
+    """(3, H, W) uint8 -> float32, rescaled and normalized as `settings` (an image processor) says,
+    each step in NumPy as transformers' PIL backend does it."""
+    if settings.do_rescale:  # image_transforms.rescale: multiply in float64, then round to float32
+        pixels = pixels.astype(np.float64) * settings.rescale_factor
+    pixels = pixels.astype(np.float32)  # (3, H, W)
+    if settings.do_normalize:  # image_transforms.normalize: in float32
+        mean = np.array(settings.image_mean, dtype=np.float32).reshape(3, 1, 1)
+        std = np.array(settings.image_std, dtype=np.float32).reshape(3, 1, 1)
+        pixels = (pixels - mean) / std
+    return pixels
 
 
 def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -333,6 +376,145 @@ def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     out[:, max(-top, 0):max(-top, 0) + rows, max(-left, 0):max(-left, 0) + cols] = \
         pixels[:, max(top, 0):max(top, 0) + rows, max(left, 0):max(left, 0) + cols]
     return out
+
+
+# --- SmolVLM: a big image cut into square tiles, plus the whole image shrunk to one tile ---
+#
+# SmolVLM (like Idefics3, whose image processor it copies) sees an image as several tiles of the
+# vision tower's size S (max_image_size, 512 for SmolVLM-256M): the image is resized so its longest
+# edge is size["longest_edge"] (2048: small images are enlarged), then its sides are rounded up to
+# multiples of S, cut into rows x cols tiles, row by row, and followed by a "global" tile, the whole
+# image squashed to S x S. An image that fits in one tile is just that tile, with (rows, cols) = (0, 0).
+
+SMOLVLM_IMAGE_PROCESSORS = ("SmolVLMImageProcessor", "Idefics3ImageProcessor")
+SMOLVLM_MAX_IMAGE_SIZE = 4096  # transformers' MAX_IMAGE_SIZE: no side is resized beyond this
+
+
+@dataclass
+class SmolVLMImageProcessor:
+    """Images -> (pixel_values, grids) as transformers' SmolVLM / Idefics3 image processors cut and
+    scale them (models/smolvlm/image_processing_pil_smolvlm.py, the PIL/NumPy one). Defaults are
+    that class's; the checkpoint's preprocessor_config.json overrides them.
+
+    `size` is {"longest_edge": N} (or {"height", "width"}: squash to that), `max_image_size`
+    {"longest_edge": S}, the tile side. `do_pad` is read and has nothing to do: every tile comes out
+    S x S (see __call__).
+    """
+
+    size: dict = field(default_factory=lambda: {"longest_edge": 4 * 364})
+    max_image_size: dict = field(default_factory=lambda: {"longest_edge": 364})
+    resample: int = Image.Resampling.LANCZOS
+    do_resize: bool = True
+    do_image_splitting: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple = IMAGENET_STANDARD_MEAN
+    image_std: tuple = IMAGENET_STANDARD_STD
+    do_pad: bool = True
+
+    def __post_init__(self):
+        if self.do_resize and set(self.size) not in ({"longest_edge"}, {"height", "width"}):
+            raise ValueError(f"size must have the key longest_edge, or height and width; got {self.size}")
+        if not isinstance(self.max_image_size, dict) or set(self.max_image_size) != {"longest_edge"}:
+            raise ValueError(f"max_image_size must have the key longest_edge; got {self.max_image_size}")
+        if self.resample not in set(Image.Resampling):
+            raise ValueError(f"resample must be a Pillow filter number 0-5; got {self.resample!r}")
+        for values in (self.image_mean, self.image_std):
+            if self.do_normalize and len(values) != 3:
+                raise ValueError(f"image_mean and image_std need 3 values, one per RGB channel; got {values}")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "SmolVLMImageProcessor":
+        """Read preprocessor_config.json (image_processor_type SmolVLMImageProcessor or
+        Idefics3ImageProcessor) from a local folder or a hub id like
+        "HuggingFaceTB/SmolVLM-256M-Instruct" (only that file is downloaded)."""
+        path, config, kind = read_preprocessor_config(name_or_path)
+        if kind not in SMOLVLM_IMAGE_PROCESSORS:
+            raise CheckpointError(f"{path}: image processor {kind!r} is not a SmolVLM one "
+                                  f"{SMOLVLM_IMAGE_PROCESSORS}; use ImageProcessor")
+        return build_from_config(cls, path, settings_in(cls, config))
+
+    def __call__(self, images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """(pixel_values, grids) for one image or a list of them (paths, binary file objects or
+        PIL images, each read by `load_image`).
+
+        pixel_values: (N_tiles, 3, S, S) float32, every tile of every image: each image's tiles row
+        by row, then its global tile (transformers' order, its (B, N, 3, S, S) flattened).
+        grids: (rows, cols) per image; an image has rows * cols + 1 tiles, or 1 when (0, 0). Its
+        prompt tokens are `smolvlm_image_tokens(rows, cols, image_seq_len)`.
+
+        transformers also returns a pixel_attention_mask. Every tile here is a full S x S (the
+        sides are rounded to multiples of S before cutting, the global tile and an unsplit image
+        are resized to S x S), so the mask is all ones on each of them; its zeros only mark the
+        all-zero tiles transformers adds to stack samples with fewer tiles into one (B, N, ...)
+        tensor, and a flat list of real tiles has none. So no mask is needed.
+        """
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise ValueError("SmolVLMImageProcessor got an empty list of images")
+        tiles, grids = [], []
+        for image in images:
+            image_tiles, grid = self.tiles(load_image(image))
+            tiles += [rescale_and_normalize(np.array(tile).transpose(2, 0, 1), self) for tile in image_tiles]
+            grids.append(grid)
+        return torch.from_numpy(np.stack(tiles)), grids  # (N_tiles, 3, S, S)
+
+    def tiles(self, image: Image.Image) -> tuple[list[Image.Image], tuple[int, int]]:
+        """One RGB image -> its S x S tiles (row by row, then the global tile) and (rows, cols).
+        Every resize is Pillow's on the uint8 image, as transformers' PIL backend does it."""
+        tile = self.max_image_size["longest_edge"]
+        if self.do_resize:
+            image = self.resize(image, *self.resize_output_size(image.height, image.width))
+        if not self.do_image_splitting:
+            return [self.resize(image, tile, tile)], (0, 0)
+        image = self.resize(image, *tile_multiple_size(image.height, image.width, tile))
+        if image.height <= tile and image.width <= tile:
+            return [image], (0, 0)  # exactly one tile
+        rows, cols = image.height // tile, image.width // tile
+        crops = [image.crop((col * tile, row * tile, (col + 1) * tile, (row + 1) * tile))
+                 for row in range(rows) for col in range(cols)]
+        return crops + [self.resize(image, tile, tile)], (rows, cols)
+
+    def resize(self, image: Image.Image, height: int, width: int) -> Image.Image:
+        return image.resize((width, height), resample=self.resample)
+
+    def resize_output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) for the first resize: size itself, or the longest edge to
+        size["longest_edge"] (up or down) and the other in proportion, rounded down and then up to
+        an even number, both kept under SMOLVLM_MAX_IMAGE_SIZE (transformers'
+        get_resize_output_image_size, the float arithmetic and all)."""
+        if "longest_edge" not in self.size:
+            return self.size["height"], self.size["width"]
+        longest, aspect_ratio = self.size["longest_edge"], width / height
+        if width >= height:
+            width, height = longest, int(longest / aspect_ratio)
+            height += height % 2
+        else:
+            height, width = longest, int(longest * aspect_ratio)
+            width += width % 2
+        height, width = max(height, 1), max(width, 1)
+        # Then scaled down, if need be, to fit SMOLVLM_MAX_IMAGE_SIZE.
+        aspect_ratio = width / height
+        if width >= height and width > SMOLVLM_MAX_IMAGE_SIZE:
+            width, height = SMOLVLM_MAX_IMAGE_SIZE, int(SMOLVLM_MAX_IMAGE_SIZE / aspect_ratio)
+        elif height > width and height > SMOLVLM_MAX_IMAGE_SIZE:
+            height, width = SMOLVLM_MAX_IMAGE_SIZE, int(SMOLVLM_MAX_IMAGE_SIZE * aspect_ratio)
+        return max(height, 1), max(width, 1)
+
+
+def tile_multiple_size(height: int, width: int, tile: int) -> tuple[int, int]:
+    """(height, width) rounded up to multiples of the tile side (transformers'
+    resize_for_vision_encoder): the longer side up, the other from it by the aspect ratio, then up."""
+    aspect_ratio = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect_ratio) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect_ratio) / tile) * tile
+    return height, width
 
 
 # ---------------------------------------------------------------------------
@@ -396,6 +578,12 @@ class Tokenizer:
         self.pad_id = self.token_to_id(pad_token) if pad_token is not None else None
         self.special_ids = {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
 
+    def __setstate__(self, state):
+        """After unpickling or copy.deepcopy (a DataLoader worker's copy): tokenizers' pickled state
+        leaves out encode_special_tokens, so set it again."""
+        self.__dict__.update(state)
+        self.backend.encode_special_tokens = True
+
     @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included (transformers' `len(tokenizer)`)."""
@@ -410,6 +598,17 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def add_special_tokens(self, tokens: list[str]) -> None:
+        """Make each of `tokens` a special token, as transformers' `add_special_tokens(
+        {"additional_special_tokens": tokens})` does: one the vocabulary lacks (say "<image>" in a
+        text-only checkpoint) gets the next free id, in the order given; one it has keeps its id.
+        `special_ids` and `vocab_size` follow; the model's embedding table must grow to match.
+        Typed text still never turns into these tokens (`encode`)."""
+        if isinstance(tokens, str) or not all(isinstance(token, str) and token for token in tokens):
+            raise ValueError(f"add_special_tokens takes a list of non-empty strings; got {tokens!r}")
+        self.backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in tokens])
+        self.special_ids = {i for i, token in self.backend.get_added_tokens_decoder().items() if token.special}
 
     # --- loading and saving ---
 
@@ -512,19 +711,46 @@ class Tokenizer:
 
 # --- chat prompts ---
 #
-# A chat template turns messages into a list of parts: plain text, which is tokenized, and
-# `Special` tokens, which are looked up by name. Only the template writes `Special` parts, so a
-# message can never forge one.
+# A chat template turns messages into a list of parts:
+#   "text"               plain text, tokenized;
+#   Special("<|im_end|>") a special token, looked up by name;
+#   ImagePlaceholder()   where an image goes: build_prompt puts that image's tokens there;
+#   Target(part)         a part of an assistant's reply, which training learns (see build_prompt).
+# Only the template writes Special parts, so a message can never forge one, and an image
+# placeholder comes only from an {"type": "image"} part, never from "<image>" typed in text.
 
 ROLES = ("system", "user", "assistant")
 
 SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+IGNORE_INDEX = -100  # the label of a token training does not learn (PyTorch cross_entropy's ignore_index)
 
 
 @dataclass(frozen=True)
 class Special:
     """A special token in a rendered prompt, e.g. Special("<|im_start|>")."""
     token: str
+
+
+@dataclass(frozen=True)
+class ImagePlaceholder:
+    """Where an image part of a message goes in a rendered prompt."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A part (text or Special) of an assistant's reply: its tokens keep their ids as labels."""
+    part: str | Special
+
+
+def untargeted(part):
+    """The part inside a Target, or the part itself."""
+    return part.part if isinstance(part, Target) else part
+
+
+def reply_parts(message: dict, parts: list) -> list:
+    """`parts` as they are, or all of them as Targets when `message` is the assistant's."""
+    return [Target(part) for part in parts] if message["role"] == "assistant" else parts
 
 
 def render_chatml(messages: list[dict], add_generation_prompt: bool) -> list:
@@ -536,44 +762,193 @@ def render_chatml(messages: list[dict], add_generation_prompt: bool) -> list:
 
     one `<|im_start|>{role}\n{content}<|im_end|>\n` per message, SmolLM2's default system message
     first when the chat does not start with one, and `<|im_start|>assistant\n` to ask for a reply.
+    A reply is learned from its content through its <|im_end|>. (SmolLM2's template only knows
+    string content; content given as parts is written part after part.)
     """
     if messages and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": SMOLLM2_SYSTEM_PROMPT}, *messages]
+        messages = [{"role": "system", "content": [SMOLLM2_SYSTEM_PROMPT]}, *messages]
     parts = []
     for message in messages:
-        turn = f"{message['role']}\n{message['content']}"
-        parts += [Special("<|im_start|>"), turn, Special("<|im_end|>"), "\n"]
+        parts += [Special("<|im_start|>"), f"{message['role']}\n"]
+        parts += reply_parts(message, [*message["content"], Special("<|im_end|>")])
+        parts.append("\n")
     if add_generation_prompt:
         parts += [Special("<|im_start|>"), "assistant\n"]
     return parts
 
 
+def render_smolvlm(messages: list[dict], add_generation_prompt: bool) -> list:
+    r"""SmolVLM-Instruct's template (the chat_template of HuggingFaceTB/SmolVLM-256M-Instruct):
+
+        <|im_start|>User:<image>What is this?<end_of_utterance>\n
+        Assistant: A cat.<end_of_utterance>\n
+        Assistant:
+
+    one `<|im_start|>` for the whole chat, then per message the role capitalized ("User",
+    "Assistant", "System") and ":", a space unless the content starts with an image, the content,
+    `<end_of_utterance>\n`; `Assistant:` (no space) asks for a reply. No default system message.
+    A reply is learned from the space after "Assistant:" (the model writes " A cat.") through its
+    <end_of_utterance>.
+    """
+    parts = [Special("<|im_start|>")]
+    for message in messages:
+        content = message["content"]
+        space = [] if content and isinstance(content[0], ImagePlaceholder) else [" "]
+        parts.append(message["role"].capitalize() + ":")  # Jinja's capitalize is Python's
+        parts += reply_parts(message, [*space, *content, Special("<end_of_utterance>")])
+        parts.append("\n")
+    if add_generation_prompt:
+        parts.append("Assistant:")
+    return parts
+
+
+def render_zephyr(messages: list[dict], add_generation_prompt: bool) -> list:
+    r"""Zephyr's template, as TinyLlama/TinyLlama-1.1B-Chat-v1.0 ships it:
+
+        <|system|>\nBe brief.</s>\n
+        <|user|>\nHi</s>\n
+        <|assistant|>\n
+
+    one `<|{role}|>\n{content}</s>\n` per message (the role markers are plain text, "</s>" is the
+    end-of-sequence token), and `<|assistant|>\n` to ask for a reply, written only after a last
+    message. A reply is learned from its content through its </s>.
+    """
+    parts = []
+    for message in messages:
+        parts.append(f"<|{message['role']}|>\n")
+        parts += reply_parts(message, [*message["content"], Special("</s>")])
+        parts.append("\n")
+    if add_generation_prompt and messages:
+        parts.append("<|assistant|>\n")
+    return parts
+
+
 CHAT_TEMPLATES = {
     "chatml": render_chatml,
+    "smolvlm": render_smolvlm,
+    "zephyr": render_zephyr,
 }
+
+# The SmolVLM tokenizer's special tokens for images and turns; a text-only tokenizer (SmolLM2's)
+# needs them added: tokenizer.add_special_tokens(SMOLVLM_SPECIAL_TOKENS).
+SMOLVLM_SPECIAL_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>",
+                          *[f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)],
+                          "<end_of_utterance>"]
+
+
+def smolvlm_image_tokens(rows: int, cols: int, image_seq_len: int) -> list:
+    r"""The parts one SmolVLM image stands for in a prompt, as transformers' SmolVLM/Idefics3
+    processors write them (_prompt_single_image, _prompt_split_image). `image_seq_len` is the number
+    of embeddings per tile (64 for SmolVLM-256M); (rows, cols) is the image's grid from
+    SmolVLMImageProcessor. In the order of the tiles:
+
+        unsplit, (0, 0):  <fake_token_around_image><global-img><image>*n<fake_token_around_image>
+        split:            <fake_token_around_image><row_1_col_1><image>*n ... per tile, "\n" after
+                          each row, then "\n" and the global tile as above
+    """
+    around, image = Special("<fake_token_around_image>"), [Special("<image>")] * image_seq_len
+    global_tile = [around, Special("<global-img>"), *image, around]
+    if rows == 0 and cols == 0:
+        return global_tile
+    parts = []
+    for row in range(1, rows + 1):
+        for col in range(1, cols + 1):
+            parts += [around, Special(f"<row_{row}_col_{col}>"), *image]
+        parts.append("\n")
+    return [*parts, "\n", *global_tile]
+
+
+def content_parts(message: dict) -> list:
+    """A message's content as parts: a string is one text part; HF-style parts
+    [{"type": "image"}, {"type": "text", "text": "..."}] become ImagePlaceholder()s and text (other
+    keys, like the image itself, are ignored)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(content, (str, list)):
+        raise ValueError(f"A message needs a role in {ROLES} and content, a string or a list of parts; "
+                         f"got {message!r}")
+    if isinstance(content, str):
+        return [content]
+    parts = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "image":
+            parts.append(ImagePlaceholder())
+        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        else:
+            raise ValueError(f'A content part is {{"type": "image"}} or {{"type": "text", "text": str}}; '
+                             f"got {part!r}")
+    return parts
+
+
+def expand_images(parts: list, image_tokens: list | None) -> list:
+    """`parts` with the i-th image placeholder replaced by the parts of image_tokens[i]. Image
+    tokens are the model's input, never its answer, so they are never Targets."""
+    placeholders = sum(isinstance(untargeted(part), ImagePlaceholder) for part in parts)
+    image_tokens = [] if image_tokens is None else list(image_tokens)
+    if placeholders != len(image_tokens):
+        raise ValueError(f"The chat has {placeholders} image part(s) but image_tokens has {len(image_tokens)} "
+                         "entries; pass one list of parts per image, in order, e.g. smolvlm_image_tokens(rows, "
+                         "cols, image_seq_len) or [Special('<image>')] * n")
+    for entry in image_tokens:
+        if not isinstance(entry, (list, tuple)) or not all(isinstance(part, (str, Special)) for part in entry):
+            raise ValueError(f"An image_tokens entry is a list of Special tokens and text; got {entry!r}")
+    entries = iter(image_tokens)
+    expanded = []
+    for part in parts:
+        if isinstance(untargeted(part), ImagePlaceholder):
+            expanded += next(entries)
+        else:
+            expanded.append(part)
+    return expanded
 
 
 def build_prompt(tokenizer: Tokenizer, messages: list[dict], template: str = "chatml",
-                 add_generation_prompt: bool = True) -> list[int]:
+                 add_generation_prompt: bool = True, image_tokens: list | None = None,
+                 return_labels: bool = False) -> list[int] | tuple[list[int], list[int]]:
     """Token ids of a chat, rendered by `CHAT_TEMPLATES[template]` (the same ids as transformers'
-    `apply_chat_template(messages, add_generation_prompt=..., tokenize=True)`, except that special
-    tokens typed in a message stay text).
+    `apply_chat_template(messages, add_generation_prompt=..., tokenize=True)`, and with images the
+    same as its processor's, except that special tokens typed in a message stay text).
 
-    messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]
+    messages: [{"role": "system" | "user" | "assistant", "content": str | parts}, ...], parts in HF
+        style: [{"type": "image"}, {"type": "text", "text": "What is this?"}].
+    image_tokens: one entry per image part, in order: the list of parts (Special tokens and text)
+        the image stands for: smolvlm_image_tokens(rows, cols, image_seq_len) for SmolVLM,
+        [Special("<image>")] * n for a model with one token per image embedding (LLaVA).
+    return_labels: also return labels, one per id: IGNORE_INDEX (-100) everywhere except the
+        tokens of the assistant's replies (their content and end-of-turn token, not the header
+        before them), which keep their ids, so training learns only the answers. Labels are not
+        shifted: position i's label is ids[i], as transformers' models expect.
+
+    Adjacent text parts are tokenized together, as one string, so the ids are those of the whole
+    rendered text; a token is learned when it starts inside a reply.
     """
     if template not in CHAT_TEMPLATES:
         raise ValueError(f"Unknown chat template {template!r}; available: {sorted(CHAT_TEMPLATES)}")
+    chat = []
     for message in messages:
-        if message["role"] not in ROLES or not isinstance(message["content"], str):
-            raise ValueError(f"A message needs a role in {ROLES} and string content, got {message!r}")
-    ids = []
-    for part in CHAT_TEMPLATES[template](messages, add_generation_prompt):
-        if isinstance(part, Special):
-            token_id = tokenizer.token_to_id(part.token)
-            if token_id not in tokenizer.special_ids:
-                raise ValueError(f"Chat template {template!r} needs the special token {part.token!r}, "
-                                 "which this tokenizer does not have")
-            ids.append(token_id)
-        else:
-            ids += tokenizer.encode(part)
-    return ids
+        parts = content_parts(message)  # checks the message first
+        chat.append({"role": message["role"], "content": parts})
+    parts = expand_images(CHAT_TEMPLATES[template](chat, add_generation_prompt), image_tokens)
+
+    ids, labels = [], []
+    for text_run, run in itertools.groupby(parts, key=lambda part: isinstance(untargeted(part), str)):
+        if text_run:  # one string, and the character spans of its Targets
+            text, spans = "", []
+            for part in run:
+                if isinstance(part, Target):
+                    spans.append((len(text), len(text) + len(part.part)))
+                text += untargeted(part)
+            encoding = tokenizer.backend.encode(text, add_special_tokens=False)
+            for token_id, (start, _) in zip(encoding.ids, encoding.offsets):
+                ids.append(token_id)
+                labels.append(token_id if any(a <= start < b for a, b in spans) else IGNORE_INDEX)
+        else:  # Special tokens, one id each
+            for part in run:
+                token = untargeted(part).token
+                token_id = tokenizer.token_to_id(token)
+                if token_id not in tokenizer.special_ids:
+                    raise ValueError(f"Chat template {template!r} needs the special token {token!r}, which this "
+                                     "tokenizer does not have (Tokenizer.add_special_tokens adds it)")
+                ids.append(token_id)
+                labels.append(token_id if isinstance(part, Target) else IGNORE_INDEX)
+    return (ids, labels) if return_labels else ids

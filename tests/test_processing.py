@@ -1,13 +1,16 @@
 """Tests for processing.py: the tokenizer against transformers' own GGUF conversion, chat prompts
 against transformers' `apply_chat_template`, and the loading errors; image loading (every mode to
 RGB, EXIF, bad files, decompression bombs) and the image processor against transformers' PIL image
-processors. No network."""
+processors; SmolVLM's image tiles, image tokens and chat template against transformers' SmolVLM
+processor, and the labels that train only on the replies. No network."""
 
+import copy
 import importlib.util
 import io
 import json
 import os
 import pathlib
+import pickle
 import struct
 import zlib
 
@@ -536,3 +539,339 @@ def test_image_processor_hub_download(tmp_path, monkeypatch):
     processor = ImageProcessor.from_pretrained("google/siglip-base-patch16-224")
     assert processor.size == {"height": 224, "width": 224}
     assert calls == [("google/siglip-base-patch16-224", ["preprocessor_config.json"])]
+
+
+# --- special tokens, chat templates with images, labels ---
+
+# The chat templates as the checkpoints ship them (the chat_template of their tokenizer_config.json).
+SMOLVLM_CHAT_TEMPLATE = (  # HuggingFaceTB/SmolVLM-256M-Instruct
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] "
+    "== 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == "
+    "'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+ZEPHYR_CHAT_TEMPLATE = (  # TinyLlama/TinyLlama-1.1B-Chat-v1.0
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+
+# HuggingFaceTB/SmolVLM-256M-Instruct's preprocessor_config.json, and image_seq_len from its
+# processor_config.json (512 / 16 = 32 x 32 patches, pixel shuffle by 4: 1024 / 16 = 64).
+SMOLVLM_PREPROCESSOR_CONFIG = {
+    "do_convert_rgb": True, "do_image_splitting": True, "do_normalize": True, "do_pad": True, "do_rescale": True,
+    "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "Idefics3ImageProcessor",
+    "image_std": [0.5, 0.5, 0.5], "max_image_size": {"longest_edge": 512}, "processor_class": "Idefics3Processor",
+    "resample": 1, "rescale_factor": 0.00392156862745098, "size": {"longest_edge": 2048},
+}
+SMOLVLM_IMAGE_SEQ_LEN = 64
+
+IMAGE = {"type": "image"}
+
+
+def text(words):
+    return {"type": "text", "text": words}
+
+
+SMOLVLM_CHATS = [
+    [{"role": "user", "content": [IMAGE, text("What is in this picture?")]}],
+    [
+        {"role": "system", "content": [text("Answer briefly.")]},
+        {"role": "user", "content": [text("Look at this:"), IMAGE, text("\nand this "), IMAGE]},
+        {"role": "assistant", "content": [text("Two cats.")]},
+        {"role": "user", "content": [text("Which is bigger?\n")]},
+    ],
+]
+MULTI_TURN = [
+    {"role": "system", "content": "Be terse."},
+    {"role": "user", "content": "Count to 5."},
+    {"role": "assistant", "content": "1 2 3 4 5"},
+    {"role": "user", "content": "Now backwards,\nplease."},
+    {"role": "assistant", "content": "5, 4, 3 ... 1!"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizers_with_image_tokens(tokenizer, hf_tokenizer):
+    """Copies of our SmolLM2 tokenizer and transformers' with SmolVLM's special tokens and Zephyr's
+    "</s>" added, each side by its own add_special_tokens."""
+    ours, theirs = copy.deepcopy(tokenizer), copy.deepcopy(hf_tokenizer)
+    added = processing.SMOLVLM_SPECIAL_TOKENS + ["</s>"]
+    ours.add_special_tokens(added)
+    theirs.add_special_tokens({"additional_special_tokens": added})
+    return ours, theirs
+
+
+def image_parts(n, per_image=1):
+    return [[processing.Special("<image>")] * per_image] * n
+
+
+def test_add_special_tokens(tokenizer, tokenizers_with_image_tokens, tmp_path):
+    ours, theirs = tokenizers_with_image_tokens
+    assert tokenizer.vocab_size == 49152 and tokenizer.token_to_id("<image>") is None  # the fixture's is untouched
+    assert ours.vocab_size == len(theirs) == 49152 + 41
+    assert ours.special_ids == set(theirs.added_tokens_decoder)
+    for token in processing.SMOLVLM_SPECIAL_TOKENS + ["</s>", "<|im_start|>"]:
+        assert ours.token_to_id(token) == theirs.convert_tokens_to_ids(token), token
+    assert ours.token_to_id("<fake_token_around_image>") == 49152 and ours.token_to_id("</s>") == 49192
+    # Adding what is there changes nothing; a token already in the vocabulary keeps its id.
+    before = ours.vocab_size
+    ours.add_special_tokens(["<image>", "<|im_start|>"])
+    assert ours.vocab_size == before and ours.token_to_id("<|im_start|>") == 1
+    # Typed, they stay text; saved and loaded, they stay special.
+    typed = "<image><row_1_col_1></s> <end_of_utterance>"
+    assert not set(ours.encode(typed)) & ours.special_ids and ours.decode(ours.encode(typed)) == typed
+    ours.save(tmp_path)
+    loaded = Tokenizer.from_pretrained(str(tmp_path))
+    assert loaded.special_ids == ours.special_ids and loaded.encode(typed) == ours.encode(typed)
+    with pytest.raises(ValueError, match="list of non-empty strings"):
+        ours.add_special_tokens("<image>")
+
+
+def test_copied_tokenizer_keeps_typed_special_tokens_as_text(tokenizer):
+    """tokenizers' pickled state leaves out encode_special_tokens; a copy (a DataLoader worker's)
+    must still read "<|im_start|>" typed in a message as text."""
+    for copied in (copy.deepcopy(tokenizer), pickle.loads(pickle.dumps(tokenizer))):
+        assert copied.encode("<|im_start|>hi") == tokenizer.encode("<|im_start|>hi")
+        assert 1 not in copied.encode("<|im_start|>hi")
+
+
+@pytest.mark.parametrize("messages", SMOLVLM_CHATS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_smolvlm_template_matches_transformers(tokenizers_with_image_tokens, messages, add_generation_prompt):
+    """One "<image>" per image part, as the template alone (without the processor) writes it."""
+    ours, theirs = tokenizers_with_image_tokens
+    expected = theirs.apply_chat_template(messages, chat_template=SMOLVLM_CHAT_TEMPLATE, tokenize=True,
+                                          add_generation_prompt=add_generation_prompt, return_dict=True)["input_ids"]
+    n_images = sum(part == IMAGE for message in messages for part in message["content"])
+    assert build_prompt(ours, messages, template="smolvlm", add_generation_prompt=add_generation_prompt,
+                        image_tokens=image_parts(n_images)) == expected
+
+
+@pytest.mark.parametrize("messages", CHATS + [MULTI_TURN])
+def test_smolvlm_template_string_content_matches_transformers(tokenizers_with_image_tokens, messages):
+    """String content as transformers' DEFAULT_CHAT_TEMPLATE for SmolVLM writes it (": " and the
+    string); SmolVLM-256M-Instruct's own template writes nothing for a string."""
+    processing_smolvlm = pytest.importorskip("transformers.models.smolvlm.processing_smolvlm")
+    ours, theirs = tokenizers_with_image_tokens
+    expected = theirs.apply_chat_template(messages, chat_template=processing_smolvlm.DEFAULT_CHAT_TEMPLATE,
+                                          tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert build_prompt(ours, messages, template="smolvlm") == expected
+    as_parts = [{"role": m["role"], "content": [text(m["content"])]} for m in messages]
+    assert build_prompt(ours, as_parts, template="smolvlm") == expected
+
+
+@pytest.mark.parametrize("messages", CHATS + [MULTI_TURN])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_zephyr_template_matches_transformers(tokenizers_with_image_tokens, messages, add_generation_prompt):
+    ours, theirs = tokenizers_with_image_tokens
+    expected = theirs.apply_chat_template(messages, chat_template=ZEPHYR_CHAT_TEMPLATE, eos_token="</s>",
+                                          add_generation_prompt=add_generation_prompt, tokenize=True,
+                                          return_dict=True)["input_ids"]
+    assert build_prompt(ours, messages, template="zephyr", add_generation_prompt=add_generation_prompt) == expected
+
+
+def learned(tokenizer, ids, labels):
+    """The runs of learned tokens (label == id), each decoded with its special tokens."""
+    assert len(labels) == len(ids)
+    assert all(label in (processing.IGNORE_INDEX, token_id) for token_id, label in zip(ids, labels))
+    runs, run = [], []
+    for token_id, label in zip(ids, labels):
+        if label == processing.IGNORE_INDEX and run:
+            runs.append(run)
+            run = []
+        elif label != processing.IGNORE_INDEX:
+            run.append(token_id)
+    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs + [run] if run]
+
+
+@pytest.mark.parametrize("template, replies", [
+    ("chatml", ["1 2 3 4 5<|im_end|>", "5, 4, 3 ... 1!<|im_end|>"]),
+    ("smolvlm", [" 1 2 3 4 5<end_of_utterance>", " 5, 4, 3 ... 1!<end_of_utterance>"]),
+    ("zephyr", ["1 2 3 4 5</s>", "5, 4, 3 ... 1!</s>"]),
+])
+def test_labels_learn_only_the_replies(tokenizers_with_image_tokens, template, replies):
+    ours, _ = tokenizers_with_image_tokens
+    for add_generation_prompt in (False, True):
+        ids, labels = build_prompt(ours, MULTI_TURN, template=template, return_labels=True,
+                                   add_generation_prompt=add_generation_prompt)
+        assert ids == build_prompt(ours, MULTI_TURN, template=template, add_generation_prompt=add_generation_prompt)
+        assert learned(ours, ids, labels) == replies
+    # Nothing to learn in a chat without replies.
+    ids, labels = build_prompt(ours, MULTI_TURN[:2], template=template, return_labels=True)
+    assert labels == [processing.IGNORE_INDEX] * len(ids)
+
+
+def test_labels_with_images(tokenizers_with_image_tokens):
+    """Image tokens are never learned, not even in a reply; the reply around them is."""
+    ours, _ = tokenizers_with_image_tokens
+    chat = [*SMOLVLM_CHATS[1][:3], {"role": "assistant", "content": [text("Here:"), IMAGE, text("a cat.")]}]
+    grids = [(0, 0), (2, 1), (1, 1)]
+    ids, labels = build_prompt(ours, chat, template="smolvlm", add_generation_prompt=False, return_labels=True,
+                               image_tokens=[processing.smolvlm_image_tokens(*grid, 3) for grid in grids])
+    assert ids.count(ours.token_to_id("<image>")) == 3 * (1 + 3 + 2)
+    assert learned(ours, ids, labels) == [" Two cats.<end_of_utterance>", " Here:", "a cat.<end_of_utterance>"]
+
+
+def test_typed_image_token_stays_text(tokenizers_with_image_tokens):
+    ours, _ = tokenizers_with_image_tokens
+    typed = "Is <image> or <fake_token_around_image><global-img> an image?<end_of_utterance>"
+    for content in (typed, [text(typed)]):
+        ids = build_prompt(ours, [{"role": "user", "content": content}], template="smolvlm")  # no image part: fine
+        assert ids.count(ours.token_to_id("<image>")) == 0
+        assert ids.count(ours.token_to_id("<end_of_utterance>")) == 1  # the template's own
+        assert typed in ours.decode(ids, skip_special_tokens=False)
+    ids = build_prompt(ours, [{"role": "user", "content": [IMAGE, text(typed)]}], template="smolvlm",
+                       image_tokens=[processing.smolvlm_image_tokens(0, 0, 5)])
+    assert ids.count(ours.token_to_id("<image>")) == 5 and ids.count(ours.token_to_id("<global-img>")) == 1
+
+
+def test_image_count_mismatch(tokenizer, tokenizers_with_image_tokens):
+    ours, _ = tokenizers_with_image_tokens
+    one_image, two_images = SMOLVLM_CHATS
+    with pytest.raises(ValueError, match="1 image part\\(s\\) but image_tokens has 0 entries"):
+        build_prompt(ours, one_image, template="smolvlm")
+    with pytest.raises(ValueError, match="2 image part\\(s\\) but image_tokens has 1 entries"):
+        build_prompt(ours, two_images, template="smolvlm", image_tokens=image_parts(1))
+    with pytest.raises(ValueError, match="0 image part\\(s\\) but image_tokens has 1 entries"):
+        build_prompt(ours, CHATS[0], template="smolvlm", image_tokens=image_parts(1))
+    with pytest.raises(ValueError, match="list of Special tokens and text"):
+        build_prompt(ours, one_image, template="smolvlm", image_tokens=["<image>"])
+    with pytest.raises(ValueError, match="content part"):
+        build_prompt(ours, [{"role": "user", "content": [{"type": "video"}]}], template="smolvlm")
+    # Image parts in other templates: where they stand, as whatever tokens are asked for.
+    ids = build_prompt(ours, one_image, image_tokens=image_parts(1, per_image=4))
+    assert ids.count(ours.token_to_id("<image>")) == 4
+    with pytest.raises(ValueError, match="needs the special token '<image>'"):
+        build_prompt(tokenizer, one_image, image_tokens=image_parts(1))  # SmolLM2's has no <image>
+
+
+@pytest.mark.parametrize("rows, cols", [(0, 0), (1, 1), (1, 3), (3, 4), (4, 2)])
+def test_smolvlm_image_tokens_match_transformers(rows, cols):
+    processing_smolvlm = pytest.importorskip("transformers.models.smolvlm.processing_smolvlm")
+    expected = processing_smolvlm.get_image_prompt_string(rows, cols, 3, "<fake_token_around_image>", "<image>",
+                                                          "<global-img>")
+    parts = processing.smolvlm_image_tokens(rows, cols, 3)
+    assert "".join(p.token if isinstance(p, processing.Special) else p for p in parts) == expected
+
+
+# --- SmolVLM images: tiles ---
+
+SMOLVLM_CONFIGS = {  # small tiles, so that they run fast; each flag away from its default
+    "smolvlm": {"image_processor_type": "SmolVLMImageProcessor", "size": {"longest_edge": 200},
+                "max_image_size": {"longest_edge": 64}, "resample": 3},
+    "no-split": {"image_processor_type": "SmolVLMImageProcessor", "do_image_splitting": False,
+                 "size": {"longest_edge": 150}, "max_image_size": {"longest_edge": 96}},
+    "no-resize": {"image_processor_type": "Idefics3ImageProcessorFast", "do_resize": False,
+                  "max_image_size": {"longest_edge": 96}, "do_normalize": False, "image_mean": None},
+    "height-width": {"image_processor_type": "Idefics3ImageProcessor", "size": {"height": 100, "width": 250},
+                     "max_image_size": {"longest_edge": 64}, "resample": 2, "do_rescale": False,
+                     "image_mean": [100, 110, 120], "image_std": [50, 60, 70]},
+    "defaults": {"image_processor_type": "SmolVLMImageProcessor"},
+}
+
+
+def hf_smolvlm_image_processor(folder):
+    transformers = pytest.importorskip("transformers")
+    hf_processor = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
+    assert type(hf_processor).__name__ in ("SmolVLMImageProcessorPil", "Idefics3ImageProcessorPil")
+    return hf_processor
+
+
+def hf_tiles(hf_processor, images):
+    """transformers' pixel_values for one sample holding `images`, flattened to (N, 3, S, S), and its grids."""
+    out = hf_processor([images], return_tensors="pt", return_row_col_info=True)
+    assert out["pixel_attention_mask"].all()  # all ones: one sample, every tile full-size
+    return out["pixel_values"].flatten(0, 1), list(zip(out["rows"][0], out["cols"][0]))
+
+
+@pytest.mark.parametrize("config_name", list(SMOLVLM_CONFIGS))
+def test_smolvlm_image_processor_matches_transformers(photos, tmp_path, config_name):
+    folder = write_config(tmp_path, SMOLVLM_CONFIGS[config_name])
+    processor, hf_processor = processing.SmolVLMImageProcessor.from_pretrained(folder), hf_smolvlm_image_processor(folder)
+    shapes = shapes_of(photos["chelsea.png"]) if config_name != "defaults" else {"as is": photos["coffee.png"]}
+    for shape, image in shapes.items():
+        expected, expected_grids = hf_tiles(hf_processor, [image])
+        pixel_values, grids = processor(image)
+        assert grids == expected_grids, shape
+        assert pixel_values.dtype == torch.float32 and pixel_values.shape == expected.shape, shape
+        assert np.abs(pixel_values.numpy() - expected.numpy()).max() <= 1e-5, shape
+        rows, cols = grids[0]
+        assert len(pixel_values) == (rows * cols + 1 if rows else 1)
+
+
+@pytest.fixture
+def hf_smolvlm_processor(tmp_path, tokenizers_with_image_tokens, monkeypatch):
+    """transformers' SmolVLMProcessor with SmolVLM-256M-Instruct's image settings (read from a
+    preprocessor_config.json on disk) and our SmolLM2 tokenizer with the image tokens, in
+    transformers' form. Without torchvision there is no video processor: it is left out."""
+    transformers = pytest.importorskip("transformers")
+    processing_smolvlm = pytest.importorskip("transformers.models.smolvlm.processing_smolvlm")
+    if processing_smolvlm.num2words is None:  # only videos use it
+        monkeypatch.setattr(processing_smolvlm, "num2words", str)
+
+    class NoVideoProcessor(transformers.SmolVLMProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name != "video_processor":
+                return super().check_argument_for_proper_class(argument_name, argument)
+
+    folder = write_config(tmp_path / "smolvlm", SMOLVLM_PREPROCESSOR_CONFIG)
+    hf_processor = NoVideoProcessor(image_processor=hf_smolvlm_image_processor(folder),
+                                    tokenizer=tokenizers_with_image_tokens[1], video_processor=None,
+                                    image_seq_len=SMOLVLM_IMAGE_SEQ_LEN)
+    return folder, hf_processor
+
+
+def test_smolvlm_processor_matches_transformers(photos, tokenizers_with_image_tokens, hf_smolvlm_processor):
+    """A chat with images: the same pixel_values and input_ids as transformers' SmolVLMProcessor."""
+    ours, theirs = tokenizers_with_image_tokens
+    folder, hf_processor = hf_smolvlm_processor
+    processor = processing.SmolVLMImageProcessor.from_pretrained(folder)
+    assert processor == processing.SmolVLMImageProcessor(
+        size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}, resample=1, image_mean=[0.5] * 3,
+        image_std=[0.5] * 3)
+    chelsea = photos["chelsea.png"]  # 451 x 300
+    portrait = chelsea.crop((100, 0, 273, 300))
+    small = chelsea.resize((40, 28), Image.Resampling.BILINEAR)
+    for messages, images in [(SMOLVLM_CHATS[0], [chelsea]), (SMOLVLM_CHATS[1], [portrait, small])]:
+        prompt = theirs.apply_chat_template(messages, chat_template=SMOLVLM_CHAT_TEMPLATE,
+                                            add_generation_prompt=True, tokenize=False)
+        expected = hf_processor(text=[prompt], images=[images], return_tensors="pt")
+        assert expected["pixel_attention_mask"].all()
+
+        pixel_values, grids = processor(images)
+        ids = build_prompt(ours, messages, template="smolvlm", image_tokens=[
+            processing.smolvlm_image_tokens(rows, cols, SMOLVLM_IMAGE_SEQ_LEN) for rows, cols in grids])
+        assert ids == expected["input_ids"][0].tolist()
+        assert pixel_values.shape == expected["pixel_values"].flatten(0, 1).shape
+        assert np.abs(pixel_values.numpy() - expected["pixel_values"].flatten(0, 1).numpy()).max() <= 1e-5
+    assert grids == [(4, 3), (3, 4)]  # W x H: 173 x 300 -> 1182 x 2048 -> 1536 x 2048; 40 x 28 -> 2048 x 1434 -> 2048 x 1536
+    assert len(pixel_values) == 13 + 13 and ids.count(ours.token_to_id("<image>")) == 26 * SMOLVLM_IMAGE_SEQ_LEN
+
+
+def test_smolvlm_image_processor_config_errors(tmp_path):
+    path = str(tmp_path / "preprocessor_config.json")
+    for config, problem in [
+        ({"image_processor_type": "SiglipImageProcessor"}, "'SiglipImageProcessor' is not a SmolVLM one"),
+        ({"image_processor_type": "SmolVLMImageProcessor", "size": {"shortest_edge": 5}}, "size must have"),
+        ({"image_processor_type": "SmolVLMImageProcessor", "max_image_size": 512}, "max_image_size must have"),
+        ({"image_processor_type": "SmolVLMImageProcessor", "resample": "lanczos"}, "resample"),
+        ({"image_processor_type": "SmolVLMImageProcessor", "image_std": [0.5, 0.5]}, "3 values"),
+    ]:
+        write_config(tmp_path, config)
+        with pytest.raises(CheckpointError, match=problem) as error:
+            processing.SmolVLMImageProcessor.from_pretrained(str(tmp_path))
+        assert str(error.value).startswith(f"{path}: ")
+    write_config(tmp_path, SMOLVLM_PREPROCESSOR_CONFIG)
+    with pytest.raises(CheckpointError, match="'Idefics3ImageProcessor' is not supported.*use SmolVLMImageProcessor"):
+        ImageProcessor.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="empty list"):
+        processing.SmolVLMImageProcessor()([])
+
+
+def test_image_processor_save_round_trip(tmp_path):
+    for processor in (ImageProcessor(size={"height": 64, "width": 48}, resample=2, image_mean=(0.1, 0.2, 0.3)),
+                      ImageProcessor(size={"shortest_edge": 256}, do_center_crop=True, crop_size=224)):
+        processor.save(str(tmp_path))
+        assert ImageProcessor.from_pretrained(str(tmp_path)) == processor
