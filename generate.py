@@ -1,38 +1,185 @@
 """Decoding: turn a prompt into new tokens with the KV cache (prefill once, then one token a step).
 
     python generate.py --prompt "What is the capital of France?"
+    python generate.py --prompt "Write a haiku." --temperature 0.8 --top-p 0.9 --seed 0
+    python generate.py --prompt "Name a fruit." --num-beams 4
+
+Each step turns the logits of the last position into one token per row:
+
+    logits -> repetition penalty -> greedy: argmax
+                                 -> sampling: / temperature -> top-k -> top-p -> softmax -> multinomial
+
+the order of transformers' logits processors (`generation/logits_process.py`). Beam search keeps the
+`num_beams` most likely partial sequences instead, and returns the best finished one.
 """
 
 import argparse
 import importlib.util
+import math
+import numbers
 import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from model import CheckpointError, LanguageModel
 
+LENGTH_PENALTY = 1.0  # beam hypotheses score sum(log p) / length ** LENGTH_PENALTY (HF's default)
+DEAD = -1e9  # added to the score of a beam that must not be picked (HF's value: same results)
 
-@torch.inference_mode()
-def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eos_ids=(), on_token=None):
-    """Greedy decoding. input_ids (B, T), left-padded when rows differ in length (attention_mask
-    (B, T) marks the real tokens) -> new tokens (B, N), N <= max_new_tokens; a row that has
-    produced an end token is padded with that token afterwards. `on_token(tokens (B,))` is called
-    after every step, for streaming."""
+
+# ---------------------------------------------------------------------------------------------
+# Logits processors: each takes scores (B, V) in float32 and returns new scores (B, V)
+# ---------------------------------------------------------------------------------------------
+
+
+def seen_tokens(input_ids, attention_mask, vocab_size: int) -> torch.Tensor:  # (B, V) bool
+    """Which tokens each row's prompt holds (left padding excluded), for the repetition penalty."""
+    if attention_mask is not None:
+        input_ids = input_ids.masked_fill(attention_mask == 0, vocab_size)  # padding -> a spare column
+    seen = torch.zeros(input_ids.shape[0], vocab_size + 1, dtype=torch.bool, device=input_ids.device)
+    return seen.scatter_(1, input_ids, True)[:, :vocab_size]
+
+
+def penalize_repeats(scores, seen, penalty: float):
+    """CTRL's repetition penalty (Keskar et al. 2019; HF `RepetitionPenaltyLogitsProcessor`): the
+    score of every token already seen (prompt included) is divided by `penalty` if positive and
+    multiplied by it if negative, so it loses probability when penalty > 1. Others are untouched."""
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalized, scores)
+
+
+def top_k_filter(scores, k: int):
+    """Keep the k highest scores (and any tied with the k-th), -inf elsewhere (HF `TopKLogitsWarper`).
+    k = 0 keeps everything."""
+    if k <= 0 or k >= scores.shape[-1]:
+        return scores
+    kth = scores.topk(k, dim=-1).values[:, -1:]  # (B, 1)
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def top_p_filter(scores, p: float):
+    """Nucleus filtering (Holtzman et al. 2019; HF `TopPLogitsWarper`): keep the smallest set of most
+    likely tokens whose probabilities add up to at least p, and always the most likely one.
+
+    Written as HF writes it, from the unlikely end: sorted ascending, a token goes if the mass of it
+    and all less likely ones is <= 1 - p (what is left then still holds >= p)."""
+    if p >= 1.0:
+        return scores
+    ascending, order = scores.sort(dim=-1)  # (B, V)
+    mass_up_to = ascending.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    remove = mass_up_to <= 1 - p
+    remove[:, -1] = False  # the most likely token always stays
+    remove = remove.scatter(1, order, remove)  # back to vocabulary order
+    return scores.masked_fill(remove, float("-inf"))
+
+
+def next_token(logits, seen, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+               generator=None):  # logits (B, V) -> tokens (B,)
+    """One token per row: greedy when temperature == 0, else a sample from the filtered softmax."""
+    scores = logits.float()
+    if repetition_penalty != 1.0:
+        scores = penalize_repeats(scores, seen, repetition_penalty)
+    if temperature == 0:
+        return scores.argmax(dim=-1)
+    scores = top_p_filter(top_k_filter(scores / temperature, top_k), top_p)
+    return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def check_options(max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, num_beams=1):
+    """Raise ValueError, one line naming the option, for a setting generate() cannot honour."""
+    def is_int(x):
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    def is_real(x):
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
+    if not is_int(num_beams) or num_beams < 1:
+        raise ValueError(f"num_beams must be at least 1 (1: no beam search), got {num_beams!r}")
+    if not (is_real(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if not is_int(top_k) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: no top-k filtering), got {top_k!r}")
+    if not (is_real(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1] (1: no nucleus filtering), got {top_p!r}")
+    if not (is_real(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {repetition_penalty!r}")
+    if num_beams > 1 and temperature > 0:
+        raise ValueError("beam search does not sample: use temperature 0 with num_beams > 1")
+    if temperature == 0 and (top_k > 0 or top_p < 1):
+        raise ValueError("top_k and top_p only filter sampled tokens: set temperature > 0 to sample "
+                         "(greedy and beam search take the most likely tokens anyway)")
+
+
+def eos_tensor(eos_ids, device) -> torch.Tensor:  # (n_eos,): one id or an iterable of ids
+    ids = [eos_ids] if isinstance(eos_ids, numbers.Integral) else list(eos_ids)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def prefill(model, input_ids, attention_mask, max_new_tokens: int, prefill_kwargs: dict):
+    """One forward over the whole prompt (and image, via prefill_kwargs) into a new KV cache.
+    Returns the cache and the logits of the last position (B, 1, V)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a (batch, tokens) tensor, got "
+                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
     B, T = input_ids.shape
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if T + max_new_tokens > model.max_seq_len:
         raise ValueError(f"the prompt ({T} tokens) plus {max_new_tokens} new tokens exceed the "
                          f"context of {model.max_seq_len} tokens")
     cache = model.new_cache(B, T + max_new_tokens)
-    logits = model(input_ids, attention_mask=attention_mask, cache=cache, last_only=True)  # (B, 1, V)
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=input_ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    last = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    logits = model(input_ids, attention_mask=attention_mask, cache=cache, last_only=True, **prefill_kwargs)
+    return cache, logits
+
+
+@torch.inference_mode()
+def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eos_ids=(), on_token=None,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             num_beams: int = 1, generator=None, **prefill_kwargs):
+    """New tokens (B, N), N <= max_new_tokens, for the prompts input_ids (B, T).
+
+    input_ids are left-padded when rows differ in length (attention_mask (B, T) marks the real
+    tokens). prefill_kwargs (a VLM's `pixel_values`, ...) go to the first forward only: the prompt
+    and image are prefilled once, then each step feeds one token per row through the KV cache, so
+    the prefill must fill T cache positions (one placeholder token per image embedding).
+
+    - temperature 0: greedy (argmax). temperature > 0: sample with `torch.multinomial` from
+      softmax(logits / temperature) after top-k (0: off) and top-p (1: off) filtering; pass a
+      `torch.Generator` as `generator` to make the samples repeatable (None: torch's global RNG).
+    - repetition_penalty (1: off): applied before temperature to every token already in the row,
+      the prompt included (HF's rule, see `penalize_repeats`).
+    - num_beams > 1: beam search, see `beam_search` (no sampling; top_k/top_p not allowed).
+    - eos_ids: a row stops at any of these tokens and is padded with that token afterwards;
+      decoding ends when every row has stopped or after max_new_tokens.
+    - on_token(tokens (B,)) is called after every step, for streaming; beam search calls it only
+      at the end, once per position of the returned tokens (the best beam is known only then).
+    """
+    check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams)
+    if num_beams > 1:
+        out = beam_search(model, input_ids, max_new_tokens, num_beams, attention_mask, eos_ids,
+                          repetition_penalty, **prefill_kwargs)
+        if on_token is not None:
+            for i in range(out.shape[1]):
+                on_token(out[:, i])
+        return out
+
+    cache, logits = prefill(model, input_ids, attention_mask, max_new_tokens, prefill_kwargs)  # (B, 1, V)
+    B, device = input_ids.shape[0], input_ids.device
+    seen = seen_tokens(input_ids, attention_mask, logits.shape[-1]) if repetition_penalty != 1.0 else None
+    eos = eos_tensor(eos_ids, device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    last = torch.zeros(B, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)
     out = []
     for _ in range(max_new_tokens):
-        token = logits[:, -1].argmax(dim=-1)  # (B,)
+        token = next_token(logits[:, -1], seen, temperature, top_k, top_p, repetition_penalty, generator)  # (B,)
         token = torch.where(done, last, token)
         out.append(token)
         if on_token is not None:
@@ -41,8 +188,102 @@ def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eo
         last = token
         if bool(done.all()) or len(out) == max_new_tokens:
             break
+        if seen is not None:
+            seen[rows, token] = True
         logits = model(token[:, None], cache=cache)  # (B, 1, V)
     return torch.stack(out, dim=1)
+
+
+@torch.inference_mode()
+def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, attention_mask=None,
+                eos_ids=(), repetition_penalty: float = 1.0, **prefill_kwargs):
+    """Beam search: the best new tokens (B, N) per prompt, rows that end early padded with their end token.
+
+    Each input keeps `num_beams` running beams, scored by the sum of their tokens' log-probabilities.
+    Each step, every beam is extended by every token; of the num_beams * V candidates the best
+    C = max(2, 1 + len(eos_ids)) * num_beams are looked at, best first:
+      - a candidate that ends (an eos token, or the last allowed step) and ranks among the best
+        num_beams becomes a finished hypothesis, scored sum(log p) / length ** LENGTH_PENALTY
+        (length = its new tokens, the end token included; LENGTH_PENALTY = 1: the mean log-prob);
+        each input keeps its num_beams best finished hypotheses;
+      - the num_beams best candidates that do not end are the next running beams; the KV cache
+        rows are reordered to follow them (`cache.reorder`).
+    An input stops collecting once it holds num_beams finished hypotheses and its best running
+    beam, scored by its current length, is no better than the worst of them; decoding stops when
+    every input has stopped or after max_new_tokens. The best finished hypothesis is returned.
+
+    This is transformers' beam search with its defaults (`GenerationMixin._beam_search` and its
+    helpers in transformers 5, which replaced `BeamSearchScorer` with the same scoring):
+    length_penalty=1.0, early_stopping=False (the stop test above is HF's heuristic, not a proof
+    that no running beam could still win). As in HF, the repetition penalty applies to the
+    log-probabilities here, not the logits. The prompt is prefilled once per input, then the cache
+    rows are repeated num_beams times.
+    """
+    check_options(max_new_tokens, repetition_penalty=repetition_penalty, num_beams=num_beams)
+    cache, logits = prefill(model, input_ids, attention_mask, max_new_tokens, prefill_kwargs)  # (B, 1, V)
+    B, K, V, device = input_ids.shape[0], num_beams, logits.shape[-1], input_ids.device
+    rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,): beam k of input b is row b*K + k
+    cache.reorder(rows)
+    logits = logits[rows]  # (B*K, 1, V)
+    seen = seen_tokens(input_ids, attention_mask, V)[rows] if repetition_penalty != 1.0 else None
+    eos = eos_tensor(eos_ids, device)
+    n_candidates = min(max(2, 1 + len(eos)) * K, K * V)  # enough that num_beams of them do not end
+
+    beam_scores = torch.full((B, K), DEAD, device=device)  # (B, K) sum of log-probs of each beam
+    beam_scores[:, 0] = 0.0  # the K beams start as copies of one prompt: expand only the first
+    beam_tokens = torch.zeros(B, K, 0, dtype=torch.long, device=device)  # (B, K, step)
+    finished = [[] for _ in range(B)]  # per input, up to K (score, tokens (n,)) pairs, best first
+    stopped = [False] * B
+    for step in range(1, max_new_tokens + 1):
+        logprobs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B*K, V)
+        if seen is not None:
+            logprobs = penalize_repeats(logprobs, seen, repetition_penalty)
+        total = (beam_scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)
+        cand_scores, cand = total.topk(n_candidates, dim=-1)  # (B, C), best first
+        cand_beam, cand_token = cand // V, cand % V  # (B, C): which beam it extends, by which token
+        history = beam_tokens.gather(1, cand_beam[:, :, None].expand(-1, -1, step - 1))  # (B, C, step-1)
+        cand_tokens = torch.cat((history, cand_token[:, :, None]), dim=2)  # (B, C, step)
+        ends = torch.isin(cand_token, eos) | (step == max_new_tokens)  # (B, C)
+
+        # 1. Candidates that end among the best K become finished hypotheses.
+        hyp_scores, hyp_ends = (cand_scores / step ** LENGTH_PENALTY).tolist(), ends.tolist()
+        for b in range(B):
+            if stopped[b]:
+                continue
+            for r in range(K):
+                if hyp_ends[b][r]:
+                    finished[b].append((hyp_scores[b][r], cand_tokens[b, r]))
+            finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:K]
+
+        # 2. The best K candidates that do not end run on.
+        running = cand_scores + ends * DEAD  # (B, C)
+        keep = running.topk(K, dim=-1).indices  # (B, K)
+        beam_scores = running.gather(1, keep)
+        beam_tokens = cand_tokens.gather(1, keep[:, :, None].expand(-1, -1, step))
+        token = cand_token.gather(1, keep).view(B * K)  # (B*K,)
+
+        # 3. An input stops once its best running beam cannot beat its worst finished hypothesis.
+        best_running = (beam_scores[:, 0] / step ** LENGTH_PENALTY).tolist()
+        for b in range(B):
+            if len(finished[b]) == K and best_running[b] <= finished[b][-1][0]:
+                stopped[b] = True
+        if all(stopped) or step == max_new_tokens:
+            break
+        rows = (torch.arange(B, device=device)[:, None] * K + cand_beam.gather(1, keep)).view(B * K)
+        cache.reorder(rows)
+        if seen is not None:
+            seen = seen[rows]
+            seen[torch.arange(B * K, device=device), token] = True
+        logits = model(token[:, None], cache=cache)  # (B*K, 1, V)
+
+    best = [hyps[0][1] for hyps in finished]  # (n_b,) each
+    N = max(len(tokens) for tokens in best)
+    return torch.stack([F.pad(t, (0, N - len(t)), value=int(t[-1])) for t in best])  # (B, N)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
 
 
 def default_lm() -> str:
@@ -54,23 +295,76 @@ def default_lm() -> str:
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def main(argv=None):
-    from processing import Tokenizer, build_prompt
+def check_device(name: str) -> torch.device:
+    """A torch.device that exists here, or ValueError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: use cpu, cuda or mps")
+    return device
 
-    p = argparse.ArgumentParser(description="Answer a prompt with a glimpse language model.")
+
+def fail(message, status: int = 1):
+    """Exit with one line on stderr (no traceback)."""
+    text = " ".join(str(message).split()) or type(message).__name__
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(status)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2, instead of the usage and the message
+        fail(f"{message} (see --help)", status=2)
+
+
+def prompt_inputs(args, tok, device) -> tuple[torch.Tensor, dict]:
+    """The chat prompt's token ids (1, T) and the extra inputs of the first (prefill) forward.
+    Text only for now: an image option adds its placeholders to the prompt and its pixel_values
+    to the dict, which generate() hands to the prefill alone."""
+    from processing import build_prompt
+
+    ids = build_prompt(tok, [{"role": "user", "content": args.prompt}])
+    return torch.tensor([ids], device=device), {}
+
+
+def main(argv=None):
+    from processing import Tokenizer
+
+    p = ArgumentParser(description="Answer a prompt with a glimpse language model.")
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--model", default=None, help="hub id, folder or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass (1: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
+    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (printed at the end)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
-    try:
+
+    try:  # every option is checked before the (slow) model load
+        check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                      args.repetition_penalty, args.num_beams)
+        device = check_device(args.device)
+        if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+            raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
+        generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
         path = args.model or default_lm()
-        model = LanguageModel.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device)
+        model = LanguageModel.from_pretrained(path, dtype=getattr(torch, args.dtype), device=device)
         tok = Tokenizer.from_pretrained(path)
-    except (CheckpointError, OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    ids = torch.tensor([build_prompt(tok, [{"role": "user", "content": args.prompt}])], device=args.device)
+        ids, prefill_kwargs = prompt_inputs(args, tok, device)
+    except (CheckpointError, OSError, ValueError, RuntimeError) as e:
+        fail(e)
+
     stops = [i for i in (tok.token_to_id("<|im_end|>"), tok.eos_id) if i is not None]
     shown = []
 
@@ -82,9 +376,16 @@ def main(argv=None):
         print(tok.decode(shown)[len(before):], end="", flush=True)
 
     try:
-        generate(model, ids, args.max_new_tokens, eos_ids=stops, on_token=stream)
-    except ValueError as e:
-        sys.exit(f"\nerror: {e}")
+        generate(model, ids, args.max_new_tokens, eos_ids=stops, on_token=stream, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                 num_beams=args.num_beams, generator=generator, **prefill_kwargs)
+    except (ValueError, RuntimeError) as e:
+        if shown:
+            print()
+        fail(e)
+    except KeyboardInterrupt:
+        print()
+        sys.exit(130)
     print()
 
 

@@ -32,6 +32,7 @@ One rule runs through this file: text a user typed is always plain text. Writing
 prompt's structure comes only from the chat template.
 """
 
+import functools
 import itertools
 import json
 import math
@@ -753,7 +754,8 @@ def reply_parts(message: dict, parts: list) -> list:
     return [Target(part) for part in parts] if message["role"] == "assistant" else parts
 
 
-def render_chatml(messages: list[dict], add_generation_prompt: bool) -> list:
+def render_chatml(messages: list[dict], add_generation_prompt: bool,
+                  default_system: str | None = SMOLLM2_SYSTEM_PROMPT) -> list:
     r"""ChatML, as SmolLM2's chat template writes it:
 
         <|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\n
@@ -763,10 +765,11 @@ def render_chatml(messages: list[dict], add_generation_prompt: bool) -> list:
     one `<|im_start|>{role}\n{content}<|im_end|>\n` per message, SmolLM2's default system message
     first when the chat does not start with one, and `<|im_start|>assistant\n` to ask for a reply.
     A reply is learned from its content through its <|im_end|>. (SmolLM2's template only knows
-    string content; content given as parts is written part after part.)
+    string content; content given as parts is written part after part.) "chatml-plain" is the
+    same without a default system message, for models trained from scratch.
     """
-    if messages and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": [SMOLLM2_SYSTEM_PROMPT]}, *messages]
+    if messages and messages[0]["role"] != "system" and default_system:
+        messages = [{"role": "system", "content": [default_system]}, *messages]
     parts = []
     for message in messages:
         parts += [Special("<|im_start|>"), f"{message['role']}\n"]
@@ -827,6 +830,7 @@ CHAT_TEMPLATES = {
     "chatml": render_chatml,
     "smolvlm": render_smolvlm,
     "zephyr": render_zephyr,
+    "chatml-plain": functools.partial(render_chatml, default_system=None),
 }
 
 # The SmolVLM tokenizer's special tokens for images and turns; a text-only tokenizer (SmolLM2's)
