@@ -79,6 +79,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     save_every: int = 100
+    stop_after: int = 0  # end this invocation after N steps (a checkpoint is saved), e.g. for time-limited jobs
 
 
 # Presets name whole recipes: settings for every phase, then per phase.
@@ -540,11 +541,19 @@ def train(cfg: TrainConfig, spec: dict):
         return total / max(1, count)
 
     os.makedirs(run, exist_ok=True)
-    log = open(os.path.join(run, "log.jsonl"), "a") if main else None
+    log_path = os.path.join(run, "log.jsonl")
+    if main and resume_from:  # forget steps logged after the checkpoint by the run that stopped
+        rows = [line for line in open(log_path) if json.loads(line)["step"] <= start]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(rows)
+        os.replace(log_path + ".tmp", log_path)
+    log = open(log_path, "a") if main else None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not main, desc=cfg.phase)
     model.train()
     tokens_seen, t0 = 0, time.perf_counter()
     for step in bar:
+        if cfg.stop_after and step == start + cfg.stop_after:
+            break
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg)
         mine = global_batch(len(train_set), step, cfg)[rank::world]  # this process's share
@@ -579,7 +588,8 @@ def train(cfg: TrainConfig, spec: dict):
         if main:
             log.write(json.dumps(row) + "\n")
             log.flush()
-        if main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+        last = step + 1 == cfg.steps or step + 1 == start + cfg.stop_after
+        if main and ((step + 1) % cfg.save_every == 0 or last):
             save_checkpoint(run, step + 1, model, tokenizer, processor, optimizer, cfg)
             plot_losses(run)
     if main:

@@ -1,0 +1,144 @@
+"""train.py end to end on the tiny preset with a slice of easy-VQA: phases through the CLI, exact
+resume, checkpoints that survive SIGKILL, DDP with two processes, and clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("easy_vqa")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--preset", "tiny", "--limit", "64", "--batch-size", "8", "--micro-batch", "4", "--eval-every", "5",
+        "--eval-batches", "1", "--warmup", "2"]
+
+
+def run(*args, env=None, check=True):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in open(os.path.join(run_dir, "log.jsonl"))]
+
+
+def latest(run_dir):
+    return os.path.join(run_dir, open(os.path.join(run_dir, "latest")).read().strip())
+
+
+def test_align_then_instruct_then_generate(tmp_path):
+    align, instruct = str(tmp_path / "align"), str(tmp_path / "instruct")
+    run("--phase", "align", "--out", align, "--steps", "10", *FAST)
+    run("--phase", "instruct", "--init", align, "--out", instruct, "--steps", "10", *FAST)
+    for run_dir in (align, instruct):
+        curve = losses(run_dir)
+        assert len(curve) == 10 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3  # the loss falls
+        assert os.path.isfile(os.path.join(run_dir, "loss.png"))
+    ckpt = latest(instruct)
+    assert sorted(os.listdir(ckpt)) == sorted([
+        "config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+        "train_config.json", "trainer_state.pt"])
+    from easy_vqa import get_test_image_paths
+
+    image = get_test_image_paths()[0]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", ckpt, "--image", image,
+                          "--prompt", "What color is the shape?", "--max-new-tokens", "5"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()  # it answered something
+
+
+def test_resume_gives_the_uninterrupted_run(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    common = ["--phase", "align", "--steps", "12", "--save-every", "100", *FAST]
+    run(*common, "--out", straight)
+    run(*common, "--out", resumed, "--stop-after", "6")
+    assert len(losses(resumed)) == 6
+    run(*common, "--out", resumed, "--resume")
+    assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
+    a, b = load_file(os.path.join(latest(straight), "model.safetensors")), \
+        load_file(os.path.join(latest(resumed), "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    """A run killed in the middle of writing checkpoint 4 still has checkpoint 2, whole and loadable."""
+    out = str(tmp_path / "run")
+    code = f"""
+import sys, time, processing
+sys.argv = ["train.py", "--phase", "align", "--out", {out!r}, "--steps", "6", "--save-every", "2", *{FAST!r}]
+real = processing.write_safetensors
+calls = []
+def slow(state, path):
+    calls.append(path)
+    if len(calls) == 2:  # the second checkpoint: write half of it, then hang until killed
+        open(path + ".tmp", "wb").write(b"partial")
+        print("SAVING", flush=True)
+        time.sleep(60)
+    real(state, path)
+processing.write_safetensors = slow
+import model; model.write_safetensors = slow
+import train; train.main()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        if "SAVING" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = latest(out)
+    assert ckpt.endswith("ckpt-2")
+    from model import VLM
+
+    VLM.from_pretrained(ckpt)  # loads: the killed save never touched it
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    assert state["step"] == 2
+    run("--phase", "align", "--out", out, "--steps", "6", "--save-every", "2", "--resume", *FAST)
+    assert len(losses(out)) == 6 and latest(out).endswith("ckpt-6")
+
+
+def test_ddp_two_processes_give_the_single_process_losses(tmp_path):
+    single, double = str(tmp_path / "single"), str(tmp_path / "double")
+    common = ["--phase", "align", "--steps", "4", "--save-every", "100", *FAST]
+    run(*common, "--out", single)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29517", os.path.join(ROOT, "train.py"), *common, "--out", double],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(double) == pytest.approx(losses(single), abs=1e-4)
+
+
+def test_bad_input_is_one_clear_line_and_nothing_is_overwritten(tmp_path):
+    def error(*args):
+        result = run(*args, check=False)
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+        return lines[0]
+
+    assert "unknown phase 'fly'" in error("--phase", "fly")
+    assert "unknown preset 'huge'" in error("--preset", "huge")
+    (tmp_path / "bad.toml").write_text("stepz = 3\n")
+    assert "unknown setting(s) ['stepz']" in error("--config", str(tmp_path / "bad.toml"))
+    assert "no-such-data" in error("--phase", "align", "--data", str(tmp_path / "no-such-data"), "--out",
+                                   str(tmp_path / "x"), *FAST)
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    assert "'bert'" in error("--phase", "align", "--init", str(tmp_path / "bert"), "--out", str(tmp_path / "y"), *FAST)
+    done = str(tmp_path / "done")
+    run("--phase", "align", "--out", done, "--steps", "2", *FAST)
+    before = open(os.path.join(done, "log.jsonl")).read()
+    assert "already holds a run" in error("--phase", "align", "--out", done, "--steps", "2", *FAST)
+    assert open(os.path.join(done, "log.jsonl")).read() == before
