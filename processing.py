@@ -265,11 +265,7 @@ class ImageProcessor:
             raise ValueError(f"size must have the keys height and width, or shortest_edge; got {self.size}")
         if self.do_center_crop and set(self.crop_size or ()) != {"height", "width"}:
             raise ValueError(f"crop_size must have the keys height and width; got {self.crop_size}")
-        if self.resample not in set(Image.Resampling):
-            raise ValueError(f"resample must be a Pillow filter number 0-5; got {self.resample!r}")
-        for values in (self.image_mean, self.image_std):
-            if self.do_normalize and len(values) != 3:
-                raise ValueError(f"image_mean and image_std need 3 values, one per RGB channel; got {values}")
+        check_resample_and_normalize(self)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "ImageProcessor":
@@ -321,6 +317,15 @@ class ImageProcessor:
         short, long = (width, height) if width <= height else (height, width)
         new_short, new_long = self.size["shortest_edge"], int(self.size["shortest_edge"] * long / short)
         return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def check_resample_and_normalize(settings):
+    """The checks every image processor's settings share."""
+    if settings.resample not in set(Image.Resampling):
+        raise ValueError(f"resample must be a Pillow filter number 0-5; got {settings.resample!r}")
+    for values in (settings.image_mean, settings.image_std):
+        if settings.do_normalize and len(values) != 3:
+            raise ValueError(f"image_mean and image_std need 3 values, one per RGB channel; got {values}")
 
 
 def read_preprocessor_config(name_or_path: str) -> tuple[str, dict, str]:
@@ -419,11 +424,7 @@ class SmolVLMImageProcessor:
             raise ValueError(f"size must have the key longest_edge, or height and width; got {self.size}")
         if not isinstance(self.max_image_size, dict) or set(self.max_image_size) != {"longest_edge"}:
             raise ValueError(f"max_image_size must have the key longest_edge; got {self.max_image_size}")
-        if self.resample not in set(Image.Resampling):
-            raise ValueError(f"resample must be a Pillow filter number 0-5; got {self.resample!r}")
-        for values in (self.image_mean, self.image_std):
-            if self.do_normalize and len(values) != 3:
-                raise ValueError(f"image_mean and image_std need 3 values, one per RGB channel; got {values}")
+        check_resample_and_normalize(self)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "SmolVLMImageProcessor":

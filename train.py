@@ -88,7 +88,7 @@ TINY_LM = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=768, max
 PRESETS = {
     "tiny": {  # a few million parameters from scratch on easy-VQA: minutes on a CPU
         "vision": "tiny", "lm": "tiny", "connector": "pixel_shuffle", "scale_factor": 2, "template": "chatml-plain",
-        "vision_config": TINY_VISION, "lm_config": TINY_LM, "tokenizer_vocab": 512,
+        "vision_config": TINY_VISION, "lm_config": TINY_LM, "tokenizer_vocab": 512, "tokenizer_data": "easy-vqa-text",
         "batch_size": 32, "micro_batch": 32, "max_len": 96, "eval_every": 50, "save_every": 100,
         "phases": {
             "pretrain": {"data": "easy-vqa-text", "steps": 300, "lr": 3e-3},
@@ -134,7 +134,9 @@ PRESETS = {
         "phases": {"pretrain": {"data": "cosmopedia", "steps": 20000, "lr": 6e-4, "warmup": 500}},
     },
 }
-MODEL_KEYS = ("vision_config", "lm_config", "tokenizer_vocab", "tokenizer")  # preset entries that are not settings
+# Preset entries that describe a from-scratch model rather than settings: its configs, and its
+# tokenizer (a hub one, or one learned from `tokenizer_data`, else from the phase's own data).
+MODEL_KEYS = ("vision_config", "lm_config", "tokenizer_vocab", "tokenizer", "tokenizer_data")
 
 
 def fail(message: str):
@@ -490,7 +492,10 @@ def train(cfg: TrainConfig, spec: dict):
         val_set = data.load_source(cfg.val_data or cfg.data, "test", limit=cfg.eval_batches * cfg.batch_size)
     except (OSError, ValueError) as e:
         fail(str(e))
-    texts = lambda: (data.sample_text(s) for s in train_set)  # noqa: E731  (for a from-scratch tokenizer)
+    def texts():  # what a from-scratch tokenizer learns from
+        source = data.load_source(spec["tokenizer_data"], "train") if "tokenizer_data" in spec else train_set
+        return (data.sample_text(s) for s in source)
+
     from processing import CheckpointError
 
     try:
