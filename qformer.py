@@ -1,0 +1,566 @@
+"""The Q-Former of BLIP-2 (Li et al. 2023): a small BERT that turns image features into a few tokens.
+
+    QFormerConfig -> Attention, FeedForward -> QFormerLayer x n_layers -> QFormer
+                  -> the BLIP-2 stage-1 losses (ITC, ITM) -> loading BLIP-2, BERT and DistilBERT checkpoints
+
+A fixed set of learned query tokens (32 of width 768 in BLIP-2) runs through BERT-style layers. In
+every layer the queries attend to each other (self-attention); every `cross_attention_frequency`-th
+layer (0, 2, 4, ... in BLIP-2) they also attend to the frozen vision tower's patch features
+(cross-attention, keys and values from features of width `encoder_dim`). The queries' outputs are the
+image as the LM (or the contrastive head) sees it: (B, n_queries, dim), whatever the number of patches.
+
+The same layers also read text, which is how BLIP-2 trains the queries in stage 1. Queries and text
+share the self-attention weights; each has its own feed-forward (`query_ffn`, `text_ffn`), and only the
+queries cross-attend to the image. Layers are post-LN, as in BERT: x = LayerNorm(x + sublayer(x)).
+
+Which tokens see which in the shared self-attention is what tells BLIP-2's three objectives apart
+(`joint_mask` builds each; rows are what attends, columns what is attended to):
+
+    kind             queries see       text sees                      objective
+    "unimodal"       queries           text                           ITC, image-text contrastive
+    "bidirectional"  queries + text    queries + text                 ITM, image-text matching
+    "causal"         queries           queries + earlier text         ITG, image-grounded generation
+
+Implemented here: ITC (`image_features`, `text_features`, `itc_loss`, a learned temperature) and ITM
+(`itm_logits`, `itm_loss` with hard negatives mined from the ITC similarities). ITC runs the image and
+the text in two separate passes (`forward`, `encode_text`), which is the "unimodal" mask done cheaper.
+For ITG the "causal" mask is here, but not the language-model head that objective trains, so ITG
+itself is not implemented.
+
+Checkpoints (names as in transformers' models/blip_2/modeling_blip_2.py and on the hub):
+  * `QFormer.from_pretrained`: an HF BLIP-2 checkpoint, e.g. Salesforce/blip2-opt-2.7b (`qformer.*`,
+    `query_tokens`; queries only, no text side) or a Blip2ForImageTextRetrieval one (also the text
+    embeddings `embeddings.*`, the text feed-forward, `vision_projection`, `text_projection`,
+    `itm_head`). Only the shards that hold these tensors are read. Also our own `save_pretrained` folders.
+  * `QFormer.from_bert`: BLIP-2's starting point: BERT (or DistilBERT) weights for the self-attention,
+    both feed-forwards and the text embeddings; fresh cross-attention, queries and heads.
+"""
+
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from processing import CheckpointError, checkpoint_folder, read_json, read_safetensors, write_json, write_safetensors
+
+
+@dataclass
+class QFormerConfig:
+    dim: int = 768  # hidden_size of the queries and the text
+    n_layers: int = 12
+    n_heads: int = 12
+    hidden_dim: int = 3072  # feed-forward inner size (intermediate_size)
+    act: str = "gelu"  # "gelu" (exact, BERT and BLIP-2), "gelu_tanh", "relu"
+    norm_eps: float = 1e-12
+    dropout: float = 0.1  # on attention probabilities and on every residual branch, in training only
+    n_queries: int = 32  # learned query tokens (num_query_tokens)
+    encoder_dim: int = 1408  # width of the image features the queries cross-attend to (EVA ViT-g: 1408)
+    cross_attention_frequency: int = 2  # layers 0, f, 2f, ... cross-attend to the image
+    # the text side: word + position embeddings and a feed-forward of its own in every layer
+    text: bool = True
+    vocab_size: int = 30522  # bert-base-uncased's WordPiece vocabulary
+    max_positions: int = 512
+    pad_token_id: int = 0
+    # stage-1 heads: linear maps into the shared image-text space (None: none), and the ITM classifier
+    proj_dim: int | None = 256  # image_text_hidden_size
+    itm_head: bool = True
+    temperature: float = 0.07  # initial value of the learned ITC temperature
+    init_std: float = 0.02  # BERT's initializer_range, for everything built fresh
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a post-LN residual: LayerNorm(x + o(attention(q(x), k(c), v(c)))).
+    Self-attention when the context c is x; cross-attention when c holds the image features (of
+    width `kv_dim`). HF: `attention.attention.{query,key,value}`, `attention.output.{dense,LayerNorm}`."""
+
+    def __init__(self, cfg: QFormerConfig, kv_dim: int):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(kv_dim, cfg.dim)
+        self.v = nn.Linear(kv_dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def forward(self, x, context, mask=None):  # x (B, L, D), context (B, S, Dc), mask (B, 1, L|1, S) bool
+        B, L, D = x.shape
+        S = context.shape[1]
+        q = self.q(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, H, L, hd)
+        k = self.k(context).view(B, S, self.n_heads, -1).transpose(1, 2)  # (B, H, S, hd)
+        v = self.v(context).view(B, S, self.n_heads, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = self.o(y.transpose(1, 2).reshape(B, L, D))
+        return self.norm(x + F.dropout(y, self.dropout, self.training))  # (B, L, D)
+
+
+class FeedForward(nn.Module):
+    """LayerNorm(x + fc2(act(fc1(x)))). HF: `intermediate[_query].dense`, `output[_query].{dense,LayerNorm}`."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.act]
+        self.dropout = cfg.dropout
+        self.fc1 = nn.Linear(cfg.dim, cfg.hidden_dim)
+        self.fc2 = nn.Linear(cfg.hidden_dim, cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def forward(self, x):  # (B, L, D)
+        y = self.fc2(self.act(self.fc1(x)))
+        return self.norm(x + F.dropout(y, self.dropout, self.training))
+
+
+class QFormerLayer(nn.Module):
+    """Self-attention over queries and text together; then, for the queries only, cross-attention to
+    the image (in cross-attention layers) and the query feed-forward; the text its own feed-forward."""
+
+    def __init__(self, cfg: QFormerConfig, index: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, kv_dim=cfg.dim)
+        self.cross_attn = Attention(cfg, kv_dim=cfg.encoder_dim) if index % cfg.cross_attention_frequency == 0 else None
+        self.query_ffn = FeedForward(cfg)
+        self.text_ffn = FeedForward(cfg) if cfg.text else None
+
+    def forward(self, x, n_queries: int, mask=None, image=None, image_mask=None):
+        """x (B, n_queries + T, D): the queries first, then the text (either part may be empty)."""
+        x = self.self_attn(x, x, mask)
+        queries, text = x[:, :n_queries], x[:, n_queries:]
+        if n_queries:
+            if self.cross_attn is not None:
+                if image is None:
+                    raise ValueError("the queries need image features: this layer cross-attends to them")
+                queries = self.cross_attn(queries, image, image_mask)
+            queries = self.query_ffn(queries)
+        if text.shape[1]:
+            text = self.text_ffn(text)
+        return torch.cat((queries, text), dim=1)  # (B, n_queries + T, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention masks (boolean, True = may attend), shaped (B, 1, rows, columns) for SDPA
+# ---------------------------------------------------------------------------------------------
+
+
+def padding_mask(mask):
+    """(B, S) with 1/True at real tokens or patches -> (B, 1, 1, S), or None for None."""
+    return None if mask is None else no_empty_rows(mask.bool()[:, None, None, :])
+
+
+def joint_mask(n_queries: int, text_mask, kind: str):
+    """Self-attention mask for n_queries queries followed by T text tokens (table in the module
+    docstring); text_mask (B, T) marks real tokens (1) and padding (0). -> (B, 1, Q+T, Q+T)."""
+    B, T = text_mask.shape
+    Q, L = n_queries, n_queries + T
+    is_query = torch.arange(L, device=text_mask.device) < Q  # (L,)
+    if kind == "bidirectional":
+        allowed = torch.ones(L, L, dtype=torch.bool, device=text_mask.device)
+    elif kind == "unimodal":
+        allowed = is_query[:, None] == is_query[None, :]
+    elif kind == "causal":
+        allowed = torch.ones(L, L, dtype=torch.bool, device=text_mask.device).tril()  # text: the past
+        allowed = allowed | is_query[None, :]  # and everyone sees every query (the queries see no text)
+    else:
+        raise ValueError(f"mask kind {kind!r}: expected 'unimodal', 'bidirectional' or 'causal'")
+    real = torch.cat((torch.ones(B, Q, dtype=torch.bool, device=text_mask.device), text_mask.bool()), dim=1)
+    return no_empty_rows(allowed[None, None] & real[:, None, None, :])
+
+
+def no_empty_rows(mask):
+    """A row that may attend to nothing (a padding token with only padding to look at) would make
+    SDPA return NaN; such rows attend to everything instead. Their outputs are padding anyway."""
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Q-Former
+# ---------------------------------------------------------------------------------------------
+
+
+class QFormer(nn.Module):
+    """image features (B, N, encoder_dim) -> query outputs (B, n_queries, dim); text ids (B, T) ->
+    text states (B, T, dim); and the two together for image-text matching."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        if cfg.dim % cfg.n_heads:
+            raise ValueError(f"dim {cfg.dim} is not a multiple of n_heads {cfg.n_heads}")
+        self.config = cfg
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.n_queries, cfg.dim))  # (1, Q, D)
+        if cfg.text:
+            self.word_embed = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=cfg.pad_token_id)
+            self.pos_embed = nn.Embedding(cfg.max_positions, cfg.dim)
+        self.embed_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # on queries and text embeddings alike
+        self.layers = nn.ModuleList(QFormerLayer(cfg, i) for i in range(cfg.n_layers))
+        if cfg.proj_dim is not None:
+            self.vision_proj = nn.Linear(cfg.dim, cfg.proj_dim)
+            self.text_proj = nn.Linear(cfg.dim, cfg.proj_dim)
+        if cfg.itm_head:
+            self.itm_head = nn.Linear(cfg.dim, 2)  # logits of (no match, match)
+        self.temp = nn.Parameter(torch.tensor(float(cfg.temperature)))  # the ITC temperature, learned
+        self.apply(self._init)
+
+    def _init(self, module):
+        """BERT's initialisation, for what a checkpoint does not fill (a no-op on the meta device)."""
+        std = self.config.init_std
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+            elif module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif module is self:
+            nn.init.normal_(self.query_tokens, std=std)
+
+    # --- the layers, shared by every path ---
+
+    def run(self, x, n_queries: int, mask=None, image=None, image_mask=None):
+        """Embeddings (B, L, D) (queries first) -> the last layer's states (B, L, D)."""
+        x = F.dropout(self.embed_norm(x), self.config.dropout, self.training)
+        if image is not None:
+            image = image.to(x.dtype)
+        image_mask = padding_mask(image_mask)
+        for layer in self.layers:
+            x = layer(x, n_queries, mask, image, image_mask)
+        return x
+
+    def embed_text(self, input_ids):  # (B, T) -> (B, T, D): word + position embeddings, before the LayerNorm
+        if not self.config.text:
+            raise ValueError("this Q-Former has no text side (a checkpoint such as blip2-opt-2.7b keeps only "
+                             "the query path); build one with QFormerConfig(text=True) or QFormer.from_bert")
+        T = input_ids.shape[1]
+        if T > self.config.max_positions:
+            raise ValueError(f"{T} text tokens, more than the {self.config.max_positions} positions")
+        return self.word_embed(input_ids) + self.pos_embed(torch.arange(T, device=input_ids.device))
+
+    def forward(self, image_embeds, image_mask=None):
+        """image_embeds (B, N, encoder_dim), image_mask (B, N) 1 at real patches -> (B, n_queries, D):
+        what HF's Blip2QFormerModel(query_embeds=query_tokens, encoder_hidden_states=...) returns."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.run(queries, self.config.n_queries, image=image_embeds, image_mask=image_mask)
+
+    def encode_text(self, input_ids, attention_mask=None):
+        """input_ids (B, T), attention_mask (B, T) 1 at real tokens -> (B, T, D), bidirectional over
+        the text alone (no queries, no image). The first token's ([CLS]) state is the text feature."""
+        return self.run(self.embed_text(input_ids), 0, padding_mask(attention_mask))
+
+    def encode_joint(self, image_embeds, input_ids, attention_mask=None, image_mask=None, kind="bidirectional"):
+        """Queries and text in one pass under a `joint_mask` of that kind -> (B, n_queries + T, D)."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        queries = self.query_tokens.expand(B, -1, -1)
+        x = torch.cat((queries, self.embed_text(input_ids).to(queries.dtype)), dim=1)
+        mask = joint_mask(self.config.n_queries, attention_mask, kind)
+        return self.run(x, self.config.n_queries, mask, image_embeds, image_mask)
+
+    # --- stage 1: the contrastive (ITC) and matching (ITM) heads ---
+
+    def image_features(self, image_embeds, image_mask=None):  # -> (B, n_queries, proj_dim), unit length
+        return F.normalize(self.vision_proj(self(image_embeds, image_mask)), dim=-1)
+
+    def text_features(self, input_ids, attention_mask=None):  # -> (B, proj_dim), unit length
+        return F.normalize(self.text_proj(self.encode_text(input_ids, attention_mask)[:, 0]), dim=-1)
+
+    def temperature(self):
+        """The learned ITC temperature, kept in [0.001, 0.5] (clamped in place, as BLIP-2 does, so
+        that the gradient still flows at the bounds)."""
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        return self.temp
+
+    def itm_logits(self, image_embeds, input_ids, attention_mask=None, image_mask=None):
+        """(B, 2) logits of (no match, match): the ITM head on each query's output after a joint
+        bidirectional pass, averaged over the queries (HF Blip2ForImageTextRetrieval's ITM path)."""
+        x = self.encode_joint(image_embeds, input_ids, attention_mask, image_mask, kind="bidirectional")
+        return self.itm_head(x[:, : self.config.n_queries]).mean(dim=1)
+
+    def itm_loss(self, image_embeds, input_ids, attention_mask, sim, image_mask=None, positives=None, generator=None):
+        """BLIP-2's ITM loss: the B matching pairs, and for each image a hard negative text and for each
+        text a hard negative image, sampled by `hard_negatives` from the ITC similarities sim (B, B).
+        A 2-way cross-entropy over the 3B pairs."""
+        B = input_ids.shape[0]
+        neg_text, neg_image = hard_negatives(sim, positives, generator)
+        images = torch.cat((image_embeds, image_embeds, image_embeds[neg_image]))
+        ids = torch.cat((input_ids, input_ids[neg_text], input_ids))
+        mask = None if attention_mask is None else torch.cat((attention_mask, attention_mask[neg_text], attention_mask))
+        img_mask = None if image_mask is None else torch.cat((image_mask, image_mask, image_mask[neg_image]))
+        logits = self.itm_logits(images, ids, mask, img_mask)  # (3B, 2)
+        labels = torch.cat((torch.ones(B), torch.zeros(2 * B))).long().to(logits.device)
+        return F.cross_entropy(logits, labels)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu") -> "QFormer":
+        """The Q-Former of an HF BLIP-2 checkpoint (hub id or folder), or a folder our
+        `save_pretrained` wrote. Reads only the shards that hold the Q-Former's tensors."""
+        folder = checkpoint_folder(name_or_path, ("config.json", "*.safetensors", "*.safetensors.index.json"))
+        hf = read_json(f"{folder}/config.json")
+        if hf.get("model_type") == GLIMPSE_TYPE:
+            cfg = QFormerConfig(**{f.name: hf[f.name] for f in fields(QFormerConfig) if f.name in hf})
+            return load_mapped(cls, cfg, read_safetensors(folder), None, folder, dtype, device)
+        if hf.get("model_type") != "blip-2":
+            raise CheckpointError(f"config.json describes a {hf.get('model_type')!r} model; "
+                                  "QFormer.from_pretrained loads 'blip-2' checkpoints (from_bert: bert, distilbert)")
+        state = {canonical_name(k): v for k, v in read_safetensors(folder, keep=is_qformer_tensor).items()}
+        cfg = config_from_blip2(hf, set(state))
+        return load_mapped(cls, cfg, state, blip2_key_map(cfg), folder, dtype, device)
+
+    @classmethod
+    def from_bert(cls, name_or_path: str, encoder_dim: int = 1408, n_queries: int = 32,
+                  cross_attention_frequency: int = 2, proj_dim: int | None = 256, dtype=torch.float32,
+                  device="cpu") -> "QFormer":
+        """BLIP-2's initialisation from a BERT (bert-base-uncased layout) or DistilBERT checkpoint:
+        its embeddings, self-attention and feed-forward fill the text side, and the query feed-forward
+        starts as a copy of the text one; the queries, cross-attention (to features of width
+        `encoder_dim`), projections and ITM head are fresh (BERT's init, from torch's RNG).
+
+        BERT adds a token-type embedding to every token; BLIP-2 drops it. Here its row 0 (the one
+        single-segment text gets) is folded into the position embeddings, so the text path computes
+        what BertModel does on that text. Like from_pretrained, it returns the model in eval mode:
+        call .train() to train it (dropout on)."""
+        folder = checkpoint_folder(name_or_path, ("config.json", "*.safetensors", "*.safetensors.index.json"))
+        hf = read_json(f"{folder}/config.json")
+        kind = hf.get("model_type")
+        if kind not in ("bert", "distilbert"):
+            raise CheckpointError(f"config.json describes a {kind!r} model; QFormer.from_bert loads bert and distilbert")
+        cfg = replace(config_from_bert(hf), encoder_dim=encoder_dim, n_queries=n_queries,
+                      cross_attention_frequency=cross_attention_frequency, proj_dim=proj_dim)
+        state = read_safetensors(folder, keep=lambda k: not k.startswith(BERT_HEADS))
+        prefix = kind + "."  # BertForPreTraining & co. keep the encoder under "bert."
+        if any(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+        state = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+                 for k, v in state.items()}  # the names of the original TF-converted checkpoints
+        token_types = state.pop("embeddings.token_type_embeddings.weight", None)  # (2, D) in BERT
+        if token_types is not None and "embeddings.position_embeddings.weight" in state:
+            state["embeddings.position_embeddings.weight"] = state["embeddings.position_embeddings.weight"] + token_types[0]
+        return load_mapped(cls, cfg, state, bert_key_map(cfg, kind), folder, dtype, device, fresh=True)
+
+    def save_pretrained(self, folder: str):
+        """config.json (our config) and model.safetensors (our names), readable by from_pretrained."""
+        os.makedirs(folder, exist_ok=True)
+        write_json({"model_type": GLIMPSE_TYPE, **asdict(self.config)}, os.path.join(folder, "config.json"))
+        write_safetensors(self.state_dict(), os.path.join(folder, "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage-1 losses
+# ---------------------------------------------------------------------------------------------
+
+
+def similarity(image_feats, text_feats):
+    """image_feats (Bi, Q, d), text_feats (Bt, d) -> (Bi, Bt): for each image and text, the largest
+    similarity between the text and any of the image's queries (BLIP-2's image-text similarity)."""
+    return torch.einsum("iqd,td->itq", image_feats, text_feats).amax(dim=-1)
+
+
+def itc_loss(image_feats, text_feats, temperature, label_smoothing: float = 0.1):
+    """BLIP-2's image-text contrastive loss on a batch of B matching pairs: image_feats (B, Q, d) and
+    text_feats (B, d), both unit length; the similarity of `similarity` divided by the temperature,
+    cross-entropy over the texts for each image and over the images for each text, averaged. BLIP-2
+    smooths the labels by 0.1."""
+    logits = similarity(image_feats, text_feats) / temperature  # (B, B): rows images, columns texts
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits.t(), targets, label_smoothing=label_smoothing)) / 2
+
+
+@torch.no_grad()
+def hard_negatives(sim, positives=None, generator=None):
+    """For ITM: sim (B, B) image-text similarities (rows images) -> (a text index for each image, an
+    image index for each text), each drawn with probability softmax(sim) over the non-positive pairs,
+    so similar-looking wrong pairs are picked most. positives (B, B) bool marks pairs that must not be
+    drawn (default: the diagonal; add the pairs of duplicate images or captions)."""
+    B = sim.shape[0]
+    if positives is None:
+        positives = torch.eye(B, dtype=torch.bool, device=sim.device)
+    if bool(positives.all(dim=1).any()) or bool(positives.all(dim=0).any()):
+        raise ValueError("hard negatives need, for every image and every text, a pair that is not positive")
+    sim = sim.float()
+    weights_i2t = (sim.softmax(dim=1) + 1e-4).masked_fill(positives, 0)  # (B images, B texts)
+    weights_t2i = (sim.t().softmax(dim=1) + 1e-4).masked_fill(positives.t(), 0)  # (B texts, B images)
+    neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
+    neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+    return neg_text, neg_image
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: BLIP-2 and BERT configs and key maps
+# ---------------------------------------------------------------------------------------------
+
+GLIMPSE_TYPE = "glimpse-qformer"  # config.json's model_type in folders QFormer.save_pretrained writes
+
+# The tensors of a BLIP-2 checkpoint that belong to the Q-Former (the vision tower is "vision_model.*",
+# the LM "language_model.*"; "language_projection" maps into the LM and is the VLM connector's).
+BLIP2_PREFIXES = ("qformer.", "query_tokens", "embeddings.", "vision_projection.", "text_projection.", "itm_head.")
+BLIP2_IGNORED = ("embeddings.position_ids",)  # a buffer some older checkpoints saved
+BERT_HEADS = ("cls.", "vocab_", "classifier.", "pre_classifier.", "qa_outputs.")  # task heads: not read
+BERT_IGNORED = ("pooler.", "embeddings.position_ids", "embeddings.token_type_ids")
+
+
+def is_qformer_tensor(name: str) -> bool:
+    return name.startswith(BLIP2_PREFIXES)
+
+
+def canonical_name(name: str) -> str:
+    """Names as transformers 5.24 and the hub's BLIP-2 checkpoints spell them. Also accepted: the
+    InstructBLIP-style layout with the text embeddings and their LayerNorm under `qformer.embeddings`."""
+    for old, new in (("qformer.embeddings.layernorm.", "qformer.layernorm."),
+                     ("qformer.embeddings.word_embeddings.", "embeddings.word_embeddings."),
+                     ("qformer.embeddings.position_embeddings.", "embeddings.position_embeddings."),
+                     ("qformer.embeddings.position_ids", "embeddings.position_ids")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def config_from_blip2(hf: dict, names: set) -> QFormerConfig:
+    """Sizes from a BLIP-2 config.json (missing fields take the defaults of transformers' Blip2Config,
+    Blip2QFormerConfig, Blip2VisionConfig); which optional parts there are (text side, projections, ITM
+    head) from the checkpoint's tensor names, as the model classes differ in them, not the config."""
+    q, v = hf.get("qformer_config") or {}, hf.get("vision_config") or {}
+    act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(q.get("hidden_act", "gelu"), q.get("hidden_act", "gelu"))
+    if act not in ACTIVATIONS:
+        raise CheckpointError(f"Q-Former activation {act!r} is not supported")
+    has = lambda prefix: any(n.startswith(prefix) for n in names)
+    return QFormerConfig(
+        dim=q.get("hidden_size", 768), n_layers=q.get("num_hidden_layers", 12),
+        n_heads=q.get("num_attention_heads", 12), hidden_dim=q.get("intermediate_size", 3072), act=act,
+        norm_eps=q.get("layer_norm_eps", 1e-12), dropout=q.get("hidden_dropout_prob", 0.1),
+        n_queries=hf.get("num_query_tokens", 32),
+        encoder_dim=v.get("hidden_size", 1408),  # Blip2Config sets the Q-Former's encoder_hidden_size so
+        cross_attention_frequency=q.get("cross_attention_frequency", 2),
+        text=has("embeddings.word_embeddings.") or has("qformer.encoder.layer.0.intermediate."),
+        vocab_size=q.get("vocab_size", 30522), max_positions=q.get("max_position_embeddings", 512),
+        pad_token_id=q.get("pad_token_id", 0) or 0,
+        proj_dim=hf.get("image_text_hidden_size", 256) if has("vision_projection.") or has("text_projection.") else None,
+        itm_head=has("itm_head."))
+
+
+def config_from_bert(hf: dict) -> QFormerConfig:
+    """The text side's sizes from a BERT or DistilBERT config.json (defaults: bert-base-uncased)."""
+    if hf["model_type"] == "distilbert":
+        if hf.get("sinusoidal_pos_embds"):  # the table is still stored, but say so rather than guess
+            raise CheckpointError("DistilBERT with sinusoidal position embeddings is not supported")
+        dims = {"dim": hf.get("dim", 768), "n_layers": hf.get("n_layers", 6), "n_heads": hf.get("n_heads", 12),
+                "hidden_dim": hf.get("hidden_dim", 3072), "act": hf.get("activation", "gelu"), "norm_eps": 1e-12,
+                "dropout": hf.get("dropout", 0.1)}
+    else:
+        dims = {"dim": hf.get("hidden_size", 768), "n_layers": hf.get("num_hidden_layers", 12),
+                "n_heads": hf.get("num_attention_heads", 12), "hidden_dim": hf.get("intermediate_size", 3072),
+                "act": hf.get("hidden_act", "gelu"), "norm_eps": hf.get("layer_norm_eps", 1e-12),
+                "dropout": hf.get("hidden_dropout_prob", 0.1)}
+    dims["act"] = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(dims["act"], dims["act"])
+    if dims["act"] not in ACTIVATIONS:
+        raise CheckpointError(f"activation {dims['act']!r} is not supported")
+    return QFormerConfig(**dims, text=True, vocab_size=hf.get("vocab_size", 30522),
+                         max_positions=hf.get("max_position_embeddings", 512), pad_token_id=hf.get("pad_token_id", 0) or 0)
+
+
+def linear_and_norm_names(theirs: str, ours: str, kinds=("weight", "bias")) -> dict:
+    return {f"{theirs}.{p}": (f"{ours}.{p}",) for p in kinds}
+
+
+def blip2_key_map(cfg: QFormerConfig) -> dict[str, tuple[str, ...]]:
+    """Checkpoint tensor names (after `canonical_name`) -> ours."""
+    m = {"query_tokens": ("query_tokens",)}
+    m |= linear_and_norm_names("qformer.layernorm", "embed_norm")
+    if cfg.text:
+        m["embeddings.word_embeddings.weight"] = ("word_embed.weight",)
+        m["embeddings.position_embeddings.weight"] = ("pos_embed.weight",)
+    if cfg.proj_dim is not None:
+        m |= linear_and_norm_names("vision_projection", "vision_proj") | linear_and_norm_names("text_projection", "text_proj")
+    if cfg.itm_head:
+        m |= linear_and_norm_names("itm_head", "itm_head")
+    for i in range(cfg.n_layers):
+        hf, ours = f"qformer.encoder.layer.{i}.", f"layers.{i}."
+        parts = [("attention", "self_attn")]
+        if i % cfg.cross_attention_frequency == 0:
+            parts.append(("crossattention", "cross_attn"))
+        for theirs, mine in parts:
+            for a, b in (("attention.query", "q"), ("attention.key", "k"), ("attention.value", "v"),
+                         ("output.dense", "o"), ("output.LayerNorm", "norm")):
+                m |= linear_and_norm_names(hf + f"{theirs}.{a}", ours + f"{mine}.{b}")
+        ffns = [("intermediate_query.dense", "query_ffn.fc1"), ("output_query.dense", "query_ffn.fc2"),
+                ("output_query.LayerNorm", "query_ffn.norm")]
+        if cfg.text:
+            ffns += [("intermediate.dense", "text_ffn.fc1"), ("output.dense", "text_ffn.fc2"),
+                     ("output.LayerNorm", "text_ffn.norm")]
+        for theirs, mine in ffns:
+            m |= linear_and_norm_names(hf + theirs, ours + mine)
+    return m
+
+
+def bert_key_map(cfg: QFormerConfig, kind: str) -> dict[str, tuple[str, ...]]:
+    """BERT / DistilBERT names (after the "bert."/"distilbert." prefix) -> ours; a feed-forward tensor
+    fills both the text and the query feed-forward, as BLIP-2 copies it."""
+    m = {"embeddings.word_embeddings.weight": ("word_embed.weight",),
+         "embeddings.position_embeddings.weight": ("pos_embed.weight",)}
+    m |= linear_and_norm_names("embeddings.LayerNorm", "embed_norm")
+    if kind == "bert":
+        layer, parts = "encoder.layer.{}.", [
+            ("attention.self.query", "self_attn.q"), ("attention.self.key", "self_attn.k"),
+            ("attention.self.value", "self_attn.v"), ("attention.output.dense", "self_attn.o"),
+            ("attention.output.LayerNorm", "self_attn.norm"), ("intermediate.dense", "*.fc1"),
+            ("output.dense", "*.fc2"), ("output.LayerNorm", "*.norm")]
+    else:
+        layer, parts = "transformer.layer.{}.", [
+            ("attention.q_lin", "self_attn.q"), ("attention.k_lin", "self_attn.k"),
+            ("attention.v_lin", "self_attn.v"), ("attention.out_lin", "self_attn.o"),
+            ("sa_layer_norm", "self_attn.norm"), ("ffn.lin1", "*.fc1"), ("ffn.lin2", "*.fc2"),
+            ("output_layer_norm", "*.norm")]
+    for i in range(cfg.n_layers):
+        for theirs, mine in parts:
+            for p in ("weight", "bias"):
+                targets = [mine.replace("*", ffn) for ffn in ("text_ffn", "query_ffn")] if "*" in mine else [mine]
+                m[layer.format(i) + f"{theirs}.{p}"] = tuple(f"layers.{i}.{t}.{p}" for t in targets)
+    return m
+
+
+def load_mapped(cls, cfg: QFormerConfig, theirs: dict, key_map: dict | None, folder: str, dtype, device,
+                fresh: bool = False) -> QFormer:
+    """Build the model and fill it from `theirs` through `key_map` (checkpoint name -> our names;
+    None: the checkpoint already has our names, all of them), checking names and shapes, with missing
+    and unexpected keys named in one line. Without `fresh` the model is built on the meta device and
+    every tensor comes from the checkpoint, bar the ITC temperature, which HF checkpoints do not keep;
+    with `fresh`, what the map does not fill keeps its fresh initialisation (BERT's)."""
+    if fresh:
+        model = cls(cfg)
+    else:
+        with torch.device("meta"):
+            model = cls(cfg)
+    expected = model.state_dict()
+    if key_map is None:
+        key_map = {k: (k,) for k in expected}
+    ignored = BERT_IGNORED if fresh else BLIP2_IGNORED
+    missing = sorted(set(key_map) - set(theirs))
+    unexpected = sorted(k for k in set(theirs) - set(key_map) if not k.startswith(ignored))
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    ours = {} if fresh else {"temp": torch.tensor(float(cfg.temperature))}
+    for name, targets in key_map.items():
+        t = theirs[name]
+        for mine in targets:
+            if t.shape != expected[mine].shape:
+                raise CheckpointError(f"{name}: checkpoint shape {tuple(t.shape)}, model expects {tuple(expected[mine].shape)}")
+            ours[mine] = t.to(device=device, dtype=dtype)
+    if fresh:
+        model.load_state_dict(ours, strict=False)
+        return model.to(device=device, dtype=dtype).eval()
+    model.load_state_dict(ours, assign=True)
+    return model.eval()
