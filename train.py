@@ -3,6 +3,7 @@
     python train.py --phase pretrain --preset tiny                       # the LM from scratch on text
     python train.py --phase align    --preset tiny --init runs/tiny-pretrain   # connector only
     python train.py --phase instruct --preset tiny --init runs/tiny-align      # connector + LM (or LoRA)
+    python train.py --phase dpo      --preset tiny --init runs/tiny-instruct   # preference tuning
     torchrun --nproc_per_node 2 train.py --phase instruct ...           # the same under DDP
 
 Settings come, later ones winning, from: TrainConfig's defaults, the preset, the preset's phase,
@@ -67,6 +68,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.01  # MoE load balancing
+    beta: float = 0.1  # DPO: how far the policy may move from the reference
+    dpo_loss: str = "sigmoid"  # DPO: "sigmoid" (Rafailov et al.) or "ipo"
+    label_smoothing: float = 0.0  # DPO: conservative DPO's label noise
     train_vision: bool = False  # also train the vision tower (from-scratch towers need it)
     lora_r: int = 0  # 0: no LoRA; instruct trains the LM in full
     lora_alpha: int = 16
@@ -96,6 +100,7 @@ PRESETS = {
                       "lr_vision": 1e-3},
             "instruct": {"data": "easy-vqa-qa", "steps": 400, "lr": 1e-3, "lr_connector": 1e-3,
                          "train_vision": True, "lr_vision": 1e-3},
+            "dpo": {"data": "easy-vqa-preferences", "steps": 100, "lr": 2e-5, "warmup": 10, "beta": 0.1},
         },
     },
     "offline": {  # real DINOv2-S + real SmolLM2-135M-Instruct + easy-VQA, nothing downloaded
@@ -105,6 +110,8 @@ PRESETS = {
             "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 1e-3},
             "instruct": {"data": "easy-vqa-qa", "steps": 300, "lora_r": 8, "lora_targets": "all-linear",
                          "lr_lora": 5e-4, "lr_connector": 5e-4},
+            "dpo": {"data": "easy-vqa-preferences", "steps": 100, "lora_r": 8, "lora_targets": "all-linear",
+                    "lr_lora": 5e-5, "beta": 0.1},
         },
     },
     "smol": {  # nanoVLM on one GPU: SigLIP-B/16-224 + SmolLM2-135M-Instruct, pixel shuffle
@@ -304,12 +311,14 @@ def set_trainable(model, cfg: TrainConfig):
     model.connector.requires_grad_(True)
     if cfg.train_vision:
         model.vision.requires_grad_(True)
-    if cfg.phase == "instruct":
+    if cfg.phase == "dpo":  # the LM alone moves: with LoRA the reference is the same model, adapters off
+        model.connector.requires_grad_(False)
+    if cfg.phase in ("instruct", "dpo"):
         if cfg.lora_r:
             from lora import apply_lora
 
             targets = "all-linear" if cfg.lora_targets == "all-linear" else tuple(cfg.lora_targets.split(","))
-            keep = ("connector.",) + (("vision.",) if cfg.train_vision else ())
+            keep = (("connector.",) if cfg.phase == "instruct" else ()) + (("vision.",) if cfg.train_vision else ())
             apply_lora(model, targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                        trainable=keep)
         else:
@@ -357,6 +366,17 @@ def global_batch(n_samples: int, step: int, cfg: TrainConfig) -> list[int]:
         order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
         out.extend(order[offset: offset + cfg.batch_size - len(out)].tolist())
     return out
+
+
+def dpo_objective(model, reference, batch_pair, cfg: TrainConfig):
+    """Summed DPO loss over the pairs, their count, and the metrics people watch (dpo.py)."""
+    from dpo import dpo_step, reference_logprobs
+
+    batch_pair["ref_chosen"], batch_pair["ref_rejected"] = reference_logprobs(reference[0], reference[1], batch_pair)
+    loss, metrics = dpo_step(model, None, batch_pair, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                             loss_type=cfg.dpo_loss)
+    n = batch_pair["chosen"]["input_ids"].shape[0]
+    return loss * n, n, metrics
 
 
 def token_loss(model, batch, cfg: TrainConfig):
@@ -480,8 +500,10 @@ def train(cfg: TrainConfig, spec: dict):
         fail(f"--resume: {run} holds no checkpoint to resume from")
     if not cfg.resume and os.path.isfile(os.path.join(run, "log.jsonl")):
         fail(f"{run} already holds a run; pass --resume to continue it or --out for a new one")
-    if cfg.phase in ("qformer", "dpo"):
+    if cfg.phase == "qformer":
         fail(f"phase {cfg.phase!r} is not part of this build yet")
+    if cfg.phase == "dpo" and not cfg.init:
+        fail("the dpo phase starts from an instruct checkpoint (its reference model): pass --init RUN")
     if not cfg.data:
         fail(f"no --data for phase {cfg.phase} in preset {cfg.preset}")
 
@@ -525,25 +547,48 @@ def train(cfg: TrainConfig, spec: dict):
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         random.setstate((3, tuple(json.loads(state["rng_python"])), None))
 
+    reference = None
+    if cfg.phase == "dpo":  # (model whose adapters go off, frozen model): LoRA needs no second model
+        from model import VLM
+
+        frozen = VLM.from_pretrained(latest_checkpoint(cfg.init) or cfg.init, device=device) if not cfg.lora_r else None
+        reference = (model, None) if cfg.lora_r else (None, frozen.requires_grad_(False))
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     step_model = torch.compile(ddp) if cfg.compile else ddp
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     image_tokens = (lambda: [data.Special("<image>")] * model.config.tokens_per_image()) if processor else None
 
-    def make_batch(samples):
-        b = data.collate(samples, tokenizer, processor, template=cfg.template, image_tokens=image_tokens,
-                         max_len=cfg.max_len)
-        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+    def to_device(b):
+        return {k: (v.to(device) if torch.is_tensor(v) else to_device(v) if isinstance(v, dict) else v)
+                for k, v in b.items()}
 
-    def evaluate() -> float:
+    def make_batch(samples):
+        collate = data.collate_preferences if cfg.phase == "dpo" else data.collate
+        return to_device(collate(samples, tokenizer, processor, template=cfg.template, image_tokens=image_tokens,
+                                 max_len=cfg.max_len))
+
+    def objective(m, b):  # (summed loss, how many it sums over, MoE aux loss or metrics)
+        if cfg.phase == "dpo":
+            return dpo_objective(m, reference, b, cfg)
+        return token_loss(m, b, cfg)
+
+    def count(b):  # what a step's loss is averaged over: labelled tokens, or preference pairs
+        return b["chosen"]["input_ids"].shape[0] if cfg.phase == "dpo" else int((b["labels"][:, 1:] != -100).sum())
+
+    def evaluate() -> dict:
+        """Validation loss (and, for DPO, reward accuracy and margin), averaged over the set."""
         model.eval()
-        total, count = 0.0, 0
+        totals, count_ = {}, 0
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             for i in range(0, len(val_set), cfg.micro_batch):
-                loss, n, _ = token_loss(model, make_batch(val_set[i: i + cfg.micro_batch]), cfg)
-                total, count = total + loss.item(), count + n
+                loss, n, extra = objective(model, make_batch(val_set[i: i + cfg.micro_batch]))
+                totals["val_loss"] = totals.get("val_loss", 0.0) + loss.item()
+                for k, v in (extra.items() if isinstance(extra, dict) else ()):
+                    if k.startswith("rewards/"):
+                        totals["val_" + k.split("/")[1]] = totals.get("val_" + k.split("/")[1], 0.0) + v * n
+                count_ += n
         model.train()
-        return total / max(1, count)
+        return {k: v / max(1, count_) for k, v in totals.items()}
 
     os.makedirs(run, exist_ok=True)
     log_path = os.path.join(run, "log.jsonl")
@@ -564,32 +609,38 @@ def train(cfg: TrainConfig, spec: dict):
         mine = global_batch(len(train_set), step, cfg)[rank::world]  # this process's share
         micro = [mine[i: i + cfg.micro_batch] for i in range(0, len(mine), cfg.micro_batch)]
         batches = [make_batch([train_set[i] for i in m]) for m in micro]
-        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        n_local = sum(count(b) for b in batches)
         n_global = all_sum(n_local, world, device)  # every process divides by the same token count
-        loss_sum = 0.0
+        loss_sum, shown = 0.0, {}
         for i, b in enumerate(batches):
             sync = i == len(batches) - 1 or world == 1
             context = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with context, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                loss, _, aux = token_loss(step_model, b, cfg)
+                loss, n, extra = objective(step_model, b)
+                aux = extra if torch.is_tensor(extra) else 0.0  # MoE load balancing (LM phases)
                 # DDP averages gradients over processes; scaling by world makes it the global mean
                 ((loss / n_global) * world + cfg.aux_loss_coef * aux / len(batches)).backward()
             loss_sum += loss.item()
+            for k, v in (extra.items() if isinstance(extra, dict) else ()):
+                if k in ("rewards/accuracy", "rewards/margin"):
+                    shown[k.split("/")[1]] = shown.get(k.split("/")[1], 0.0) + v * n / n_local
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_loss = all_sum(loss_sum, world, device) / max(1, n_global)
-        tokens_seen += n_global
+        tokens_seen += n_global if cfg.phase != "dpo" else 0
         if main:
             tok_s = tokens_seen / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", tok_s=f"{tok_s:.0f}")
-            row = {"step": step + 1, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s}
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            **({k: f"{v:.3f}" for k, v in shown.items()} or {"tok_s": f"{tok_s:.0f}"}))
+            row = {"step": step + 1, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s,
+                   **shown}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val = evaluate()  # every process evaluates the same set: cheap, and keeps them in step
             if main:
-                row["val_loss"] = val
-                bar.write(f"step {step + 1}: validation loss {val:.4f}")
+                row.update(val)
+                bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
         if main:
             log.write(json.dumps(row) + "\n")
             log.flush()

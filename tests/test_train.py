@@ -142,3 +142,21 @@ def test_bad_input_is_one_clear_line_and_nothing_is_overwritten(tmp_path):
     before = open(os.path.join(done, "log.jsonl")).read()
     assert "already holds a run" in error("--phase", "align", "--out", done, "--steps", "2", *FAST)
     assert open(os.path.join(done, "log.jsonl")).read() == before
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["frozen-copy", "lora-off"])
+def test_dpo_phase_starts_at_log2_and_trains(tmp_path, lora):
+    import math
+
+    instruct, dpo = str(tmp_path / "instruct"), str(tmp_path / "dpo")
+    run("--phase", "instruct", "--out", instruct, "--steps", "3", *FAST)
+    extra = ["--lora-r", "4"] if lora else []
+    run("--phase", "dpo", "--init", instruct, "--out", dpo, "--steps", "4", *FAST, *extra)
+    rows = [json.loads(line) for line in open(os.path.join(dpo, "log.jsonl"))]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and rows[0]["margin"] == pytest.approx(0, abs=1e-6)
+    assert "val_accuracy" in rows[-1] and "val_margin" in rows[-1]
+    files = os.listdir(latest(dpo))
+    assert ("adapter_model.safetensors" in files) == lora
+    from model import VLM
+
+    VLM.from_pretrained(latest(dpo))  # the adapter (if any) merges at load
