@@ -13,6 +13,7 @@ import re
 import sys
 import time
 
+import numpy as np
 import torch
 
 from generate import END_OF_TURN, generate, load
@@ -70,6 +71,79 @@ def answer_questions(model, tok, processor, template, samples, batch_size=32, ma
         new = generate(model, ids.to(device), max_new_tokens, attention_mask=mask.to(device), eos_ids=end, **kwargs)
         out += [tok.decode([t for t in row.tolist() if t not in end]).strip() for row in new]
     return out
+
+
+def recall_at_k(sim, relevant, ks=(1, 5, 10)) -> dict:
+    """sim (Q, G) query-gallery scores, relevant (Q, G) bool -> {k: share of queries with a relevant
+    item among their k best}."""
+    top = sim.argsort(dim=1, descending=True)  # (Q, G)
+    hits = relevant.gather(1, top)  # (Q, G): relevance in rank order
+    return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+@torch.inference_mode()
+def retrieval_report(model, tok, processor, samples, out_dir: str, batch_size: int = 64) -> dict:
+    """Image-to-text and text-to-image Recall@1/5/10 of a Q-Former VLM on caption samples (the
+    gallery of texts is every distinct caption; an image's relevant texts are its own caption), and
+    similarity_grid.png: rows captions, columns images, cells cosine similarity."""
+    from qformer import similarity
+
+    qformer = model.connector.qformer.eval()
+    captions = [s["messages"][-1]["content"] for s in samples]
+    texts = sorted(set(captions))
+    ids = [[tok.bos_id] + tok.encode(c) for c in texts]
+    T = max(map(len, ids))
+    text_ids = torch.tensor([r + [tok.pad_id or 0] * (T - len(r)) for r in ids])
+    text_mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in ids])
+    text_feats = qformer.text_features(text_ids, text_mask)  # (Nt, d)
+    image_feats = torch.cat([qformer.image_features(model.vision(processor([s["images"][0] for s in samples[i: i + batch_size]]),
+                                                                  layer=model.config.vision_layer))
+                             for i in range(0, len(samples), batch_size)])  # (Ni, Q, d)
+    sim = similarity(image_feats, text_feats)  # (Ni, Nt)
+    relevant = torch.tensor([[c == t for t in texts] for c in captions])  # (Ni, Nt)
+    result = {"images": len(samples), "captions": len(texts), "chance_i2t@1": 1 / len(texts)}
+    result.update({f"i2t_R@{k}": v for k, v in recall_at_k(sim, relevant).items()})
+    result.update({f"t2i_R@{k}": v for k, v in recall_at_k(sim.t(), relevant.t()).items()})
+    result["grid"] = similarity_grid(sim, texts, captions, samples, os.path.join(out_dir, "similarity_grid.png"))
+    with open(os.path.join(out_dir, "retrieval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def similarity_grid(sim, texts, captions, samples, path: str, n: int = 8) -> str:
+    """A PNG of the similarity of n captions (rows) and n images (columns, one per caption, shown
+    above the grid): the diagonal is each caption's own image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from processing import load_image
+
+    rows = texts[:n]
+    cols = [captions.index(t) for t in rows]  # an image of each caption
+    grid = sim[cols][:, [texts.index(t) for t in rows]].t().numpy()  # (n captions, n images)
+    fig, axes = plt.subplots(2, 1, figsize=(1.2 * n + 3, 1.2 * n + 2.5), gridspec_kw={"height_ratios": [1, n]})
+    axes[0].imshow(np.concatenate([np.array(load_image(samples[c]["images"][0]).resize((64, 64))) for c in cols], 1))
+    axes[0].axis("off")
+    axes[1].imshow(grid, cmap="viridis")
+    axes[1].set_yticks(range(len(rows)), rows)
+    axes[1].set_xticks(range(len(cols)), [f"image {i + 1}" for i in range(len(cols))], rotation=45)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            axes[1].text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+    axes[1].set_title("cosine similarity: captions (rows) x images (columns)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def print_table(result: dict):
+    print(f"{'metric':<20}{'value':>10}")
+    for k, v in result.items():
+        if isinstance(v, (int, float)):
+            print(f"{k:<20}{v:>10.4g}")
 
 
 def evaluate_easy_vqa(path: str, limit: int | None, image: bool, batch_size: int, device: str) -> dict:

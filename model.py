@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from processing import (CheckpointError, checkpoint_folder, read_json, read_safetensors, write_json,
                         write_safetensors)
+from qformer import QFormer, QFormerConfig
 from siglip import VisionConfig, VisionTower
 from siglip import config_from_json as vision_config_from_json
 from siglip import hf_key_map as vision_key_map
@@ -73,17 +74,20 @@ class LMConfig:
 class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LMConfig = field(default_factory=LMConfig)
-    connector: str = "mlp"  # "mlp" (LLaVA) | "pixel_shuffle" (SmolVLM) | "cls_gate" (one token)
+    connector: str = "mlp"  # "mlp" (LLaVA) | "pixel_shuffle" (SmolVLM) | "cls_gate" (one token) | "qformer" (BLIP-2)
     image_token_id: int = 49190  # the <image> placeholder id in the prompt
     vision_layer: int | None = None  # which vision hidden state feeds the connector (LLaVA: -2; None: the last, normed)
     scale_factor: int = 2  # pixel_shuffle: r x r neighbouring patches become one token
     gate_dim: int = 512  # cls_gate: width between the projector and the gate
     image_size: int = 0  # pixels per side of the images fed in (0: the tower's own image_size)
+    qformer: QFormerConfig | None = None  # the qformer connector's Q-Former
 
     def tokens_per_image(self) -> int:
         """How many <image> placeholders one image (or one SmolVLM tile) fills."""
         if self.connector == "cls_gate":
             return 1
+        if self.connector == "qformer":
+            return self.qformer.n_queries
         n = ((self.image_size or self.vision.image_size) // self.vision.patch_size) ** 2
         return n // self.scale_factor**2 if self.connector == "pixel_shuffle" else n
 
@@ -307,7 +311,21 @@ class ClsGateConnector(nn.Module):
         return self.gate(self.projector(cls))[:, None]
 
 
-CONNECTORS = {"mlp": MLPConnector, "pixel_shuffle": PixelShuffleConnector, "cls_gate": ClsGateConnector}
+class QFormerConnector(nn.Module):
+    """BLIP-2: learned queries read the patch features (qformer.py); their outputs go through a
+    linear map into the LM (`language_projection` in HF `Blip2ForConditionalGeneration`)."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.qformer = QFormer(cfg.qformer)
+        self.proj = nn.Linear(cfg.qformer.dim, cfg.lm.dim)
+
+    def forward(self, x):  # (N, P, Dv) every token, class token included -> (N, n_queries, D)
+        return self.proj(self.qformer(x))
+
+
+CONNECTORS = {"mlp": MLPConnector, "pixel_shuffle": PixelShuffleConnector, "cls_gate": ClsGateConnector,
+              "qformer": QFormerConnector}
 
 
 def merge_image_embeddings(embeds, placeholders, image_embeds):
@@ -495,7 +513,7 @@ class VLM(nn.Module):
         hidden = self.vision(pixel_values, layer=self.config.vision_layer)  # (N, [1 +] P, Dv)
         if self.config.connector == "cls_gate":
             return self.connector(self.vision.pool(hidden))
-        if self.vision.cls_token is not None:
+        if self.vision.cls_token is not None and self.config.connector != "qformer":
             hidden = hidden[:, 1:]  # patches only (LLaVA's "default" feature selection)
         return self.connector(hidden)
 
@@ -618,7 +636,9 @@ def vlm_config_from_json(hf: dict) -> tuple[VLMConfig, dict | None]:
     kind = hf.get("model_type")
     if kind == "glimpse_vlm":
         top = {k: v for k, v in hf.items() if k in {f.name for f in fields(VLMConfig)}}
-        return VLMConfig(**{**top, "vision": VisionConfig(**hf["vision"]), "lm": LMConfig(**hf["lm"])}), None
+        qformer = QFormerConfig(**hf["qformer"]) if hf.get("qformer") else None
+        return VLMConfig(**{**top, "vision": VisionConfig(**hf["vision"]), "lm": LMConfig(**hf["lm"]),
+                            "qformer": qformer}), None
     if kind not in ("smolvlm", "idefics3"):
         raise CheckpointError(f"config.json describes a {kind!r} model; VLM loads smolvlm/idefics3 checkpoints "
                               "and folders saved by glimpse")

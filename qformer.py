@@ -369,15 +369,21 @@ def similarity(image_feats, text_feats):
     return torch.einsum("iqd,td->itq", image_feats, text_feats).amax(dim=-1)
 
 
-def itc_loss(image_feats, text_feats, temperature, label_smoothing: float = 0.1):
+def itc_loss(image_feats, text_feats, temperature, label_smoothing: float = 0.1, positives=None):
     """BLIP-2's image-text contrastive loss on a batch of B matching pairs: image_feats (B, Q, d) and
     text_feats (B, d), both unit length; the similarity of `similarity` divided by the temperature,
     cross-entropy over the texts for each image and over the images for each text, averaged. BLIP-2
-    smooths the labels by 0.1."""
+    smooths the labels by 0.1. `positives` (B, B) bool marks further matching pairs (two images with
+    the same caption): the target then spreads evenly over every positive."""
     logits = similarity(image_feats, text_feats) / temperature  # (B, B): rows images, columns texts
-    targets = torch.arange(logits.shape[0], device=logits.device)
+    if positives is None:
+        targets = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+                + F.cross_entropy(logits.t(), targets, label_smoothing=label_smoothing)) / 2
+    targets = positives.float() / positives.float().sum(dim=1, keepdim=True)  # (B, B), rows sum to 1
     return (F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-            + F.cross_entropy(logits.t(), targets, label_smoothing=label_smoothing)) / 2
+            + F.cross_entropy(logits.t(), targets.t() / targets.t().sum(dim=1, keepdim=True),
+                              label_smoothing=label_smoothing)) / 2
 
 
 @torch.no_grad()

