@@ -2,6 +2,7 @@
 
     python evaluate.py --checkpoint runs/tiny-instruct --task easy-vqa           # test accuracy
     python evaluate.py --checkpoint runs/tiny-instruct --task easy-vqa --no-image  # the blind baseline
+    python evaluate.py --checkpoint runs/tiny-qformer --task retrieval             # Recall@K + similarity grid
 
 Writes DIR/eval-TASK.json and prints a table.
 """
@@ -169,7 +170,7 @@ def evaluate_easy_vqa(path: str, limit: int | None, image: bool, batch_size: int
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a glimpse checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, a run folder (its latest), or a hub id")
-    p.add_argument("--task", default="easy-vqa", choices=["easy-vqa"])
+    p.add_argument("--task", default="easy-vqa", choices=["easy-vqa", "retrieval"])
     p.add_argument("--limit", type=int, default=None, help="only the first N test samples")
     p.add_argument("--no-image", action="store_true", help="ask without the image: the answer-without-looking baseline")
     p.add_argument("--batch-size", type=int, default=32)
@@ -181,17 +182,22 @@ def main(argv=None):
     from processing import CheckpointError
 
     try:
-        result = evaluate_easy_vqa(path, args.limit, not args.no_image, args.batch_size, args.device)
+        if args.task == "retrieval":  # easy-VQA's held-out captions, through a Q-Former VLM
+            from data import easy_vqa_captions
+
+            model, tok, processor, _ = load(path, torch.float32, args.device)
+            if model.config.connector != "qformer":
+                raise ValueError(f"{path} has a {model.config.connector!r} connector; retrieval needs a Q-Former")
+            result = retrieval_report(model, tok, processor, easy_vqa_captions("test", limit=args.limit or 500), path)
+        else:
+            result = evaluate_easy_vqa(path, args.limit, not args.no_image, args.batch_size, args.device)
     except (CheckpointError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     name = f"eval-{args.task}{'-noimage' if args.no_image else ''}.json"
     if os.path.isdir(path):
         with open(os.path.join(path, name), "w") as f:
             json.dump(result, f, indent=2)
-    print(f"{'metric':<20}{'value':>10}")
-    for k, v in result.items():
-        if k.startswith("accuracy") or k in ("samples", "seconds"):
-            print(f"{k:<20}{v:>10.4g}")
+    print_table(result)
 
 
 if __name__ == "__main__":

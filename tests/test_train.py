@@ -160,3 +160,18 @@ def test_dpo_phase_starts_at_log2_and_trains(tmp_path, lora):
     from model import VLM
 
     VLM.from_pretrained(latest(dpo))  # the adapter (if any) merges at load
+
+
+def test_qformer_phase_then_a_qformer_vlm_through_align_and_instruct(tmp_path):
+    stage1, align, instruct = str(tmp_path / "qformer"), str(tmp_path / "align"), str(tmp_path / "instruct")
+    result = run("--phase", "qformer", "--out", stage1, "--steps", "6", *FAST)
+    assert "i2t_R@1" in result.stdout and os.path.isfile(os.path.join(stage1, "similarity_grid.png"))
+    report = json.load(open(os.path.join(stage1, "retrieval.json")))
+    assert 0 <= report["i2t_R@1"] <= report["i2t_R@5"] <= report["i2t_R@10"] <= 1
+    assert losses(stage1)[-1] < losses(stage1)[0]
+    run("--phase", "align", "--init", stage1, "--out", align, "--steps", "4", *FAST)
+    run("--phase", "instruct", "--init", align, "--out", instruct, "--steps", "4", "--lora-r", "4", *FAST)
+    from model import VLM
+
+    vlm = VLM.from_pretrained(latest(instruct))
+    assert vlm.config.connector == "qformer" and vlm.config.tokens_per_image() == vlm.config.qformer.n_queries
