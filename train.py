@@ -302,6 +302,7 @@ def build(cfg: TrainConfig, spec: dict, train_texts):
         vlm = VLM(vlm_cfg)
     vlm.vision, vlm.lm = vision, lm
     vlm.connector = type(vlm.connector)(vlm_cfg)
+    vlm.connector.apply(LanguageModel._init_weights)
     return vlm, tokenizer, processor
 
 
