@@ -101,7 +101,7 @@ PRESETS = {
             "pretrain": {"data": "easy-vqa-text", "steps": 300, "lr": 3e-3},
             "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 3e-3, "train_vision": True,
                       "lr_vision": 1e-3},
-            "instruct": {"data": "easy-vqa-qa", "steps": 400, "lr": 1e-3, "lr_connector": 1e-3,
+            "instruct": {"data": "easy-vqa-qa", "steps": 1000, "lr": 1e-3, "lr_connector": 1e-3,
                          "train_vision": True, "lr_vision": 1e-3},
             "dpo": {"data": "easy-vqa-preferences", "steps": 100, "lr": 2e-5, "warmup": 10, "beta": 0.1},
             "qformer": {"data": "easy-vqa-captions", "steps": 200, "connector": "qformer", "lr": 1e-3},
