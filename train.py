@@ -103,7 +103,7 @@ PRESETS = {
                       "lr_vision": 1e-3},
             "instruct": {"data": "easy-vqa-qa", "steps": 1000, "lr": 1e-3, "lr_connector": 1e-3,
                          "train_vision": True, "lr_vision": 1e-3},
-            "dpo": {"data": "easy-vqa-preferences", "steps": 100, "lr": 2e-5, "warmup": 10, "beta": 0.1},
+            "dpo": {"data": "easy-vqa-preferences", "steps": 150, "lr": 1e-4, "warmup": 10, "beta": 0.1},
             "qformer": {"data": "easy-vqa-captions", "steps": 200, "connector": "qformer", "lr": 1e-3},
         },
         "qformer_config": SMALL_QFORMER,
