@@ -21,13 +21,7 @@ from processing import IGNORE_INDEX, ImageProcessor, Special, Tokenizer
 from siglip import VisionConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other test processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # Hand-made sequence log-probabilities of 4 pairs: policy chosen/rejected, reference chosen/rejected.
