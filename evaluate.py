@@ -96,11 +96,12 @@ def retrieval_report(model, tok, processor, samples, out_dir: str, batch_size: i
     T = max(map(len, ids))
     text_ids = torch.tensor([r + [tok.pad_id or 0] * (T - len(r)) for r in ids])
     text_mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in ids])
-    text_feats = qformer.text_features(text_ids, text_mask)  # (Nt, d)
-    image_feats = torch.cat([qformer.image_features(model.vision(processor([s["images"][0] for s in samples[i: i + batch_size]]),
-                                                                  layer=model.config.vision_layer))
-                             for i in range(0, len(samples), batch_size)])  # (Ni, Q, d)
-    sim = similarity(image_feats, text_feats)  # (Ni, Nt)
+    device = next(model.parameters()).device
+    text_feats = qformer.text_features(text_ids.to(device), text_mask.to(device))  # (Nt, d)
+    image_feats = torch.cat([qformer.image_features(model.vision(
+        processor([s["images"][0] for s in samples[i: i + batch_size]]).to(device), layer=model.config.vision_layer))
+        for i in range(0, len(samples), batch_size)])  # (Ni, Q, d)
+    sim = similarity(image_feats, text_feats).cpu()  # (Ni, Nt)
     relevant = torch.tensor([[c == t for t in texts] for c in captions])  # (Ni, Nt)
     result = {"images": len(samples), "captions": len(texts), "chance_i2t@1": 1 / len(texts)}
     result.update({f"i2t_R@{k}": v for k, v in recall_at_k(sim, relevant).items()})
@@ -149,8 +150,12 @@ def print_table(result: dict):
 
 def evaluate_easy_vqa(path: str, limit: int | None, image: bool, batch_size: int, device: str) -> dict:
     from data import easy_vqa_qa
+    from processing import ImageProcessor
 
     model, tok, processor, template = load(path, torch.float32, device)
+    if image and not isinstance(processor, ImageProcessor):
+        raise ValueError(f"{path} is not a VLM that train.py wrote (easy-VQA evaluation asks one <image> per "
+                         "embedding); pass --no-image to evaluate a language model blind")
     samples = easy_vqa_qa("test", limit=limit)
     t0 = time.perf_counter()
     predictions = answer_questions(model, tok, processor, template, samples, batch_size, image=image, device=device)
@@ -176,12 +181,13 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    path = args.checkpoint
-    if os.path.isfile(os.path.join(path, "latest")):
-        path = os.path.join(path, open(os.path.join(path, "latest")).read().strip())
+    from generate import check_device, run_checkpoint
     from processing import CheckpointError
 
+    path = run_checkpoint(args.checkpoint)
+
     try:
+        args.device = str(check_device(args.device))
         if args.task == "retrieval":  # easy-VQA's held-out captions, through a Q-Former VLM
             from data import easy_vqa_captions
 

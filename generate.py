@@ -329,6 +329,15 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see --help)", status=2)
 
 
+def run_checkpoint(path: str) -> str:
+    """A train.py run folder means its newest checkpoint (the one its `latest` file names)."""
+    pointer = os.path.join(path, "latest")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            return os.path.join(path, f.read().strip())
+    return path
+
+
 def load(path: str, dtype, device):
     """(model, tokenizer, image processor or None, chat template) for a .gguf LM, an LM folder or
     hub id (Llama, Qwen2), a SmolVLM checkpoint, or a checkpoint that train.py wrote."""
@@ -337,7 +346,7 @@ def load(path: str, dtype, device):
 
     if path.endswith(".gguf"):
         return LanguageModel.from_pretrained(path, dtype, device), Tokenizer.from_pretrained(path), None, "chatml"
-    folder = checkpoint_folder(path, ("*.json", "*.safetensors", *TOKENIZER_FILES))
+    folder = checkpoint_folder(run_checkpoint(path), ("*.json", "*.safetensors", *TOKENIZER_FILES))
     kind = read_json(os.path.join(folder, "config.json")).get("model_type")
     tok = Tokenizer.from_pretrained(folder)
     if kind in ("smolvlm", "idefics3"):

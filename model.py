@@ -499,7 +499,8 @@ class VLM(nn.Module):
         if cfg.connector not in CONNECTORS:
             raise ValueError(f"unknown connector {cfg.connector!r}; choose one of {sorted(CONNECTORS)}")
         self.connector = CONNECTORS[cfg.connector](cfg)
-        self.connector.apply(LanguageModel._init_weights)  # normal(0, 0.02), as HF initialises LLaVA's projector
+        if cfg.connector != "qformer":  # (the Q-Former initialises itself, BERT style)
+            self.connector.apply(LanguageModel._init_weights)  # normal(0, 0.02), as HF initialises LLaVA's projector
         self.lm = LanguageModel(cfg.lm)
 
     @property

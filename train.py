@@ -128,7 +128,7 @@ PRESETS = {
         "micro_batch": 16, "max_len": 512, "dtype": "auto",
         "phases": {
             "align": {"data": "coco-captions", "steps": 2000, "lr_connector": 1e-3},
-            "instruct": {"data": "the-cauldron", "steps": 5000, "lr": 5e-5, "lr_connector": 2e-4},
+            "instruct": {"data": "the-cauldron:vqav2", "steps": 5000, "lr": 5e-5, "lr_connector": 2e-4},
         },
     },
     "tinyllama-clip": {  # CLIP's class token as one gated vision token into TinyLlama-Chat, LoRA on q/v
@@ -160,6 +160,40 @@ def fail(message: str):
     sys.exit(2)
 
 
+def resumed_settings(cfg: TrainConfig, given: dict) -> TrainConfig:
+    """The settings a run was started with (its checkpoint's train_config.json): a resumed run is the
+    same run. Only steps and stop_after may change; any other flag that differs is refused."""
+    ckpt = latest_checkpoint(cfg.out)
+    if ckpt is None:
+        fail(f"--resume: {cfg.out} holds no checkpoint to resume from")
+    with open(os.path.join(ckpt, "train_config.json")) as f:
+        saved = TrainConfig(**json.load(f))
+    changed = sorted(k for k, v in given.items()
+                     if k not in ("resume", "steps", "stop_after", "out") and getattr(saved, k) != v)
+    if changed:
+        fail(f"--resume continues {cfg.out} with its own settings; these differ from it: {', '.join(changed)}")
+    return dataclasses.replace(saved, resume=True, out=cfg.out, steps=cfg.steps if "steps" in given else saved.steps,
+                               stop_after=given.get("stop_after", 0))
+
+
+def check_settings(cfg: TrainConfig):
+    """Numbers that must be positive and names that must be known, each refused in one line."""
+    from processing import CHAT_TEMPLATES
+
+    for name in ("steps", "batch_size", "micro_batch", "max_len", "eval_every", "eval_batches", "save_every",
+                 "scale_factor"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        fail(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.template not in CHAT_TEMPLATES:
+        fail(f"unknown --template {cfg.template!r}; choose one of {', '.join(CHAT_TEMPLATES)}")
+    if cfg.dpo_loss not in ("sigmoid", "ipo"):
+        fail(f"--dpo-loss must be sigmoid or ipo, got {cfg.dpo_loss!r}")
+    if cfg.phase == "dpo" and cfg.lora_r and cfg.train_vision:
+        fail("DPO with LoRA uses the model with its adapters off as the reference: --train-vision would move it")
+
+
 def to_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -169,7 +203,8 @@ def to_bool(text: str) -> bool:
 
 
 def load_settings(argv=None) -> tuple[TrainConfig, dict]:
-    """Defaults < preset < preset phase < --config FILE.toml < command-line flags."""
+    """Defaults < preset < preset phase < --config FILE.toml < command-line flags. With --resume the
+    run's own train_config.json is the base, and only steps and stop_after may change."""
     names = {f.name: f for f in dataclasses.fields(TrainConfig)}
     p = argparse.ArgumentParser(description="Train a glimpse model, one phase at a time.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -179,15 +214,8 @@ def load_settings(argv=None) -> tuple[TrainConfig, dict]:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"default {f.default!r}",
                        **({"nargs": "?", "const": True} if f.type is bool else {}))
     args = p.parse_args(argv)
-    preset_name = args.preset or TrainConfig.preset
-    phase = args.phase or TrainConfig.phase
-    if phase not in PHASES:
-        fail(f"unknown phase {phase!r}; choose one of {', '.join(PHASES)}")
-    if preset_name not in PRESETS:
-        fail(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
-    preset = PRESETS[preset_name]
-    settings = {k: v for k, v in preset.items() if k != "phases" and k not in MODEL_KEYS}
-    settings.update(preset["phases"].get(phase, {}))
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    from_file = {}
     if args.config:
         try:
             with open(args.config, "rb") as f:
@@ -197,10 +225,26 @@ def load_settings(argv=None) -> tuple[TrainConfig, dict]:
         unknown = sorted(set(from_file) - set(names))
         if unknown:
             fail(f"unknown setting(s) {unknown} in {args.config}; known: {', '.join(names)}")
-        settings.update(from_file)
-    settings.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+        for k, v in from_file.items():  # TOML values get the setting's type, or a clear error
+            kind = names[k].type
+            if not isinstance(v, kind) and not (kind is float and isinstance(v, int) and not isinstance(v, bool)):
+                fail(f"{args.config}: {k} must be a {kind.__name__}, got {v!r}")
+    preset_name = given.get("preset", from_file.get("preset", TrainConfig.preset))
+    phase = given.get("phase", from_file.get("phase", TrainConfig.phase))
+    if phase not in PHASES:
+        fail(f"unknown phase {phase!r}; choose one of {', '.join(PHASES)}")
+    if preset_name not in PRESETS:
+        fail(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[preset_name]
+    settings = {k: v for k, v in preset.items() if k != "phases" and k not in MODEL_KEYS}
+    settings.update(preset["phases"].get(phase, {}))
+    settings.update(from_file)
+    settings.update(given)
     cfg = TrainConfig(**settings)
     cfg.out = cfg.out or os.path.join("runs", f"{cfg.preset}-{cfg.phase}")
+    if cfg.resume:
+        cfg = resumed_settings(cfg, given)
+    check_settings(cfg)
     return cfg, {k: preset[k] for k in MODEL_KEYS if k in preset}
 
 
@@ -301,8 +345,9 @@ def build(cfg: TrainConfig, spec: dict, train_texts):
     with torch.device("meta"):  # the tower and LM come in whole; only the connector is new
         vlm = VLM(vlm_cfg)
     vlm.vision, vlm.lm = vision, lm
-    vlm.connector = type(vlm.connector)(vlm_cfg)
-    vlm.connector.apply(LanguageModel._init_weights)
+    vlm.connector = type(vlm.connector)(vlm_cfg)  # built for real: VLM() above was on the meta device
+    if cfg.connector != "qformer":
+        vlm.connector.apply(LanguageModel._init_weights)
     return vlm, tokenizer, processor
 
 
@@ -409,7 +454,8 @@ def caption_batch(samples, tokenizer, processor, max_len: int) -> dict:
     """Images, their captions as ids (BOS first: its output is the text feature, BERT's [CLS]) and
     which pairs share a caption, for the contrastive stage."""
     captions = [s["messages"][-1]["content"] for s in samples]
-    rows = [[tokenizer.bos_id] + tokenizer.encode(c)[: max_len - 1] for c in captions]
+    cls = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    rows = [[cls] + tokenizer.encode(c)[: max_len - 1] for c in captions]
     T = max(len(r) for r in rows)
     pad = tokenizer.pad_id or 0
     return {"pixel_values": processor([s["images"][0] for s in samples]),
@@ -513,12 +559,44 @@ def plot_losses(run: str):
 # ---------------------------------------------------------------------------------------------
 
 
+STREAM_SAMPLES = 20_000  # what a run reads of a streamed hub set when --limit does not say
+
+
+def load_data(cfg: TrainConfig) -> tuple[list, list]:
+    """Training and validation samples as lists: a streamed hub set is read up to --limit (or
+    STREAM_SAMPLES); validation is the "test" split, or the last samples read when there is none."""
+    import itertools
+
+    import data
+
+    limit = cfg.limit or None
+    train_set = data.load_source(cfg.data, "train", limit=limit)
+    if not isinstance(train_set, list):
+        train_set = list(itertools.islice(train_set, limit or STREAM_SAMPLES))
+    n_val = cfg.eval_batches * cfg.batch_size
+    try:
+        val_set = data.load_source(cfg.val_data or cfg.data, "test", limit=n_val)
+        val_set = val_set if isinstance(val_set, list) else list(itertools.islice(val_set, n_val))
+    except (OSError, ValueError):  # no test split: hold out the end of what was read
+        if cfg.val_data:
+            raise
+        train_set, val_set = train_set[:-n_val], train_set[-n_val:]
+    if not train_set or not val_set:
+        raise ValueError(f"{cfg.data}: too few samples ({len(train_set)} to train on, {len(val_set)} to validate)")
+    return train_set, val_set
+
+
 def setup_distributed(cfg: TrainConfig):
     """Under torchrun: one process per device, NCCL on GPUs and gloo on CPUs. Returns
     (rank, world_size, device)."""
+    from generate import check_device
+
     cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
     if "RANK" not in os.environ:
-        device = torch.device("cuda" if cuda else "cpu") if cfg.device == "auto" else torch.device(cfg.device)
+        try:
+            device = torch.device("cuda" if cuda else "cpu") if cfg.device == "auto" else check_device(cfg.device)
+        except ValueError as e:
+            fail(str(e))
         return 0, 1, device
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -546,9 +624,7 @@ def train(cfg: TrainConfig, spec: dict):
         fail(f"batch_size {cfg.batch_size} must split evenly over {world} processes")
     run = cfg.out
     resume_from = latest_checkpoint(run) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        fail(f"--resume: {run} holds no checkpoint to resume from")
-    if not cfg.resume and os.path.isfile(os.path.join(run, "log.jsonl")):
+    if not cfg.resume and latest_checkpoint(run) is not None:
         fail(f"{run} already holds a run; pass --resume to continue it or --out for a new one")
     if cfg.phase == "qformer" and cfg.connector != "qformer":
         fail("the qformer phase trains a Q-Former: pass --connector qformer")
@@ -562,8 +638,7 @@ def train(cfg: TrainConfig, spec: dict):
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     try:
-        train_set = data.load_source(cfg.data, "train", limit=cfg.limit or None)
-        val_set = data.load_source(cfg.val_data or cfg.data, "test", limit=cfg.eval_batches * cfg.batch_size)
+        train_set, val_set = load_data(cfg)
     except (OSError, ValueError) as e:
         fail(str(e))
     def texts():  # what a from-scratch tokenizer learns from
@@ -577,11 +652,14 @@ def train(cfg: TrainConfig, spec: dict):
         model, tokenizer, processor = build(dataclasses.replace(cfg, init=resume_from or cfg.init), spec, texts)
     except (CheckpointError, OSError, ValueError) as e:
         fail(str(e))
-    model = set_trainable(model, cfg)
-    if resume_from and any("lora_" in n for n, _ in model.named_parameters()):
-        from lora import load_adapter
+    try:
+        model = set_trainable(model, cfg)
+        if resume_from and any("lora_" in n for n, _ in model.named_parameters()):
+            from lora import load_adapter
 
-        load_adapter(model, resume_from)
+            load_adapter(model, resume_from)
+    except ValueError as e:
+        fail(str(e))
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if main:
@@ -616,7 +694,8 @@ def train(cfg: TrainConfig, spec: dict):
 
     def make_batch(samples):
         if cfg.phase == "qformer":
-            return to_device(caption_batch(samples, tokenizer, processor, cfg.max_len))
+            return to_device(caption_batch(samples, tokenizer, processor,
+                                           min(cfg.max_len, model.config.qformer.max_positions)))
         collate = data.collate_preferences if cfg.phase == "dpo" else data.collate
         return to_device(collate(samples, tokenizer, processor, template=cfg.template, image_tokens=image_tokens,
                                  max_len=cfg.max_len))
@@ -650,7 +729,7 @@ def train(cfg: TrainConfig, spec: dict):
 
     os.makedirs(run, exist_ok=True)
     log_path = os.path.join(run, "log.jsonl")
-    if main and resume_from:  # forget steps logged after the checkpoint by the run that stopped
+    if main and os.path.isfile(log_path):  # forget steps logged after the checkpoint (all, if there is none)
         rows = [line for line in open(log_path) if json.loads(line)["step"] <= start]
         with open(log_path + ".tmp", "w") as f:
             f.writelines(rows)

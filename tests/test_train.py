@@ -49,7 +49,7 @@ def test_align_then_instruct_then_generate(tmp_path):
     from easy_vqa import get_test_image_paths
 
     image = get_test_image_paths()[0]
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", ckpt, "--image", image,
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", instruct, "--image", image,
                           "--prompt", "What color is the shape?", "--max-new-tokens", "5"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -141,6 +141,7 @@ def test_bad_input_is_one_clear_line_and_nothing_is_overwritten(tmp_path):
     run("--phase", "align", "--out", done, "--steps", "2", *FAST)
     before = open(os.path.join(done, "log.jsonl")).read()
     assert "already holds a run" in error("--phase", "align", "--out", done, "--steps", "2", *FAST)
+    assert "these differ from it: lr" in error("--phase", "align", "--out", done, "--resume", "--lr", "0.5", *FAST)
     assert open(os.path.join(done, "log.jsonl")).read() == before
 
 
