@@ -58,10 +58,10 @@ def test_align_then_instruct_then_generate(tmp_path):
 
 def test_resume_gives_the_uninterrupted_run(tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    common = ["--phase", "align", "--steps", "12", "--save-every", "100", *FAST]
+    common = ["--phase", "align", "--steps", "20", "--save-every", "100", *FAST]
     run(*common, "--out", straight)
-    run(*common, "--out", resumed, "--stop-after", "6")
-    assert len(losses(resumed)) == 6
+    run(*common, "--out", resumed, "--stop-after", "10")
+    assert len(losses(resumed)) == 10
     run(*common, "--out", resumed, "--resume")
     assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
     a, b = load_file(os.path.join(latest(straight), "model.safetensors")), \
