@@ -72,6 +72,7 @@ class TrainConfig:
     beta: float = 0.1  # DPO: how far the policy may move from the reference
     dpo_loss: str = "sigmoid"  # DPO: "sigmoid" (Rafailov et al.) or "ipo"
     label_smoothing: float = 0.0  # DPO: conservative DPO's label noise
+    itm: bool = False  # qformer phase: add BLIP-2's image-text matching loss with hard negatives
     train_vision: bool = False  # also train the vision tower (from-scratch towers need it)
     lora_r: int = 0  # 0: no LoRA; instruct trains the LM in full
     lora_alpha: int = 16
@@ -334,7 +335,7 @@ def build(cfg: TrainConfig, spec: dict, train_texts):
     if cfg.connector == "qformer":  # BLIP-2's Q-Former, from scratch, reading text with the LM's tokenizer
         from qformer import QFormerConfig
 
-        qformer = QFormerConfig(**spec.get("qformer_config", {}), encoder_dim=vision.config.dim,
+        qformer = QFormerConfig(**{**spec.get("qformer_config", {}), "itm_head": cfg.itm}, encoder_dim=vision.config.dim,
                                 vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id or 0)
     vlm_cfg = VLMConfig(vision=vision.config, lm=lm.config, connector=cfg.connector,
                         image_token_id=tokenizer.token_to_id("<image>"), scale_factor=cfg.scale_factor,
@@ -438,8 +439,9 @@ def global_batch(n_samples: int, step: int, cfg: TrainConfig) -> list[int]:
 def itc_objective(model, batch, cfg: TrainConfig):
     """BLIP-2 stage 1 (image-text contrastive): the frozen tower's features through the queries
     against the captions through the Q-Former's text side; images sharing a caption are all
-    positives. Returns the summed loss, the number of pairs, and nothing else to report."""
-    from qformer import itc_loss
+    positives. With cfg.itm, plus image-text matching on the pairs and hard negatives mined from
+    the contrastive similarities. Returns the summed loss, the number of pairs, and nothing to report."""
+    from qformer import itc_loss, similarity
 
     with torch.no_grad():
         features = model.vision(batch["pixel_values"], layer=model.config.vision_layer)  # (B, P, Dv)
@@ -447,6 +449,9 @@ def itc_objective(model, batch, cfg: TrainConfig):
     images = qformer.image_features(features)  # (B, Q, d)
     texts = qformer.text_features(batch["text_ids"], batch["text_mask"])  # (B, d)
     loss = itc_loss(images, texts, qformer.temperature(), positives=batch["same"])
+    if cfg.itm:
+        sim = similarity(images, texts).detach()  # (B, B)
+        loss = loss + qformer.itm_loss(features, batch["text_ids"], batch["text_mask"], sim, positives=batch["same"])
     return loss * len(texts), len(texts), {}
 
 

@@ -165,7 +165,7 @@ def test_dpo_phase_starts_at_log2_and_trains(tmp_path, lora):
 
 def test_qformer_phase_then_a_qformer_vlm_through_align_and_instruct(tmp_path):
     stage1, align, instruct = str(tmp_path / "qformer"), str(tmp_path / "align"), str(tmp_path / "instruct")
-    result = run("--phase", "qformer", "--out", stage1, "--steps", "6", *FAST)
+    result = run("--phase", "qformer", "--out", stage1, "--steps", "6", "--itm", *FAST)
     assert "i2t_R@1" in result.stdout and os.path.isfile(os.path.join(stage1, "similarity_grid.png"))
     report = json.load(open(os.path.join(stage1, "retrieval.json")))
     assert 0 <= report["i2t_R@1"] <= report["i2t_R@5"] <= report["i2t_R@10"] <= 1
