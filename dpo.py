@@ -151,15 +151,18 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 
 def dpo_step(policy, reference, batch_pair: dict, beta: float = 0.1, label_smoothing: float = 0.0,
-             loss_type: str = "sigmoid") -> tuple[torch.Tensor, dict]:
+             loss_type: str = "sigmoid", rpo_alpha: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The DPO loss (with gradients into the policy) and metrics of one batch pair
     {"chosen": batch, "rejected": batch} (data.collate_preferences).
 
     The policy sees both sides in one forward pass. The reference log-probabilities come from the
     pair's "ref_chosen"/"ref_rejected" when precompute_reference put them there, else from
     `reference` (a frozen copy), else from the policy with its LoRA adapters off. For IPO every
-    log-probability is divided by its reply's length, as TRL does (Azar et al. 2023 leave it open)."""
+    log-probability is divided by its reply's length, as TRL does (Azar et al. 2023 leave it open).
+    rpo_alpha > 0 adds that much of the chosen replies' per-token negative log-likelihood (RPO, Pang
+    et al. 2024; TRL's `rpo_alpha`), which keeps the chosen answers' own probability from sinking."""
     policy_logps = pair_logprobs(policy, batch_pair)
+    nll = -(policy_logps[0] / response_mask(batch_pair["chosen"]).sum(dim=1).clamp(min=1)).mean()
     if "ref_chosen" in batch_pair:
         ref_logps = batch_pair["ref_chosen"], batch_pair["ref_rejected"]
     else:
@@ -168,4 +171,8 @@ def dpo_step(policy, reference, batch_pair: dict, beta: float = 0.1, label_smoot
         lengths = [response_mask(batch_pair[side]).sum(dim=1).clamp(min=1) for side in ("chosen", "rejected")]
         policy_logps = [logps / n for logps, n in zip(policy_logps, lengths)]
         ref_logps = [logps / n for logps, n in zip(ref_logps, lengths)]
-    return dpo_loss(*policy_logps, *ref_logps, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
+    loss, metrics = dpo_loss(*policy_logps, *ref_logps, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
+    if rpo_alpha:
+        loss = loss + rpo_alpha * nll
+        metrics["nll"] = nll.item()
+    return loss, metrics

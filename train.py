@@ -72,6 +72,7 @@ class TrainConfig:
     beta: float = 0.1  # DPO: how far the policy may move from the reference
     dpo_loss: str = "sigmoid"  # DPO: "sigmoid" (Rafailov et al.) or "ipo"
     label_smoothing: float = 0.0  # DPO: conservative DPO's label noise
+    rpo_alpha: float = 0.0  # DPO: weight of the chosen replies' NLL added to the loss (RPO)
     itm: bool = False  # qformer phase: add BLIP-2's image-text matching loss with hard negatives
     train_vision: bool = False  # also train the vision tower (from-scratch towers need it)
     lora_r: int = 0  # 0: no LoRA; instruct trains the LM in full
@@ -475,7 +476,7 @@ def dpo_objective(model, reference, batch_pair, cfg: TrainConfig):
 
     batch_pair["ref_chosen"], batch_pair["ref_rejected"] = reference_logprobs(reference[0], reference[1], batch_pair)
     loss, metrics = dpo_step(model, None, batch_pair, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                             loss_type=cfg.dpo_loss)
+                             loss_type=cfg.dpo_loss, rpo_alpha=cfg.rpo_alpha)
     n = batch_pair["chosen"]["input_ids"].shape[0]
     return loss * n, n, metrics
 

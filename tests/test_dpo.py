@@ -209,6 +209,18 @@ def test_loss_is_log2_and_rewards_zero_when_policy_is_reference(tokenizer, sampl
         assert loss.item() == pytest.approx(1 / (4 * 0.1**2), rel=1e-6)  # (0 - 1/(2 beta))^2
 
 
+def test_rpo_adds_the_chosen_replies_per_token_nll(tokenizer, samples):
+    pair = collate(samples, tokenizer)
+    policy = tiny_vlm(tokenizer)
+    frozen = copy.deepcopy(policy).requires_grad_(False)
+    plain, _ = dpo_step(policy, frozen, pair, beta=0.1)
+    with_nll, metrics = dpo_step(policy, frozen, pair, beta=0.1, rpo_alpha=0.5)
+    labels = pair["chosen"]["labels"][:, 1:]
+    nll = -(sequence_logprobs(policy, pair["chosen"]) / (labels != IGNORE_INDEX).sum(dim=1)).mean()
+    assert metrics["nll"] == pytest.approx(nll.item(), rel=1e-5)
+    assert with_nll.item() == pytest.approx(plain.item() + 0.5 * nll.item(), rel=1e-5)
+
+
 def test_lora_switched_off_is_the_reference_exactly(tokenizer, padded_pair):
     base = tiny_vlm(tokenizer)
     policy = with_random_lora(copy.deepcopy(base))
