@@ -902,6 +902,16 @@ def collate(samples: list[dict], tokenizer, image_processor=None, template: str 
     return {**_pad(rows, tokenizer, pad_side), "pixel_values": _pixel_values(images, image_processor)}
 
 
+def caption_ids(tokenizer, captions: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions as a Q-Former reads them: (B, T) ids starting with BOS (whose output is the text
+    feature, as BERT's [CLS]; EOS for tokenizers without BOS), right-padded, and the (B, T) mask."""
+    cls = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    rows = [[cls] + tokenizer.encode(c)[: max_len - 1] for c in captions]
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tokenizer.pad_id or 0] * (T - len(r)) for r in rows])
+    return ids, torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+
+
 def collate_preferences(samples: list[dict], tokenizer, image_processor=None, template: str = "chatml",
                         image_tokens=None, max_len: int = 512, pad_side: str = "right") -> dict:
     """{"chosen": batch, "rejected": batch} from preference pairs, each batch as `collate` makes it:

@@ -87,15 +87,13 @@ def retrieval_report(model, tok, processor, samples, out_dir: str, batch_size: i
     """Image-to-text and text-to-image Recall@1/5/10 of a Q-Former VLM on caption samples (the
     gallery of texts is every distinct caption; an image's relevant texts are its own caption), and
     similarity_grid.png: rows captions, columns images, cells cosine similarity."""
+    from data import caption_ids
     from qformer import similarity
 
     qformer = model.connector.qformer.eval()
     captions = [s["messages"][-1]["content"] for s in samples]
     texts = sorted(set(captions))
-    ids = [[tok.bos_id] + tok.encode(c) for c in texts]
-    T = max(map(len, ids))
-    text_ids = torch.tensor([r + [tok.pad_id or 0] * (T - len(r)) for r in ids])
-    text_mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in ids])
+    text_ids, text_mask = caption_ids(tok, texts, qformer.config.max_positions)
     device = next(model.parameters()).device
     text_feats = qformer.text_features(text_ids.to(device), text_mask.to(device))  # (Nt, d)
     image_feats = torch.cat([qformer.image_features(model.vision(
@@ -200,7 +198,7 @@ def main(argv=None):
     except (CheckpointError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     name = f"eval-{args.task}{'-noimage' if args.no_image else ''}.json"
-    if os.path.isdir(path):
+    if os.path.isdir(path) and args.task != "retrieval":  # retrieval_report wrote retrieval.json itself
         with open(os.path.join(path, name), "w") as f:
             json.dump(result, f, indent=2)
     print_table(result)

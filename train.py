@@ -457,24 +457,22 @@ def itc_objective(model, batch, cfg: TrainConfig):
 
 
 def caption_batch(samples, tokenizer, processor, max_len: int) -> dict:
-    """Images, their captions as ids (BOS first: its output is the text feature, BERT's [CLS]) and
-    which pairs share a caption, for the contrastive stage."""
+    """Images, their captions as ids (data.caption_ids) and which pairs share a caption, for the
+    contrastive stage."""
+    from data import caption_ids
+
     captions = [s["messages"][-1]["content"] for s in samples]
-    cls = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
-    rows = [[cls] + tokenizer.encode(c)[: max_len - 1] for c in captions]
-    T = max(len(r) for r in rows)
-    pad = tokenizer.pad_id or 0
-    return {"pixel_values": processor([s["images"][0] for s in samples]),
-            "text_ids": torch.tensor([r + [pad] * (T - len(r)) for r in rows]),
-            "text_mask": torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows]),
-            "same": torch.tensor([[a == b for b in captions] for a in captions])}
+    text_ids, text_mask = caption_ids(tokenizer, captions, max_len)
+    return {"pixel_values": processor([s["images"][0] for s in samples]), "text_ids": text_ids,
+            "text_mask": text_mask, "same": torch.tensor([[a == b for b in captions] for a in captions])}
 
 
-def dpo_objective(model, reference, batch_pair, cfg: TrainConfig):
+def dpo_objective(model, policy, reference, batch_pair, cfg: TrainConfig):
     """Summed DPO loss over the pairs, their count, and the metrics people watch (dpo.py)."""
     from dpo import dpo_step, reference_logprobs
 
-    batch_pair["ref_chosen"], batch_pair["ref_rejected"] = reference_logprobs(reference[0], reference[1], batch_pair)
+    # `model` may be the DDP wrapper; the reference pass needs the plain policy (its LoRA switch)
+    batch_pair["ref_chosen"], batch_pair["ref_rejected"] = reference_logprobs(policy, reference, batch_pair)
     loss, metrics = dpo_step(model, None, batch_pair, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                              loss_type=cfg.dpo_loss, rpo_alpha=cfg.rpo_alpha)
     n = batch_pair["chosen"]["input_ids"].shape[0]
@@ -514,12 +512,9 @@ def save_checkpoint(run: str, step: int, model, tokenizer, processor, optimizer,
         processor.save(tmp)
     with open(os.path.join(tmp, "train_config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=2)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng_torch": rng["torch"],
-                "rng_cuda": rng.get("cuda"), "rng_python": json.dumps(rng["python"][1])},
-               os.path.join(tmp, "trainer_state.pt"))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng_torch": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "rng_python": random.getstate()}, os.path.join(tmp, "trainer_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     with open(os.path.join(run, "latest.tmp"), "w") as f:
@@ -681,14 +676,13 @@ def train(cfg: TrainConfig, spec: dict):
         torch.set_rng_state(state["rng_torch"])
         if state.get("rng_cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        random.setstate((3, tuple(json.loads(state["rng_python"])), None))
+        random.setstate(state["rng_python"])
 
-    reference = None
-    if cfg.phase == "dpo":  # (model whose adapters go off, frozen model): LoRA needs no second model
+    reference = None  # DPO's frozen reference model; with LoRA none: the policy with its adapters off
+    if cfg.phase == "dpo" and not cfg.lora_r:
         from model import VLM
 
-        frozen = VLM.from_pretrained(latest_checkpoint(cfg.init) or cfg.init, device=device) if not cfg.lora_r else None
-        reference = (model, None) if cfg.lora_r else (None, frozen.requires_grad_(False))
+        reference = VLM.from_pretrained(latest_checkpoint(cfg.init) or cfg.init, device=device).requires_grad_(False)
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     step_model = torch.compile(ddp) if cfg.compile else ddp
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -708,7 +702,7 @@ def train(cfg: TrainConfig, spec: dict):
 
     def objective(m, b):  # (summed loss, how many it sums over, MoE aux loss or metrics)
         if cfg.phase == "dpo":
-            return dpo_objective(m, reference, b, cfg)
+            return dpo_objective(m, model, reference, b, cfg)
         if cfg.phase == "qformer":
             return itc_objective(m, b, cfg)
         return token_loss(m, b, cfg)
