@@ -5,6 +5,7 @@
     python generate.py --prompt "What is the capital of France?" --model SmolLM2-135M-Instruct.Q4_1.gguf
     python generate.py --prompt "Write a haiku." --temperature 0.8 --top-p 0.9 --seed 0
     python generate.py --prompt "Name a fruit." --num-beams 4
+    python generate.py --image cat.jpg --prompt "What is this?" --attention looked.png   # where it looked
 
 Each step turns the logits of the last position into one token per row:
 
@@ -287,6 +288,91 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
 
 
 # ---------------------------------------------------------------------------------------------
+# Where the answer looked: attention maps and the attention picture
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def attention_maps(model, input_ids, **forward_kwargs) -> torch.Tensor:
+    """The attention probabilities of every LM layer in one forward over input_ids (1, T): (L, H, T, T).
+
+    `F.scaled_dot_product_attention` never shows its probabilities, so a hook on each attention
+    layer recomputes them from the layer's input: softmax(q k^T / sqrt(hd)) under the same mask,
+    what HF's eager attention returns with output_attentions=True."""
+    from model import apply_rope
+
+    lm = model.lm if isinstance(model, VLM) else model
+    maps = []
+
+    def record(attn, inputs, _output):
+        x, cos, sin, mask, _cache = inputs  # x (1, T, D); mask None (causal) or bool (1, 1, T, T)
+        B, T, _ = x.shape
+        q = attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (1, H, T, hd)
+        k = attn.k_proj(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (1, Hkv, T, hd)
+        if attn.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # (1, H, T, hd)
+        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(attn.head_dim)  # (1, H, T, T)
+        allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if mask is None else mask
+        maps.append(scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)[0])  # (H, T, T)
+
+    hooks = [block.attn.register_forward_hook(record) for block in lm.layers]
+    try:
+        model(input_ids, **forward_kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(maps)  # (L, H, T, T)
+
+
+def attention_picture(model, tok, processor, ids, pixel_values, answer_ids: list[int], path: str,
+                      title: str = "") -> dict:
+    """A PNG of the image (one) as the model saw it, and the same image under the attention that the
+    answer paid to each of its patches, averaged over layers and heads.
+
+    The rows used are the positions whose outputs were the answer's tokens (the last prompt position
+    and every answer token but the last), the moments the model chose what to say. Each image token
+    covers scale_factor x scale_factor patches (pixel shuffle) or one patch (MLP connector); for a tiled
+    SmolVLM image its global (last) tile is shown. Returns the share of that attention on the image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = model.config
+    if getattr(cfg, "connector", None) not in ("pixel_shuffle", "mlp"):
+        raise ValueError("the attention picture needs image tokens that are patches of a grid (a pixel_shuffle or "
+                         f"mlp connector); this model's connector is {getattr(cfg, 'connector', None)!r}")
+    n = cfg.tokens_per_image()
+    full = torch.cat([ids, torch.tensor([answer_ids[:-1]], dtype=ids.dtype, device=ids.device)], dim=1)  # (1, T)
+    maps = attention_maps(model, full, pixel_values=pixel_values).mean(dim=(0, 1))  # (T, T)
+    rows = maps[ids.shape[1] - 1:].mean(dim=0)  # (T,): where the answer's positions looked
+    image_pos = (full[0] == cfg.image_token_id).nonzero().flatten()  # n per tile, tiles in order
+    shown = image_pos[-n:]  # the last tile: the global one of a tiled SmolVLM image, or the only one
+    side = math.isqrt(n)
+    heat = rows[shown].reshape(side, side)
+    heat = (heat / heat.sum()).cpu().numpy()  # shares of the image's attention
+    mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_std).view(3, 1, 1)
+    picture = (pixel_values[-1].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()  # (H, W, 3)
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    for ax in axes:
+        ax.imshow(picture)
+        ax.axis("off")
+    H, W = picture.shape[:2]
+    shade = axes[1].imshow(heat, cmap="inferno", alpha=0.5, extent=(0, W, H, 0), interpolation="nearest")
+    fig.colorbar(shade, ax=axes[1], fraction=0.046, label="share of the image's attention")
+    on_image = float(rows[image_pos].sum())
+    fig.suptitle(f"{title}\nanswer: {tok.decode(answer_ids).strip()!r}   ({on_image:.0%} of its attention on image tokens)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return {"path": path, "attention_on_image": on_image}
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -398,12 +484,16 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attention", metavar="PNG", default=None,
+                   help="also save a picture of the attention the answer paid to the image's patches (one --image)")
     args = p.parse_args(argv)
 
     try:  # every option is checked before the (slow) model load
         check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                       args.repetition_penalty, args.num_beams)
         device = check_device(args.device)
+        if args.attention and len(args.image) != 1:
+            raise ValueError(f"--attention draws one image; pass exactly one --image (got {len(args.image)})")
         if args.seed is not None and not 0 <= args.seed < 2 ** 63:
             raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
         generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
@@ -436,7 +526,15 @@ def main(argv=None):
     except KeyboardInterrupt:
         print()
         sys.exit(130)
-    print()
+    print(flush=True)
+    if args.attention:
+        try:
+            picture = attention_picture(model, tok, processor, ids, prefill_kwargs["pixel_values"], shown,
+                                        args.attention, title=args.prompt)
+        except (ValueError, OSError) as e:
+            fail(e)
+        print(f"attention picture: {picture['path']} ({picture['attention_on_image']:.0%} of the answer's "
+              "attention on image tokens)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -493,3 +493,17 @@ def test_cli_answers_about_images_and_refuses_bad_ones(tmp_path):
     assert offline.returncode != 0 and "Traceback" not in offline.stderr
     assert "could not get nobody/no-such-vlm from the Hugging Face hub" in offline.stderr
     assert "pass a local folder" in offline.stderr
+
+
+# --- attention maps ----------------------------------------------------------------------------------
+
+def test_attention_maps_equal_transformers_eager_attentions(tmp_path):
+    hf, ours = hf_tiny_llama(tmp_path, vocab=40)
+    hf.config._attn_implementation = "eager"  # the attention implementation that returns its probabilities
+    ids = torch.randint(0, 40, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = torch.stack(hf(ids, output_attentions=True).attentions)[:, 0]  # (L, H, T, T)
+    maps = gen.attention_maps(ours, ids)
+    assert maps.shape == theirs.shape == (2, 4, 12, 12)
+    assert (maps - theirs).abs().max().item() <= 1e-5
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 4, 12))  # each row is a distribution

@@ -50,10 +50,12 @@ def test_align_then_instruct_then_generate(tmp_path):
 
     image = get_test_image_paths()[0]
     out = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", instruct, "--image", image,
-                          "--prompt", "What color is the shape?", "--max-new-tokens", "5"],
+                          "--prompt", "What color is the shape?", "--max-new-tokens", "5",
+                          "--attention", str(tmp_path / "looked.png")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()  # it answered something
+    assert "attention on image tokens" in out.stderr and (tmp_path / "looked.png").stat().st_size > 10_000
 
 
 def test_resume_gives_the_uninterrupted_run(tmp_path):

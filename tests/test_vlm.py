@@ -215,3 +215,16 @@ def test_smolvlm_end_to_end_with_its_processor_on_a_real_photo(tmp_path, monkeyp
     assert max_diff(theirs, mine) <= 1e-4
     new = hf.generate(**expected, max_new_tokens=20, do_sample=False)[:, ids.shape[1]:]
     assert torch.equal(generate(ours, ids, 20, pixel_values=pixel_values), new)
+
+
+def test_attention_maps_over_image_tokens_equal_transformers(tmp_path):
+    from generate import attention_maps
+
+    hf, ours = tiny_smolvlm(tmp_path)
+    hf.set_attn_implementation("eager")  # the attention implementation that returns its probabilities
+    ids = torch.tensor([[1, 2, 3] + [IMAGE] * 4 + [4, 5, 6]])
+    pixels = torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = torch.stack(hf(input_ids=ids, pixel_values=pixels, output_attentions=True).attentions)[:, 0]
+    mine = attention_maps(ours, ids, pixel_values=pixels[0])  # (L, H, T, T)
+    assert mine.shape == theirs.shape and max_diff(mine, theirs) <= 1e-5
