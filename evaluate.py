@@ -275,13 +275,12 @@ def perplexity(model, batches) -> dict:
 CAPTION_TOKENS = 24  # the longest caption generated
 
 
-def question_type(question: str) -> str:
-    q = question.lower()
-    if "color" in q or "colour" in q:
-        return "color"
-    if "shape" in q:
-        return "shape"
-    return "yes/no"
+def question_type(answer: str) -> str:
+    """An easy-VQA question's kind, told by its right answer: a colour, a shape, or yes/no (its
+    wording would mislead: "Is there a red shape?" is a yes/no question)."""
+    from data import EASY_VQA_COLORS, EASY_VQA_SHAPES
+
+    return "color" if answer in EASY_VQA_COLORS else "shape" if answer in EASY_VQA_SHAPES else "yes/no"
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,7 +404,7 @@ def evaluate_easy_vqa(path: str, limit: int | None, image: bool, batch_size: int
     predictions = answer_questions(model, tok, processor, template, samples, batch_size, image=image, device=device)
     answers = [s["messages"][1]["content"] for s in samples]
     questions = [next(p["text"] for p in s["messages"][0]["content"] if p.get("type") == "text") for s in samples]
-    kinds = [question_type(q) for q in questions]
+    kinds = [question_type(a) for a in answers]
     result = {"task": "easy-vqa", "checkpoint": path, "image": image, "samples": len(samples),
               "accuracy": vqa_accuracy(predictions, answers), "token_f1": token_f1(predictions, answers),
               "seconds": time.perf_counter() - t0}
