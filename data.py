@@ -273,6 +273,41 @@ def easy_vqa_qa(split: str = "train", limit: int | None = None) -> list[dict]:
     return [chat_sample([paths[i]], _sentence(q), a) for q, a, i in zip(questions, answers, image_ids)][:limit]
 
 
+def balanced_yes_no(question: str, shape: str, color: str, rng: random.Random) -> tuple[str, str]:
+    """A yes/no question about an image showing a `color` `shape`, with the colour (or shape) it asks
+    about redrawn so that "yes" and "no" are equally likely, and its answer:
+
+        "is there a green shape?" (red circle) -> "is there a red shape?" "yes", or "... a blue ..." "no"
+    """
+    words = re.findall(r"[a-z]+", question.lower())
+    asked = [w for w in words if w in EASY_VQA_SHAPES or w in EASY_VQA_COLORS]
+    if len(asked) != 1:
+        raise ValueError(f"{question!r} does not ask about exactly one shape or colour")
+    values, truth = (EASY_VQA_SHAPES, shape) if asked[0] in EASY_VQA_SHAPES else (tuple(EASY_VQA_COLORS), color)
+    holds = rng.random() < 0.5
+    value = truth if holds else rng.choice([v for v in values if v != truth])
+    negated = "not" in words or "no" in words  # "is there not a ...", "is no ... present?"
+    return re.sub(rf"\b{asked[0]}\b", value, question), "yes" if holds != negated else "no"
+
+
+def easy_vqa_qa_balanced(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+    """easy_vqa_qa with "yes" and "no" equally likely for every yes/no wording. easy-VQA mostly asks
+    about a colour or shape the image lacks (85% of "is there a COLOR shape?" are "no"), so a model
+    trained on it scores 82% on its yes/no questions without looking at the image, and learns to
+    answer them from the wording. Here each yes/no question asks about the image's own value or
+    another by a coin flip (`balanced_yes_no`, drawn by `seed`); VQA v2 balanced its answers for the
+    same reason (Goyal et al. 2017). Shape and colour questions are kept as they are."""
+    rng = random.Random(seed)
+    questions, answers, image_ids, paths = easy_vqa_split(split)
+    attributes = easy_vqa_attributes(split)
+    samples = []
+    for q, a, i in zip(questions[:limit], answers, image_ids):
+        if a in ("yes", "no"):
+            q, a = balanced_yes_no(q, *attributes[i], rng)
+        samples.append(chat_sample([paths[i]], _sentence(q), a))
+    return samples
+
+
 def wrong_answer(answer: str, rng: random.Random) -> str:
     """A wrong easy-VQA answer of the same kind: another shape, another colour, or the other of yes/no."""
     if answer in ("yes", "no"):
@@ -681,6 +716,7 @@ def _take(iterator, limit):
 SOURCES = {
     "easy-vqa-captions": easy_vqa_captions,
     "easy-vqa-qa": easy_vqa_qa,
+    "easy-vqa-qa-balanced": easy_vqa_qa_balanced,
     "easy-vqa-preferences": easy_vqa_preferences,
     "easy-vqa-text": easy_vqa_text,
     "coco-captions": coco_captions,
