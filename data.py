@@ -292,7 +292,7 @@ def balanced_yes_no(question: str, shape: str, color: str, rng: random.Random) -
 
 def easy_vqa_qa_balanced(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
     """easy_vqa_qa with "yes" and "no" equally likely for every yes/no wording. easy-VQA mostly asks
-    about a colour or shape the image lacks (85% of "is there a COLOR shape?" are "no"), so a model
+    about a colour or shape the image lacks (88% of "is there a COLOR shape?" are "no"), so a model
     trained on it scores 82% on its yes/no questions without looking at the image, and learns to
     answer them from the wording. Here each yes/no question asks about the image's own value or
     another by a coin flip (`balanced_yes_no`, drawn by `seed`); VQA v2 balanced its answers for the
@@ -319,15 +319,17 @@ def wrong_answer(answer: str, rng: random.Random) -> str:
     raise ValueError(f"{answer!r} is not an easy-VQA answer")
 
 
-def easy_vqa_preferences(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+def easy_vqa_preferences(split: str = "train", limit: int | None = None, seed: int = 0,
+                         balanced: bool = False) -> list[dict]:
     """One preference pair per question: chosen = the right answer, rejected = a wrong one of the same
-    kind, drawn by `seed` (the same pairs every time)."""
+    kind, drawn by `seed` (the same pairs every time). balanced: the questions of easy_vqa_qa_balanced,
+    so that the pairs do not teach the dataset's lean to one yes/no answer."""
     rng = random.Random(seed)
-    questions, answers, image_ids, paths = easy_vqa_split(split)
     samples = []
-    for q, a, i in zip(questions[:limit], answers, image_ids):
-        samples.append({"prompt": [user_turn(_sentence(q))], "images": [paths[i]],
-                        "chosen": a, "rejected": wrong_answer(a, rng)})
+    for sample in (easy_vqa_qa_balanced if balanced else easy_vqa_qa)(split, limit):
+        user, reply = sample["messages"]
+        samples.append({"prompt": [user], "images": sample["images"],
+                        "chosen": reply["content"], "rejected": wrong_answer(reply["content"], rng)})
     return samples
 
 
@@ -718,6 +720,7 @@ SOURCES = {
     "easy-vqa-qa": easy_vqa_qa,
     "easy-vqa-qa-balanced": easy_vqa_qa_balanced,
     "easy-vqa-preferences": easy_vqa_preferences,
+    "easy-vqa-preferences-balanced": functools.partial(easy_vqa_preferences, balanced=True),
     "easy-vqa-text": easy_vqa_text,
     "coco-captions": coco_captions,
     "flickr30k": flickr30k,

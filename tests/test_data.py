@@ -86,6 +86,36 @@ def test_easy_vqa_qa_samples():
         assert sample["images"] == [paths[i]]
 
 
+def test_easy_vqa_qa_balanced_says_yes_and_no_equally_often_and_truly():
+    questions, answers, image_ids = easy_vqa.get_train_questions()
+    paths = easy_vqa.get_train_image_paths()
+    truth = {s["images"][0]: re.fullmatch(r"A (\w+) (\w+)\.", s["messages"][1]["content"]).groups()
+             for s in data.easy_vqa_captions("train")}  # path -> (color, shape)
+    samples = data.easy_vqa_qa_balanced("train")
+    assert len(samples) == len(questions)
+    yes = {}  # wording -> [yes count, questions]
+    for sample, q, a, i in zip(samples, questions, answers, image_ids):
+        assert sample["images"] == [paths[i]]
+        question, answer = sample["messages"][0]["content"][1]["text"].lower(), sample["messages"][1]["content"]
+        color, shape = truth[paths[i]]
+        assert answer_from(question, shape, color) == answer, (question, answer, paths[i])
+        if a in ("yes", "no"):
+            wording = re.sub(r"\b(%s)\b" % "|".join((*SHAPES, *COLORS)), "X", question)
+            counts = yes.setdefault(wording, [0, 0])
+            counts[0] += answer == "yes"
+            counts[1] += 1
+        else:
+            assert (question, answer) == (q, a)  # shape and colour questions stay as they are
+    # easy-VQA's own wordings lean 64-88% to one answer; here each is near half yes.
+    assert len(yes) == 16 and all(0.45 < n_yes / n < 0.55 for n_yes, n in yes.values()), yes
+    assert data.easy_vqa_qa_balanced("train", limit=300) == samples[:300]  # the same seed, the same draw
+    assert data.load_source("easy-vqa-qa-balanced", "test", limit=3) == data.easy_vqa_qa_balanced("test", limit=3)
+    pairs = data.load_source("easy-vqa-preferences-balanced", "train", limit=300)
+    assert [(p["prompt"], p["images"], p["chosen"]) for p in pairs] == \
+        [(s["messages"][:1], s["images"], s["messages"][1]["content"]) for s in samples[:300]]
+    assert all(p["rejected"] != p["chosen"] for p in pairs)
+
+
 def test_easy_vqa_preferences_reject_a_wrong_answer_of_the_same_kind():
     samples = data.easy_vqa_preferences("train")
     _, answers, _ = easy_vqa.get_train_questions()
