@@ -100,7 +100,7 @@ def test_easy_vqa_qa_balanced_says_yes_and_no_equally_often_and_truly():
         color, shape = truth[paths[i]]
         assert answer_from(question, shape, color) == answer, (question, answer, paths[i])
         if a in ("yes", "no"):
-            wording = re.sub(r"\b(%s)\b" % "|".join((*SHAPES, *COLORS)), "X", question)
+            wording = re.sub(rf"\b({'|'.join((*SHAPES, *COLORS))})\b", "X", question)
             counts = yes.setdefault(wording, [0, 0])
             counts[0] += answer == "yes"
             counts[1] += 1
