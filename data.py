@@ -319,17 +319,15 @@ def wrong_answer(answer: str, rng: random.Random) -> str:
     raise ValueError(f"{answer!r} is not an easy-VQA answer")
 
 
-def easy_vqa_preferences(split: str = "train", limit: int | None = None, seed: int = 0,
-                         balanced: bool = False) -> list[dict]:
+def easy_vqa_preferences(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
     """One preference pair per question: chosen = the right answer, rejected = a wrong one of the same
-    kind, drawn by `seed` (the same pairs every time). balanced: the questions of easy_vqa_qa_balanced,
-    so that the pairs do not teach the dataset's lean to one yes/no answer."""
+    kind, drawn by `seed` (the same pairs every time)."""
     rng = random.Random(seed)
+    questions, answers, image_ids, paths = easy_vqa_split(split)
     samples = []
-    for sample in (easy_vqa_qa_balanced if balanced else easy_vqa_qa)(split, limit):
-        user, reply = sample["messages"]
-        samples.append({"prompt": [user], "images": sample["images"],
-                        "chosen": reply["content"], "rejected": wrong_answer(reply["content"], rng)})
+    for q, a, i in zip(questions[:limit], answers, image_ids):
+        samples.append({"prompt": [user_turn(_sentence(q))], "images": [paths[i]],
+                        "chosen": a, "rejected": wrong_answer(a, rng)})
     return samples
 
 
@@ -720,7 +718,6 @@ SOURCES = {
     "easy-vqa-qa": easy_vqa_qa,
     "easy-vqa-qa-balanced": easy_vqa_qa_balanced,
     "easy-vqa-preferences": easy_vqa_preferences,
-    "easy-vqa-preferences-balanced": functools.partial(easy_vqa_preferences, balanced=True),
     "easy-vqa-text": easy_vqa_text,
     "coco-captions": coco_captions,
     "flickr30k": flickr30k,

@@ -393,19 +393,23 @@ def require_vlm(path: str, processor, task: str, hint: str = ""):
     raise ValueError(f"{path} is not a VLM that train.py wrote ({task} asks one <image> per embedding){hint}")
 
 
-def evaluate_easy_vqa(path: str, limit: int | None, image: bool, batch_size: int, device: str) -> dict:
-    from data import easy_vqa_qa
+def evaluate_easy_vqa(path: str, limit: int | None, image: bool, batch_size: int, device: str,
+                      balanced: bool = False) -> dict:
+    """easy-VQA test accuracy, overall and by question kind. balanced: the test questions with their
+    yes/no answers redrawn half yes, half no (data.easy_vqa_qa_balanced), where answering yes/no from
+    the wording alone scores 50%, not the official split's 82%."""
+    from data import easy_vqa_qa, easy_vqa_qa_balanced
 
     model, tok, processor, template = load(path, torch.float32, device)
     if image:
         require_vlm(path, processor, "easy-VQA evaluation", "; pass --no-image to evaluate a language model blind")
-    samples = easy_vqa_qa("test", limit=limit)
+    samples = (easy_vqa_qa_balanced if balanced else easy_vqa_qa)("test", limit=limit)
     t0 = time.perf_counter()
     predictions = answer_questions(model, tok, processor, template, samples, batch_size, image=image, device=device)
     answers = [s["messages"][1]["content"] for s in samples]
     questions = [next(p["text"] for p in s["messages"][0]["content"] if p.get("type") == "text") for s in samples]
     kinds = [question_type(a) for a in answers]
-    result = {"task": "easy-vqa", "checkpoint": path, "image": image, "samples": len(samples),
+    result = {"task": "easy-vqa", "checkpoint": path, "image": image, "balanced": balanced, "samples": len(samples),
               "accuracy": vqa_accuracy(predictions, answers), "token_f1": token_f1(predictions, answers),
               "seconds": time.perf_counter() - t0}
     for kind in sorted(set(kinds)):
@@ -481,6 +485,8 @@ def main(argv=None):
     p.add_argument("--task", default="easy-vqa", choices=["easy-vqa", "captions", "retrieval", "perplexity"])
     p.add_argument("--limit", type=int, default=None, help="only the first N test samples")
     p.add_argument("--no-image", action="store_true", help="easy-vqa: ask without the image (the blind baseline)")
+    p.add_argument("--balanced", action="store_true", help="easy-vqa: the test questions with yes/no answers "
+                   "redrawn half and half (data.easy_vqa_qa_balanced), so that the wording alone scores 50%%")
     p.add_argument("--data", default=None, help="perplexity: a data source (data.load_source) instead of "
                    "easy-VQA's test questions")
     p.add_argument("--batch-size", type=int, default=32)
@@ -491,8 +497,8 @@ def main(argv=None):
     try:
         if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
             raise ValueError("--limit and --batch-size must be at least 1")
-        if args.no_image and args.task != "easy-vqa":
-            raise ValueError("--no-image goes with --task easy-vqa")
+        if (args.no_image or args.balanced) and args.task != "easy-vqa":
+            raise ValueError("--no-image and --balanced go with --task easy-vqa")
         if args.data and args.task != "perplexity":
             raise ValueError("--data goes with --task perplexity")
         args.device = str(check_device(args.device))
@@ -508,10 +514,10 @@ def main(argv=None):
         elif args.task == "perplexity":
             result = evaluate_perplexity(path, args.data or "easy-vqa-qa", args.limit, args.batch_size, args.device)
         else:
-            result = evaluate_easy_vqa(path, args.limit, not args.no_image, args.batch_size, args.device)
+            result = evaluate_easy_vqa(path, args.limit, not args.no_image, args.batch_size, args.device, args.balanced)
     except (CheckpointError, OSError, ValueError) as e:
         fail(e)
-    name = f"eval-{args.task}{'-noimage' if args.no_image else ''}.json"
+    name = f"eval-{args.task}{'-balanced' if args.balanced else ''}{'-noimage' if args.no_image else ''}.json"
     if os.path.isdir(path) and args.task != "retrieval":  # retrieval_report wrote retrieval.json itself
         with open(os.path.join(path, name), "w") as f:
             json.dump(result, f, indent=2)

@@ -108,10 +108,6 @@ def test_easy_vqa_qa_balanced_says_yes_and_no_equally_often_and_truly():
     assert len(yes) == 16 and all(0.45 < n_yes / n < 0.55 for n_yes, n in yes.values()), yes
     assert data.easy_vqa_qa_balanced("train", limit=300) == samples[:300]  # the same seed, the same draw
     assert data.load_source("easy-vqa-qa-balanced", "test", limit=3) == data.easy_vqa_qa_balanced("test", limit=3)
-    pairs = data.load_source("easy-vqa-preferences-balanced", "train", limit=300)
-    assert [(p["prompt"], p["images"], p["chosen"]) for p in pairs] == \
-        [(s["messages"][:1], s["images"], s["messages"][1]["content"]) for s in samples[:300]]
-    assert all(p["rejected"] != p["chosen"] for p in pairs)
 
 
 def test_easy_vqa_preferences_reject_a_wrong_answer_of_the_same_kind():

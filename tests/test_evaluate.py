@@ -257,9 +257,24 @@ def test_cli_perplexity_on_a_tiny_vlm_equals_the_training_loss(tiny_vlm, one_thr
     assert report["perplexity"] == pytest.approx(math.exp(loss.item() / n), rel=1e-5)
 
 
+def test_cli_easy_vqa_balanced_asks_the_redrawn_questions(tiny_vlm, one_thread):
+    from data import easy_vqa_qa, easy_vqa_qa_balanced
+
+    main(["--checkpoint", tiny_vlm, "--task", "easy-vqa", "--limit", "10", "--balanced", "--batch-size", "4"])
+    report = read_report(tiny_vlm, "easy-vqa-balanced")
+    asked = [(e["question"], e["answer"]) for e in report["examples"]]
+    expected = [(s["messages"][0]["content"][1]["text"], s["messages"][1]["content"])
+                for s in easy_vqa_qa_balanced("test", limit=10)]
+    official = [(s["messages"][0]["content"][1]["text"], s["messages"][1]["content"])
+                for s in easy_vqa_qa("test", limit=10)]
+    assert report["balanced"] and report["samples"] == 10 and asked == expected != official
+    assert report["accuracy"] == vqa_accuracy([e["prediction"] for e in report["examples"]], [a for _, a in asked])
+
+
 @pytest.mark.parametrize("args", [["--task", "perplexity", "--data", "no/such/file.txt"],
                                   ["--task", "captions", "--limit", "0"],
                                   ["--task", "captions", "--no-image"],
+                                  ["--task", "captions", "--balanced"],
                                   ["--task", "fly"]])
 def test_cli_bad_input_is_one_error_line(tiny_vlm, capsys, args):
     with pytest.raises(SystemExit) as exit_:
