@@ -124,8 +124,7 @@ def apply_lora(model, targets=("q_proj", "v_proj"), r: int = 8, alpha: float = 1
                trainable=()):
     """Wrap the LM's linears that `targets` names (see _matches: suffixes, "all-linear" or a regex) in
     Linear_LORA, freeze every other parameter of `model` except those whose names start with one of
-    the `trainable` prefixes (e.g. ("connector.",)), and print the trainable share as PEFT's
-    print_trainable_parameters does. Returns the model, changed in place."""
+    the `trainable` prefixes (e.g. ("connector.",)). Returns the model, changed in place."""
     lm = _lm(model)
     if lora_layers(lm):
         raise ValueError("the model already has LoRA layers (merge_lora it, or load_adapter into it)")
@@ -145,11 +144,14 @@ def apply_lora(model, targets=("q_proj", "v_proj"), r: int = 8, alpha: float = 1
     for layer in lora_layers(lm).values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
-
-    n_train = sum(p.numel() for p in params.values() if p.requires_grad)
-    n_all = sum(p.numel() for p in params.values())
-    print(f"trainable params: {n_train:,d} || all params: {n_all:,d} || trainable%: {100 * n_train / n_all:.4f}")
     return model
+
+
+def print_trainable_parameters(model):
+    """The trainable share of `model`'s parameters, in the line PEFT's print_trainable_parameters prints."""
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    print(f"trainable params: {n_train:,d} || all params: {n_all:,d} || trainable%: {100 * n_train / n_all:.4f}")
 
 
 @contextmanager

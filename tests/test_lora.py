@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import (Linear_LORA, apply_lora, disable_adapters, load_adapter, lora_layers, merge_lora,
-                  save_adapter)
+                  print_trainable_parameters, save_adapter)
 from model import VLM, LanguageModel, LMConfig, VLMConfig
 from siglip import VisionConfig
 
@@ -91,7 +91,7 @@ def test_fresh_adapter_leaves_logits_unchanged(llama):
 def test_same_adapter_weights_give_peft_logits(llama, targets, capsys):
     lm = ours(llama)
     assert max_diff(logits(lm), logits(theirs(llama))) <= 1e-5
-    apply_lora(lm, targets, r=4, alpha=8, dropout=0.0)
+    print_trainable_parameters(apply_lora(lm, targets, r=4, alpha=8, dropout=0.0))
     randomize_b(lm)
     pm = peft.get_peft_model(theirs(llama), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                             target_modules=targets, task_type="CAUSAL_LM"))
@@ -195,7 +195,7 @@ def tiny_vlm() -> VLM:
 
 def test_only_adapters_and_marked_params_train(capsys):
     vlm = tiny_vlm()
-    apply_lora(vlm, "all-linear", r=4, trainable=("connector.",))
+    print_trainable_parameters(apply_lora(vlm, "all-linear", r=4, trainable=("connector.",)))
     assert "trainable params:" in capsys.readouterr().out
     assert set(lora_layers(vlm)) == {f"layers.{i}.{m}" for i in range(2) for m in
                                      ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
