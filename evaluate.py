@@ -1,7 +1,8 @@
 """Evaluation: metrics as short functions, and evaluation runs over a data set.
 
-    python evaluate.py --checkpoint runs/tiny-instruct --task easy-vqa           # test accuracy
-    python evaluate.py --checkpoint runs/tiny-instruct --task easy-vqa --no-image  # the blind baseline
+    python evaluate.py --checkpoint runs/tiny-instruct --task easy-vqa           # test accuracy, and without the image
+    python evaluate.py --checkpoint runs/tiny-instruct --task easy-vqa --balanced  # yes/no half and half
+    python evaluate.py --checkpoint runs/tiny-instruct --task easy-vqa --no-image  # a blind model (an LM) alone
     python evaluate.py --checkpoint runs/tiny-align --task captions              # BLEU, ROUGE-L, CIDEr-D
     python evaluate.py --checkpoint runs/tiny-instruct --task perplexity         # on the test answers
     python evaluate.py --checkpoint runs/tiny-qformer --task retrieval             # Recall@K + similarity grid
@@ -393,31 +394,59 @@ def require_vlm(path: str, processor, task: str, hint: str = ""):
     raise ValueError(f"{path} is not a VLM that train.py wrote ({task} asks one <image> per embedding){hint}")
 
 
+def easy_vqa_scores(predictions: list[str], answers: list[str]) -> dict:
+    """Exact-match accuracy (official VQA normalisation) overall, by question kind, and token F1."""
+    kinds = [question_type(a) for a in answers]
+    scores = {"accuracy": vqa_accuracy(predictions, answers), "token_f1": token_f1(predictions, answers)}
+    for kind in sorted(set(kinds)):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        scores[f"accuracy_{kind}"] = vqa_accuracy([predictions[i] for i in idx], [answers[i] for i in idx])
+    return scores
+
+
 def evaluate_easy_vqa(path: str, limit: int | None, image: bool, batch_size: int, device: str,
-                      balanced: bool = False) -> dict:
+                      balanced: bool = False, baseline: bool = True) -> dict:
     """easy-VQA test accuracy, overall and by question kind. balanced: the test questions with their
     yes/no answers redrawn half yes, half no (data.easy_vqa_qa_balanced), where answering yes/no from
-    the wording alone scores 50%, not the official split's 82%."""
+    the wording alone scores 50%, not the official split's 82%. baseline: the same questions asked
+    again without the image, under "no_image", so that the report shows what looking adds."""
     from data import easy_vqa_qa, easy_vqa_qa_balanced
 
     model, tok, processor, template = load(path, torch.float32, device)
     if image:
         require_vlm(path, processor, "easy-VQA evaluation", "; pass --no-image to evaluate a language model blind")
     samples = (easy_vqa_qa_balanced if balanced else easy_vqa_qa)("test", limit=limit)
-    t0 = time.perf_counter()
-    predictions = answer_questions(model, tok, processor, template, samples, batch_size, image=image, device=device)
     answers = [s["messages"][1]["content"] for s in samples]
     questions = [next(p["text"] for p in s["messages"][0]["content"] if p.get("type") == "text") for s in samples]
-    kinds = [question_type(a) for a in answers]
+    t0 = time.perf_counter()
+    predictions = answer_questions(model, tok, processor, template, samples, batch_size, image=image, device=device)
     result = {"task": "easy-vqa", "checkpoint": path, "image": image, "balanced": balanced, "samples": len(samples),
-              "accuracy": vqa_accuracy(predictions, answers), "token_f1": token_f1(predictions, answers),
-              "seconds": time.perf_counter() - t0}
-    for kind in sorted(set(kinds)):
-        idx = [i for i, k in enumerate(kinds) if k == kind]
-        result[f"accuracy_{kind}"] = vqa_accuracy([predictions[i] for i in idx], [answers[i] for i in idx])
-    result["examples"] = [{"question": q, "answer": a, "prediction": p}
-                          for q, a, p in list(zip(questions, answers, predictions))[:10]]
+              **easy_vqa_scores(predictions, answers)}
+    examples = [{"question": q, "answer": a, "prediction": p} for q, a, p in zip(questions, answers, predictions)]
+    if image and baseline:
+        blind = answer_questions(model, tok, processor, template, samples, batch_size, image=False, device=device)
+        result["no_image"] = easy_vqa_scores(blind, answers)
+        result["image_adds"] = result["accuracy"] - result["no_image"]["accuracy"]
+        for example, p in zip(examples, blind):
+            example["prediction_no_image"] = p
+    result["seconds"] = time.perf_counter() - t0
+    result["examples"] = examples[:10]
     return result
+
+
+def print_easy_vqa(result: dict):
+    """Accuracy by question kind, with the no-image baseline and what the image adds beside it."""
+    rows = [k for k in result if k.startswith("accuracy")] + ["token_f1"]
+    blind = result.get("no_image")
+    print(f"{'':<20}{'image' if result['image'] else 'no image':>10}" + (f"{'no image':>10}{'image adds':>12}" if blind else ""))
+    for k in rows:
+        name = k.replace("accuracy_", "  ")
+        line = f"{name:<20}{result[k]:>10.4f}"
+        if blind:
+            line += f"{blind[k]:>10.4f}{result[k] - blind[k]:>+12.4f}"
+        print(line)
+    print(f"{result['samples']} questions{' (balanced yes/no)' if result['balanced'] else ''}, "
+          f"{result['seconds']:.0f} s")
 
 
 def evaluate_captions(path: str, limit: int | None, batch_size: int, device: str) -> dict:
@@ -485,6 +514,8 @@ def main(argv=None):
     p.add_argument("--task", default="easy-vqa", choices=["easy-vqa", "captions", "retrieval", "perplexity"])
     p.add_argument("--limit", type=int, default=None, help="only the first N test samples")
     p.add_argument("--no-image", action="store_true", help="easy-vqa: ask without the image (the blind baseline)")
+    p.add_argument("--no-baseline", action="store_true", help="easy-vqa: skip the no-image baseline that is "
+                   "otherwise reported beside the result (the same questions asked without the image)")
     p.add_argument("--balanced", action="store_true", help="easy-vqa: the test questions with yes/no answers "
                    "redrawn half and half (data.easy_vqa_qa_balanced), so that the wording alone scores 50%%")
     p.add_argument("--data", default=None, help="perplexity: a data source (data.load_source) instead of "
@@ -497,8 +528,8 @@ def main(argv=None):
     try:
         if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
             raise ValueError("--limit and --batch-size must be at least 1")
-        if (args.no_image or args.balanced) and args.task != "easy-vqa":
-            raise ValueError("--no-image and --balanced go with --task easy-vqa")
+        if (args.no_image or args.balanced or args.no_baseline) and args.task != "easy-vqa":
+            raise ValueError("--no-image, --no-baseline and --balanced go with --task easy-vqa")
         if args.data and args.task != "perplexity":
             raise ValueError("--data goes with --task perplexity")
         args.device = str(check_device(args.device))
@@ -514,14 +545,15 @@ def main(argv=None):
         elif args.task == "perplexity":
             result = evaluate_perplexity(path, args.data or "easy-vqa-qa", args.limit, args.batch_size, args.device)
         else:
-            result = evaluate_easy_vqa(path, args.limit, not args.no_image, args.batch_size, args.device, args.balanced)
+            result = evaluate_easy_vqa(path, args.limit, not args.no_image, args.batch_size, args.device, args.balanced,
+                                       baseline=not args.no_baseline)
     except (CheckpointError, OSError, ValueError) as e:
         fail(e)
     name = f"eval-{args.task}{'-balanced' if args.balanced else ''}{'-noimage' if args.no_image else ''}.json"
     if os.path.isdir(path) and args.task != "retrieval":  # retrieval_report wrote retrieval.json itself
         with open(os.path.join(path, name), "w") as f:
             json.dump(result, f, indent=2)
-    print_table(result)
+    (print_easy_vqa if args.task == "easy-vqa" else print_table)(result)
 
 
 if __name__ == "__main__":

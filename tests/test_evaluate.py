@@ -271,10 +271,27 @@ def test_cli_easy_vqa_balanced_asks_the_redrawn_questions(tiny_vlm, one_thread):
     assert report["accuracy"] == vqa_accuracy([e["prediction"] for e in report["examples"]], [a for _, a in asked])
 
 
+def test_cli_easy_vqa_reports_the_no_image_baseline_beside_the_result(tiny_vlm, one_thread, capsys):
+    main(["--checkpoint", tiny_vlm, "--task", "easy-vqa", "--limit", "10", "--batch-size", "4"])
+    report = read_report(tiny_vlm, "easy-vqa")
+    answers = [e["answer"] for e in report["examples"]]
+    with_image = [e["prediction"] for e in report["examples"]]
+    blind = [e["prediction_no_image"] for e in report["examples"]]
+    assert report["image"] and report["samples"] == 10
+    assert report["accuracy"] == vqa_accuracy(with_image, answers)
+    assert report["no_image"]["accuracy"] == vqa_accuracy(blind, answers)
+    assert report["image_adds"] == report["accuracy"] - report["no_image"]["accuracy"]
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header == ["image", "no", "image", "image", "adds"]  # the two columns and their difference
+    main(["--checkpoint", tiny_vlm, "--task", "easy-vqa", "--limit", "10", "--batch-size", "4", "--no-baseline"])
+    assert "no_image" not in read_report(tiny_vlm, "easy-vqa")
+
+
 @pytest.mark.parametrize("args", [["--task", "perplexity", "--data", "no/such/file.txt"],
                                   ["--task", "captions", "--limit", "0"],
                                   ["--task", "captions", "--no-image"],
                                   ["--task", "captions", "--balanced"],
+                                  ["--task", "captions", "--no-baseline"],
                                   ["--task", "fly"]])
 def test_cli_bad_input_is_one_error_line(tiny_vlm, capsys, args):
     with pytest.raises(SystemExit) as exit_:
