@@ -183,6 +183,12 @@ def easy_vqa_split(split: str) -> tuple[list[str], list[str], list[int], dict[in
     return questions, answers, image_ids, paths
 
 
+def is_negated(question: str) -> bool:
+    """A yes/no question whose "yes" says the shape or colour is absent: "is there not a ...", "is no ... present?"."""
+    words = re.findall(r"[a-z]+", question.lower())
+    return "not" in words or "no" in words
+
+
 def question_facts(question: str, answer: str) -> list[tuple[str, str, bool]]:
     """What one easy-VQA question and its answer say about the image, as (attribute, value, holds):
 
@@ -191,7 +197,7 @@ def question_facts(question: str, answer: str) -> list[tuple[str, str, bool]]:
         "does the image contain a triangle?" "no" -> shape is not triangle
     """
     words = re.findall(r"[a-z]+", question.lower())
-    negated = "not" in words or "no" in words  # "is there not a ...", "is no ... present?"
+    negated = is_negated(question)
     yes_no = answer in ("yes", "no")
     holds = (answer == "yes") != negated if yes_no else True
     facts = [("shape", w, holds) for w in words if w in EASY_VQA_SHAPES]
@@ -286,7 +292,7 @@ def balanced_yes_no(question: str, shape: str, color: str, rng: random.Random) -
     values, truth = (EASY_VQA_SHAPES, shape) if asked[0] in EASY_VQA_SHAPES else (tuple(EASY_VQA_COLORS), color)
     holds = rng.random() < 0.5
     value = truth if holds else rng.choice([v for v in values if v != truth])
-    negated = "not" in words or "no" in words  # "is there not a ...", "is no ... present?"
+    negated = is_negated(question)
     return re.sub(rf"\b{asked[0]}\b", value, question), "yes" if holds != negated else "no"
 
 
@@ -306,6 +312,31 @@ def easy_vqa_qa_balanced(split: str = "train", limit: int | None = None, seed: i
             q, a = balanced_yes_no(q, *attributes[i], rng)
         samples.append(chat_sample([paths[i]], _sentence(q), a))
     return samples
+
+
+def easy_vqa_curriculum(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+    """The balanced questions in the order to learn them (train with shuffling off): first every
+    question but the negated yes/no ones, then all of them, each part shuffled by `seed`.
+    On balanced questions the answer of "is there not a red shape?" is (the colour matches) XOR
+    (negated): with both kinds mixed from the start, a match means "yes" as often as "no" and the
+    gradient toward comparing cancels (the README's diagnosis). Learnt first without negations, the
+    comparison is there for the negated questions to flip."""
+    rng = random.Random(seed)
+    everything = easy_vqa_qa_balanced(split, seed=seed)
+    plain = [s for s in everything if not is_negated(s["messages"][0]["content"][1]["text"])]
+    rng.shuffle(plain)
+    rng.shuffle(everything)
+    return (plain + everything)[:limit]
+
+
+def easy_vqa_text_curriculum(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+    """easy_vqa_curriculum in words, for pretraining the LM: each image replaced by its caption, as
+    user: "A red circle. Is there a blue shape?", assistant: "no". The LM learns to compare the
+    question with what the picture shows while it is written out, before it must read it from pixels."""
+    paths = easy_vqa_split(split)[3]
+    captions = {paths[i]: easy_vqa_caption(*shape_color) for i, shape_color in easy_vqa_attributes(split).items()}
+    return [chat_sample([], f"{captions[s['images'][0]]} {s['messages'][0]['content'][1]['text']}",
+                        s["messages"][1]["content"]) for s in easy_vqa_curriculum(split, limit, seed)]
 
 
 def wrong_answer(answer: str, rng: random.Random) -> str:
@@ -717,6 +748,8 @@ SOURCES = {
     "easy-vqa-captions": easy_vqa_captions,
     "easy-vqa-qa": easy_vqa_qa,
     "easy-vqa-qa-balanced": easy_vqa_qa_balanced,
+    "easy-vqa-curriculum": easy_vqa_curriculum,
+    "easy-vqa-text-curriculum": easy_vqa_text_curriculum,
     "easy-vqa-preferences": easy_vqa_preferences,
     "easy-vqa-text": easy_vqa_text,
     "coco-captions": coco_captions,

@@ -55,6 +55,7 @@ class TrainConfig:
     data: str = ""
     val_data: str = ""
     limit: int = 0  # use only the first N training samples (0: all)
+    shuffle: bool = True  # False: take the samples in the data's own order (a curriculum), epoch after epoch
     max_len: int = 256
     # Optimisation
     steps: int = 200
@@ -97,14 +98,14 @@ SMALL_QFORMER = dict(dim=128, n_layers=2, n_heads=4, hidden_dim=256, n_queries=8
 PRESETS = {
     "tiny": {  # a few million parameters from scratch on easy-VQA: minutes on a CPU
         "vision": "tiny", "lm": "tiny", "connector": "pixel_shuffle", "scale_factor": 2, "template": "chatml-plain",
-        "vision_config": TINY_VISION, "lm_config": TINY_LM, "tokenizer_vocab": 512, "tokenizer_data": "easy-vqa-text",
+        "vision_config": TINY_VISION, "lm_config": TINY_LM, "tokenizer_vocab": 512, "tokenizer_data": "easy-vqa-qa",
         "batch_size": 32, "micro_batch": 32, "max_len": 96, "eval_every": 50, "save_every": 100,
         "phases": {
-            "pretrain": {"data": "easy-vqa-text", "steps": 300, "lr": 3e-3},
+            "pretrain": {"data": "easy-vqa-text-curriculum", "shuffle": False, "steps": 1500, "lr": 1e-3},
             "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 3e-3, "train_vision": True,
                       "lr_vision": 1e-3},
-            "instruct": {"data": "easy-vqa-qa", "steps": 1000, "lr": 1e-3, "lr_connector": 1e-3,
-                         "train_vision": True, "lr_vision": 1e-3},
+            "instruct": {"data": "easy-vqa-curriculum", "shuffle": False, "steps": 2000, "lr": 1e-3,
+                         "lr_connector": 1e-3, "train_vision": True, "lr_vision": 1e-3},
             "dpo": {"data": "easy-vqa-preferences", "steps": 150, "lr": 1e-4, "warmup": 10, "beta": 0.5,
                     "rpo_alpha": 0.25},
             "qformer": {"data": "easy-vqa-captions", "steps": 200, "connector": "qformer", "lr": 1e-3},
@@ -427,13 +428,15 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def global_batch(n_samples: int, step: int, cfg: TrainConfig) -> list[int]:
-    """Sample indices of optimizer step `step`: epochs are seeded permutations laid end to end, so
-    any step's batch is known without replaying the ones before (exact resume)."""
+    """Sample indices of optimizer step `step`: epochs are seeded permutations (or, without shuffling,
+    the data's own order) laid end to end, so any step's batch is known without replaying the ones
+    before (exact resume)."""
     out = []
     start = step * cfg.batch_size
     while len(out) < cfg.batch_size:
         epoch, offset = divmod(start + len(out), n_samples)
-        order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        seeded = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        order = torch.randperm(n_samples, generator=seeded) if cfg.shuffle else torch.arange(n_samples)
         out.extend(order[offset: offset + cfg.batch_size - len(out)].tolist())
     return out
 
