@@ -16,7 +16,8 @@ where a content is a string or a list of parts, and `images` holds one path or P
 
 Sources, one function each (all take `limit`, the number of samples to keep):
 
-    easy-VQA, offline    easy_vqa_captions, easy_vqa_qa, easy_vqa_preferences, easy_vqa_text
+    easy-VQA, offline    easy_vqa_captions, easy_vqa_qa, easy_vqa_qa_balanced, easy_vqa_curriculum,
+                         easy_vqa_text_curriculum, easy_vqa_preferences, easy_vqa_text
     local files          caption_folder, llava_json, text_files, preference_jsonl
     Hugging Face hub     coco_captions, flickr30k, llava_instruct, the_cauldron, cosmopedia_text, rlaif_v
 

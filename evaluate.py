@@ -438,7 +438,8 @@ def print_easy_vqa(result: dict):
     """Accuracy by question kind, with the no-image baseline and what the image adds beside it."""
     rows = [k for k in result if k.startswith("accuracy")] + ["token_f1"]
     blind = result.get("no_image")
-    print(f"{'':<20}{'image' if result['image'] else 'no image':>10}" + (f"{'no image':>10}{'image adds':>12}" if blind else ""))
+    header = f"{'':<20}{'image' if result['image'] else 'no image':>10}"
+    print(header + (f"{'no image':>10}{'image adds':>12}" if blind else ""))
     for k in rows:
         name = k.replace("accuracy_", "  ")
         line = f"{name:<20}{result[k]:>10.4f}"

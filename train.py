@@ -1,8 +1,8 @@
 """Training: one script, one phase per flag, pure PyTorch.
 
     python train.py --phase pretrain --preset tiny                       # the LM from scratch on text
-    python train.py --phase align    --preset tiny --init runs/tiny-pretrain   # connector only
-    python train.py --phase instruct --preset tiny --init runs/tiny-align      # connector + LM (or LoRA)
+    python train.py --phase instruct --preset tiny --init runs/tiny-pretrain   # tower, connector + LM (or LoRA)
+    python train.py --phase align    --preset tiny --init runs/tiny-pretrain   # or first the connector alone
     python train.py --phase dpo      --preset tiny --init runs/tiny-instruct   # preference tuning
     torchrun --nproc_per_node 2 train.py --phase instruct ...           # the same under DDP
 
