@@ -110,6 +110,27 @@ def test_easy_vqa_qa_balanced_says_yes_and_no_equally_often_and_truly():
     assert data.load_source("easy-vqa-qa-balanced", "test", limit=3) == data.easy_vqa_qa_balanced("test", limit=3)
 
 
+def test_easy_vqa_curriculum_holds_back_the_negated_questions_then_gives_all_and_says_it_in_words():
+    def key(sample):
+        return sample["messages"][0]["content"][-1]["text"], sample["messages"][1]["content"], tuple(sample["images"])
+
+    balanced = data.easy_vqa_qa_balanced("train")
+    plain = [s for s in balanced if not data.is_negated(key(s)[0])]
+    samples = data.easy_vqa_curriculum("train")
+    first, then = samples[:len(plain)], samples[len(plain):]
+    negated = [s for s in balanced if data.is_negated(key(s)[0])]
+    assert len(negated) > 10_000 and all(s["messages"][1]["content"] in ("yes", "no") for s in negated)
+    assert sorted(map(key, first)) == sorted(map(key, plain))  # every question but the negated ones...
+    assert sorted(map(key, then)) == sorted(map(key, balanced))  # ...then all of them
+    assert [key(s) for s in then] != [key(s) for s in balanced]  # shuffled
+    in_words = data.easy_vqa_text_curriculum("train", limit=500)
+    captions = {s["images"][0]: s["messages"][1]["content"] for s in data.easy_vqa_captions("train")}
+    for picture, words in zip(samples, in_words):  # the same questions, the image given as its caption
+        assert words["images"] == [] and words["messages"][1] == picture["messages"][1]
+        text = f"{captions[picture['images'][0]]} {key(picture)[0]}"
+        assert words["messages"][0]["content"] == [{"type": "text", "text": text}]
+
+
 def test_easy_vqa_preferences_reject_a_wrong_answer_of_the_same_kind():
     samples = data.easy_vqa_preferences("train")
     _, answers, _ = easy_vqa.get_train_questions()

@@ -212,3 +212,12 @@ def test_a_short_run_learns_to_look_at_the_image(tmp_path, monkeypatch, one_thre
     accuracy = {name: sum(p == a for p, a in zip(predictions, answers)) / len(answers)
                 for name, predictions in (("image", looked), ("no image", blind))}
     assert accuracy["image"] >= accuracy["no image"] + 0.25, accuracy  # seeds 0-2 here: +0.39, +0.56, +0.53
+
+
+def test_without_shuffling_batches_follow_the_data_order_epoch_after_epoch():
+    import train
+
+    cfg = train.TrainConfig(batch_size=4, shuffle=False)
+    assert [train.global_batch(10, step, cfg) for step in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
+    shuffled = [i for step in range(5) for i in train.global_batch(10, step, train.TrainConfig(batch_size=4))]
+    assert sorted(shuffled[:10]) == list(range(10)) and shuffled[:10] != list(range(10))
