@@ -49,7 +49,7 @@ import re
 import numpy as np
 import torch
 
-from processing import IGNORE_INDEX, Special, build_prompt, load_image
+from processing import IGNORE_INDEX, ImageError, Special, build_prompt, load_image
 
 # The user's request in a captioning chat (captions are the assistant's reply).
 CAPTION_PROMPT = "Describe the image."
@@ -418,7 +418,10 @@ def _image_files(obj: dict, folder: str, where: str) -> list[str]:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise DataError(f"{where}: 'image' must be a file name (or 'images' a list of them), got {names!r:.80}")
     paths = [os.path.join(folder, name) for name in names]
+    root = os.path.realpath(folder)
     for name, path in zip(names, paths):
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:  # "../../etc/passwd", "/etc/hostname"
+            raise DataError(f"{where}: image {name!r} lies outside {folder}; a data file names images inside its folder")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{where}: image {name!r} not found in {folder}")
     return paths
@@ -814,6 +817,25 @@ def load_source(name_or_path: str, split: str = "train", limit: int | None = Non
 # ---------------------------------------------------------------------------
 # Collation: samples -> padded tensors
 # ---------------------------------------------------------------------------
+
+
+def unreadable_images(samples: list[dict]) -> list[tuple[int, str]]:
+    """(sample index, "file: problem") for each sample with an image that cannot be decoded, every
+    file opened once: a bad image is found before training starts, not at step 900."""
+    problems, bad = {}, []
+    for i, sample in enumerate(samples):
+        for image in sample.get("images", []):
+            key = image if isinstance(image, str) else id(image)
+            if key not in problems:
+                try:
+                    load_image(image)
+                    problems[key] = None
+                except ImageError as e:
+                    problems[key] = str(e)
+            if problems[key]:
+                bad.append((i, problems[key]))
+                break
+    return bad
 
 
 def _takes_an_argument(fn) -> bool:

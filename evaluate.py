@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from generate import END_OF_TURN, generate, load
+from generate import banned_ids, generate, load, stop_ids
 
 # ---------------------------------------------------------------------------------------------
 # Short answers: VQA accuracy as the official VQA evaluation (github.com/GT-Vision-Lab/VQA, vqaEval.py)
@@ -301,7 +301,7 @@ def answer_questions(model, tok, processor, template, samples, batch_size=32, ma
 
     from processing import Special, build_prompt
 
-    end = [i for i in (tok.token_to_id(END_OF_TURN.get(template, "")), tok.eos_id) if i is not None]
+    end = stop_ids(tok, template)
     out = []
     bar = tqdm(total=len(samples), desc="generating", unit="sample", disable=not progress)
     for i in range(0, len(samples), batch_size):
@@ -314,7 +314,8 @@ def answer_questions(model, tok, processor, template, samples, batch_size=32, ma
             images += s["images"][:n_images]
         ids, mask = left_pad(rows, tok.pad_id if tok.pad_id is not None else 0)
         kwargs = {"pixel_values": processor(images).to(device)} if images else {}
-        new = generate(model, ids.to(device), max_new_tokens, attention_mask=mask.to(device), eos_ids=end, **kwargs)
+        new = generate(model, ids.to(device), max_new_tokens, attention_mask=mask.to(device), eos_ids=end,
+                       banned=banned_ids(tok, end), **kwargs)
         out += [tok.decode([t for t in row.tolist() if t not in end]).strip() for row in new]
         bar.update(len(rows))
     bar.close()
@@ -507,22 +508,25 @@ def evaluate_perplexity(path: str, source: str, limit: int | None, batch_size: i
 
 
 def main(argv=None):
+    from data import SOURCES
     from generate import ArgumentParser, check_device, fail, run_checkpoint
     from processing import CheckpointError
 
     p = ArgumentParser(description="Evaluate a glimpse checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, a run folder (its latest), or a hub id")
-    p.add_argument("--task", default="easy-vqa", choices=["easy-vqa", "captions", "retrieval", "perplexity"])
+    p.add_argument("--task", default="easy-vqa", choices=["easy-vqa", "captions", "retrieval", "perplexity"],
+                   help="easy-vqa: VQA accuracy (default); captions: BLEU, ROUGE-L, CIDEr-D; retrieval: Recall@K "
+                   "of a Q-Former; perplexity: of the answers (or --data)")
     p.add_argument("--limit", type=int, default=None, help="only the first N test samples")
     p.add_argument("--no-image", action="store_true", help="easy-vqa: ask without the image (the blind baseline)")
     p.add_argument("--no-baseline", action="store_true", help="easy-vqa: skip the no-image baseline that is "
                    "otherwise reported beside the result (the same questions asked without the image)")
     p.add_argument("--balanced", action="store_true", help="easy-vqa: the test questions with yes/no answers "
                    "redrawn half and half (data.easy_vqa_qa_balanced), so that the wording alone scores 50%%")
-    p.add_argument("--data", default=None, help="perplexity: a data source (data.load_source) instead of "
-                   "easy-VQA's test questions")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--data", default=None, help="perplexity: a data source instead of easy-VQA's test questions: "
+                   f"{', '.join(SOURCES)} ('the-cauldron:SUBSET'), or a path (see data.load_source)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per forward (default 32)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     args = p.parse_args(argv)
     path = run_checkpoint(args.checkpoint)
 
@@ -538,8 +542,10 @@ def main(argv=None):
             from data import easy_vqa_captions
 
             model, tok, processor, _ = load(path, torch.float32, args.device)
-            if model.config.connector != "qformer":
-                raise ValueError(f"{path} has a {model.config.connector!r} connector; retrieval needs a Q-Former")
+            connector = getattr(model.config, "connector", None)  # None: a language model
+            if connector != "qformer":
+                what = f"a {connector!r} connector" if connector else "no connector (a language model)"
+                raise ValueError(f"{path} has {what}; retrieval needs a Q-Former")
             result = retrieval_report(model, tok, processor, easy_vqa_captions("test", limit=args.limit or 500), path)
         elif args.task == "captions":
             result = evaluate_captions(path, args.limit, args.batch_size, args.device)

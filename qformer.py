@@ -31,19 +31,22 @@ Checkpoints (names as in transformers' models/blip_2/modeling_blip_2.py and on t
   * `QFormer.from_pretrained`: an HF BLIP-2 checkpoint, e.g. Salesforce/blip2-opt-2.7b (`qformer.*`,
     `query_tokens`; queries only, no text side) or a Blip2ForImageTextRetrieval one (also the text
     embeddings `embeddings.*`, the text feed-forward, `vision_projection`, `text_projection`,
-    `itm_head`). Only the shards that hold these tensors are read. Also our own `save_pretrained` folders.
+    `itm_head`). Only the shards that hold these tensors are read. Also a `Blip2QFormerModel` saved alone
+    (`model_type` blip_2_qformer: the layers without `qformer.`, no query tokens) and our own
+    `save_pretrained` folders.
   * `QFormer.from_bert`: BLIP-2's starting point: BERT (or DistilBERT) weights for the self-attention,
     both feed-forwards and the text embeddings; fresh cross-attention, queries and heads.
 """
 
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from processing import CheckpointError, checkpoint_folder, read_json, read_safetensors, write_json, write_safetensors
+from processing import (CheckpointError, build_config, checkpoint_folder, read_json, read_safetensors, write_json,
+                        write_safetensors)
 
 
 @dataclass
@@ -68,6 +71,10 @@ class QFormerConfig:
     itm_head: bool = True
     temperature: float = 0.07  # initial value of the learned ITC temperature
     init_std: float = 0.02  # BERT's initializer_range, for everything built fresh
+
+    def __post_init__(self):
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act {self.act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,17 +312,27 @@ class QFormer(nn.Module):
         return F.cross_entropy(logits, labels)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu") -> "QFormer":
-        """The Q-Former of an HF BLIP-2 checkpoint (hub id or folder), or a folder our
-        `save_pretrained` wrote. Reads only the shards that hold the Q-Former's tensors."""
+    def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu", n_queries: int = 32) -> "QFormer":
+        """The Q-Former of an HF BLIP-2 checkpoint (hub id or folder), a Blip2QFormerModel saved alone,
+        or a folder our `save_pretrained` wrote. Reads only the shards that hold the Q-Former's tensors.
+
+        A Blip2QFormerModel takes its query tokens (and, with a text side, the text embeddings) as
+        input, so its checkpoint has none: here they start fresh (BERT's init), `n_queries` of them."""
         folder = checkpoint_folder(name_or_path, ("config.json", "*.safetensors", "*.safetensors.index.json"))
         hf = read_json(f"{folder}/config.json")
         if hf.get("model_type") == GLIMPSE_TYPE:
-            cfg = QFormerConfig(**{f.name: hf[f.name] for f in fields(QFormerConfig) if f.name in hf})
+            cfg = build_config(QFormerConfig, {k: v for k, v in hf.items() if k != "model_type"})
             return load_mapped(cls, cfg, read_safetensors(folder), None, folder, dtype, device)
+        if hf.get("model_type") == "blip_2_qformer":
+            state = {canonical_name("qformer." + k): v for k, v in read_safetensors(folder).items()}
+            blip2 = {"qformer_config": hf, "num_query_tokens": n_queries,
+                     "vision_config": {"hidden_size": hf.get("encoder_hidden_size", 1408)}}
+            cfg = config_from_blip2(blip2, set(state))
+            key_map = {k: v for k, v in blip2_key_map(cfg).items() if k not in BLIP2_QFORMER_INPUTS}
+            return load_mapped(cls, cfg, state, key_map, folder, dtype, device, fresh=True)
         if hf.get("model_type") != "blip-2":
-            raise CheckpointError(f"config.json describes a {hf.get('model_type')!r} model; "
-                                  "QFormer.from_pretrained loads 'blip-2' checkpoints (from_bert: bert, distilbert)")
+            raise CheckpointError(f"config.json describes a {hf.get('model_type')!r} model; QFormer.from_pretrained "
+                                  "loads 'blip-2' and 'blip_2_qformer' checkpoints (from_bert: bert, distilbert)")
         state = {canonical_name(k): v for k, v in read_safetensors(folder, keep=is_qformer_tensor).items()}
         cfg = config_from_blip2(hf, set(state))
         return load_mapped(cls, cfg, state, blip2_key_map(cfg), folder, dtype, device)
@@ -415,6 +432,8 @@ GLIMPSE_TYPE = "glimpse-qformer"  # config.json's model_type in folders QFormer.
 # the LM "language_model.*"; "language_projection" maps into the LM and is the VLM connector's).
 BLIP2_PREFIXES = ("qformer.", "query_tokens", "embeddings.", "vision_projection.", "text_projection.", "itm_head.")
 BLIP2_IGNORED = ("embeddings.position_ids",)  # a buffer some older checkpoints saved
+# What a Blip2QFormerModel saved alone lacks: its caller passes these in (BLIP-2 keeps them outside it).
+BLIP2_QFORMER_INPUTS = ("query_tokens", "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight")
 BERT_HEADS = ("cls.", "vocab_", "classifier.", "pre_classifier.", "qa_outputs.")  # task heads: not read
 BERT_IGNORED = ("pooler.", "embeddings.position_ids", "embeddings.token_type_ids")
 
@@ -441,10 +460,8 @@ def config_from_blip2(hf: dict, names: set) -> QFormerConfig:
     head) from the checkpoint's tensor names, as the model classes differ in them, not the config."""
     q, v = hf.get("qformer_config") or {}, hf.get("vision_config") or {}
     act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(q.get("hidden_act", "gelu"), q.get("hidden_act", "gelu"))
-    if act not in ACTIVATIONS:
-        raise CheckpointError(f"Q-Former activation {act!r} is not supported")
     has = lambda prefix: any(n.startswith(prefix) for n in names)
-    return QFormerConfig(
+    return build_config(QFormerConfig, dict(
         dim=q.get("hidden_size", 768), n_layers=q.get("num_hidden_layers", 12),
         n_heads=q.get("num_attention_heads", 12), hidden_dim=q.get("intermediate_size", 3072), act=act,
         norm_eps=q.get("layer_norm_eps", 1e-12), dropout=q.get("hidden_dropout_prob", 0.1),
@@ -455,7 +472,7 @@ def config_from_blip2(hf: dict, names: set) -> QFormerConfig:
         vocab_size=q.get("vocab_size", 30522), max_positions=q.get("max_position_embeddings", 512),
         pad_token_id=q.get("pad_token_id", 0) or 0,
         proj_dim=hf.get("image_text_hidden_size", 256) if has("vision_projection.") or has("text_projection.") else None,
-        itm_head=has("itm_head."))
+        itm_head=has("itm_head.")))
 
 
 def config_from_bert(hf: dict) -> QFormerConfig:
@@ -472,10 +489,9 @@ def config_from_bert(hf: dict) -> QFormerConfig:
                 "act": hf.get("hidden_act", "gelu"), "norm_eps": hf.get("layer_norm_eps", 1e-12),
                 "dropout": hf.get("hidden_dropout_prob", 0.1)}
     dims["act"] = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(dims["act"], dims["act"])
-    if dims["act"] not in ACTIVATIONS:
-        raise CheckpointError(f"activation {dims['act']!r} is not supported")
-    return QFormerConfig(**dims, text=True, vocab_size=hf.get("vocab_size", 30522),
-                         max_positions=hf.get("max_position_embeddings", 512), pad_token_id=hf.get("pad_token_id", 0) or 0)
+    return build_config(QFormerConfig, dict(**dims, text=True, vocab_size=hf.get("vocab_size", 30522),
+                                            max_positions=hf.get("max_position_embeddings", 512),
+                                            pad_token_id=hf.get("pad_token_id", 0) or 0))
 
 
 def linear_and_norm_names(theirs: str, ours: str, kinds=("weight", "bias")) -> dict:

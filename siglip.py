@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from processing import CheckpointError, checkpoint_folder, read_json, read_safetensors
+from processing import CheckpointError, build_config, check_side, checkpoint_folder, fits, read_json, read_safetensors
 
 
 @dataclass
@@ -37,6 +37,12 @@ class VisionConfig:
     pre_norm: bool = False  # CLIP: LayerNorm on the embeddings before the first layer
     post_norm: str = "all"  # "all": final LayerNorm on every token; "cls": only on the pooled class token (CLIP)
     layer_scale: bool = False  # DINOv2: learned per-channel scale on each residual branch
+
+    def __post_init__(self):
+        check_side("image_size", self.image_size)
+        check_side("patch_size", self.patch_size)
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act {self.act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
 
     @property
     def grid(self) -> int:  # patches per side at image_size
@@ -205,7 +211,7 @@ RESHAPED = {"embeddings.cls_token", "embeddings.position_embeddings"}  # DINOv2 
 
 def config_from_json(hf: dict) -> VisionConfig:
     """Our config from a SigLIP, CLIP (full model or vision-only) or DINOv2 config.json; missing
-    fields take the defaults of the HF config classes."""
+    fields take the defaults of the HF config classes. A bad value is a CheckpointError naming our field."""
     kind = hf.get("model_type")
     if kind in ("siglip", "clip"):
         hf = hf.get("vision_config") or {}
@@ -218,23 +224,23 @@ def config_from_json(hf: dict) -> VisionConfig:
     if kind == "dinov2":
         if hf.get("use_swiglu_ffn"):
             raise CheckpointError("DINOv2 with a SwiGLU MLP (giant) is not supported")
-        dim = hf.get("hidden_size", 768)
-        return VisionConfig(
+        dim, ratio = hf.get("hidden_size", 768), hf.get("mlp_ratio", 4)
+        if not (fits(dim, int) and fits(ratio, float)):
+            raise CheckpointError(f"config.json: hidden_size and mlp_ratio must be numbers, not {dim!r} and {ratio!r}")
+        return build_config(VisionConfig, dict(
             family="dinov2", image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 14), dim=dim,
             n_layers=hf.get("num_hidden_layers", 12), n_heads=hf.get("num_attention_heads", 12),
-            hidden_dim=int(dim * hf.get("mlp_ratio", 4)), norm_eps=hf.get("layer_norm_eps", 1e-6),
-            act=hf.get("hidden_act", "gelu"), cls_token=True, layer_scale=True)
+            hidden_dim=int(dim * ratio), norm_eps=hf.get("layer_norm_eps", 1e-6),
+            act=hf.get("hidden_act", "gelu"), cls_token=True, layer_scale=True))
     clip = kind == "clip"
     act = hf.get("hidden_act", "quick_gelu" if clip else "gelu_pytorch_tanh")
     act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(act, act)
-    if act not in ACTIVATIONS:
-        raise CheckpointError(f"activation {act!r} is not supported")
-    return VisionConfig(
+    return build_config(VisionConfig, dict(
         family=kind, image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 32 if clip else 16),
         dim=hf.get("hidden_size", 768), n_layers=hf.get("num_hidden_layers", 12),
         n_heads=hf.get("num_attention_heads", 12), hidden_dim=hf.get("intermediate_size", 3072),
         norm_eps=hf.get("layer_norm_eps", 1e-5 if clip else 1e-6), act=act, cls_token=clip,
-        patch_bias=not clip, pre_norm=clip, post_norm="cls" if clip else "all")
+        patch_bias=not clip, pre_norm=clip, post_norm="cls" if clip else "all"))
 
 
 def hf_key_map(cfg: VisionConfig) -> dict[str, str]:

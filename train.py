@@ -18,11 +18,14 @@ with `latest` naming the newest complete one. --resume continues from it exactly
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import sys
 import time
 import tomllib
@@ -170,8 +173,11 @@ def resumed_settings(cfg: TrainConfig, given: dict) -> TrainConfig:
     ckpt = latest_checkpoint(cfg.out)
     if ckpt is None:
         fail(f"--resume: {cfg.out} holds no checkpoint to resume from")
-    with open(os.path.join(ckpt, "train_config.json")) as f:
-        saved = TrainConfig(**json.load(f))
+    try:
+        with open(os.path.join(ckpt, "train_config.json")) as f:
+            saved = TrainConfig(**json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        fail(f"--resume: {ckpt}/train_config.json is damaged ({type(e).__name__}: {e})")
     changed = sorted(k for k, v in given.items()
                      if k not in ("resume", "steps", "stop_after", "out") and getattr(saved, k) != v)
     if changed:
@@ -188,6 +194,17 @@ def check_settings(cfg: TrainConfig):
                  "scale_factor"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("lr", "lr_connector", "lr_lora", "lr_vision", "beta", "lora_alpha"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            fail(f"--{name.replace('_', '-')} must be a positive number, got {getattr(cfg, name)}")
+    for name in ("weight_decay", "grad_clip", "aux_loss_coef", "rpo_alpha", "warmup", "limit", "stop_after", "lora_r"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    for name, high in (("min_lr_ratio", 1.0), ("lora_dropout", 0.99), ("label_smoothing", 0.49)):
+        if not 0 <= getattr(cfg, name) <= high:  # NaN fails this too
+            fail(f"--{name.replace('_', '-')} must lie in [0, {high}], got {getattr(cfg, name)}")
+    if cfg.batch_size % cfg.micro_batch:
+        fail(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         fail(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.template not in CHAT_TEMPLATES:
@@ -206,16 +223,30 @@ def to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def choices() -> dict[str, str]:
+    """The names a setting takes, for --help."""
+    import data
+    from model import CONNECTORS
+    from processing import CHAT_TEMPLATES
+
+    return {"phase": ", ".join(PHASES), "preset": ", ".join(PRESETS), "connector": ", ".join(CONNECTORS),
+            "template": ", ".join(CHAT_TEMPLATES), "dtype": "auto, float32, bfloat16", "dpo_loss": "sigmoid, ipo",
+            "data": ", ".join(data.SOURCES) + ", or a local file/folder (.json, .jsonl, .txt, captions.jsonl)"}
+
+
 def load_settings(argv=None) -> tuple[TrainConfig, dict]:
     """Defaults < preset < preset phase < --config FILE.toml < command-line flags. With --resume the
     run's own train_config.json is the base, and only steps and stop_after may change."""
+    from generate import ArgumentParser  # one error line, not the whole usage
+
     names = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    p = argparse.ArgumentParser(description="Train a glimpse model, one phase at a time.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    named = choices()
+    p = ArgumentParser(description="Train a glimpse model, one phase at a time.")
     p.add_argument("--config", help="a TOML file of settings (the names below, without dashes)")
     for name, f in names.items():
         kind = {bool: to_bool, int: int, float: float}.get(f.type, str)
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"default {f.default!r}",
+        text = (f"one of: {named[name]}; " if name in named else "") + f"default {f.default!r}"
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text,
                        **({"nargs": "?", "const": True} if f.type is bool else {}))
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
@@ -519,23 +550,97 @@ def save_checkpoint(run: str, step: int, model, tokenizer, processor, optimizer,
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng_torch": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "rng_python": random.getstate()}, os.path.join(tmp, "trainer_state.pt"))
+    for name in os.listdir(tmp):  # on disk before the rename: a power cut leaves no empty files behind `latest`
+        fsync(os.path.join(tmp, name))
+    fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     with open(os.path.join(run, "latest.tmp"), "w") as f:
         f.write(os.path.basename(final))
+    fsync(os.path.join(run, "latest.tmp"))
     os.replace(os.path.join(run, "latest.tmp"), os.path.join(run, "latest"))
+    fsync(run)
     for old in os.listdir(run):  # keep the newest checkpoint only
         if old.startswith("ckpt-") and old != os.path.basename(final) and not old.endswith(".tmp"):
             shutil.rmtree(os.path.join(run, old), ignore_errors=True)
     return final
 
 
+def fsync(path: str):
+    """Flush a file, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+CHECKPOINT_FILES = ("config.json", "train_config.json", "trainer_state.pt")
+
+
 def latest_checkpoint(run: str) -> str | None:
+    """The checkpoint `latest` names, if it is a whole ckpt-STEP folder of this run; else (an empty,
+    dangling or foreign `latest`) the newest whole one; None when the run has none."""
+    def whole(name):
+        folder = os.path.join(run, name)
+        return re.fullmatch(r"ckpt-\d+", name) is not None and all(
+            os.path.isfile(os.path.join(folder, f)) and os.path.getsize(os.path.join(folder, f)) > 0
+            for f in CHECKPOINT_FILES)
+
     pointer = os.path.join(run, "latest")
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        return os.path.join(run, f.read().strip())
+    named = open(pointer).read().strip() if os.path.isfile(pointer) else ""
+    if whole(named):
+        return os.path.join(run, named)
+    found = sorted((n for n in os.listdir(run) if whole(n)), key=lambda n: int(n[5:])) if os.path.isdir(run) else []
+    return os.path.join(run, found[-1]) if found else None
+
+
+def lock_run(run: str):
+    """An exclusive lock on the run folder while this process lives: a second train.py on the same
+    --out is refused. flock is released by the kernel when a process dies, so a killed run leaves
+    no stale lock behind."""
+    os.makedirs(run, exist_ok=True)
+    f = open(os.path.join(run, "lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        fail(f"{run} is in use by another train.py (pid {f.read().strip() or '?'}); wait for it or pass another --out")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def open_log(run: str, start: int):
+    """log.jsonl for appending, without the steps logged after the checkpoint resumed from (all of
+    them for a new run) and without a line torn by a crash."""
+    path = os.path.join(run, "log.jsonl")
+    rows = []
+    for line in open(path) if os.path.isfile(path) else ():
+        try:
+            if json.loads(line)["step"] <= start:
+                rows.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def catch_ctrl_c():
+    """Ctrl-C ends the run after the step under way (a checkpoint is saved); a second one at once.
+    Returns a function telling whether it was pressed."""
+    pressed = []
+
+    def handler(signum, frame):
+        if pressed:
+            sys.exit(130)
+        pressed.append(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    return lambda: bool(pressed)
 
 
 def plot_losses(run: str):
@@ -567,28 +672,57 @@ def plot_losses(run: str):
 STREAM_SAMPLES = 20_000  # what a run reads of a streamed hub set when --limit does not say
 
 
-def load_data(cfg: TrainConfig) -> tuple[list, list]:
-    """Training and validation samples as lists: a streamed hub set is read up to --limit (or
-    STREAM_SAMPLES); validation is the "test" split, or the last samples read when there is none."""
+def read_samples(source: str, split: str, limit: int | None) -> tuple[list, int]:
+    """A source's samples as a list, and how many were dropped for unreadable images. A streamed hub
+    set is read up to `limit` (or STREAM_SAMPLES), skipping such samples; a local set must be whole:
+    every image is opened before step 1 and all bad ones are named in one error."""
     import itertools
 
     import data
 
+    samples = data.load_source(source, split, limit=limit)
+    if isinstance(samples, list):
+        bad = data.unreadable_images(samples)
+        if bad:
+            listed = "; ".join(f"sample {i}: {problem}" for i, problem in bad[:5])
+            raise data.DataError(f"{source}: {len(bad)} sample(s) with unreadable images: {listed}"
+                                 f"{'; ...' if len(bad) > 5 else ''}")
+        return samples, 0
+    good, skipped = [], 0
+    for sample in samples:
+        if len(good) == (limit or STREAM_SAMPLES):
+            break
+        if data.unreadable_images([sample]):
+            skipped += 1
+        else:
+            good.append(sample)
+    return good, skipped
+
+
+def load_data(cfg: TrainConfig) -> tuple[list, list, int]:
+    """Training and validation samples, and the count of hub samples skipped for bad images.
+    Validation is the "test" split; a source without one of its own (a local file, a hub set with
+    only "train") gives up a seeded 5% (at least 1) that is never trained on."""
     limit = cfg.limit or None
-    train_set = data.load_source(cfg.data, "train", limit=limit)
-    if not isinstance(train_set, list):
-        train_set = list(itertools.islice(train_set, limit or STREAM_SAMPLES))
+    train_set, skipped = read_samples(cfg.data, "train", limit)
     n_val = cfg.eval_batches * cfg.batch_size
     try:
-        val_set = data.load_source(cfg.val_data or cfg.data, "test", limit=n_val)
-        val_set = val_set if isinstance(val_set, list) else list(itertools.islice(val_set, n_val))
-    except (OSError, ValueError):  # no test split: hold out the end of what was read
+        val_set, _ = read_samples(cfg.val_data or cfg.data, "test", n_val)
+    except (OSError, ValueError):
         if cfg.val_data:
             raise
-        train_set, val_set = train_set[:-n_val], train_set[-n_val:]
+        val_set = []
+    k = min(len(val_set), len(train_set))
+    if not cfg.val_data and (not val_set or val_set[:k] == train_set[:k]):  # "test" is the training set itself
+        order = list(range(len(train_set)))
+        random.Random(cfg.seed).shuffle(order)
+        held = set(order[: max(1, len(train_set) // 20)])
+        val_set = [s for i, s in enumerate(train_set) if i in held][:n_val]
+        train_set = [s for i, s in enumerate(train_set) if i not in held]
+        print(f"validation: {len(held)} of {cfg.data}'s samples held out (5%, seed {cfg.seed}), never trained on")
     if not train_set or not val_set:
         raise ValueError(f"{cfg.data}: too few samples ({len(train_set)} to train on, {len(val_set)} to validate)")
-    return train_set, val_set
+    return train_set, val_set, skipped
 
 
 def setup_distributed(cfg: TrainConfig):
@@ -625,9 +759,11 @@ def train(cfg: TrainConfig, spec: dict):
 
     rank, world, device = setup_distributed(cfg)
     main = rank == 0
-    if cfg.batch_size % (cfg.micro_batch * world) and cfg.batch_size % world:
-        fail(f"batch_size {cfg.batch_size} must split evenly over {world} processes")
+    share = cfg.batch_size // world
+    if cfg.batch_size % world or (share > cfg.micro_batch and share % cfg.micro_batch):
+        fail(f"batch_size {cfg.batch_size} must split evenly over {world} processes and their micro batches")
     run = cfg.out
+    lock = lock_run(run) if main else None  # held until this process ends
     resume_from = latest_checkpoint(run) if cfg.resume else None
     if not cfg.resume and latest_checkpoint(run) is not None:
         fail(f"{run} already holds a run; pass --resume to continue it or --out for a new one")
@@ -643,7 +779,7 @@ def train(cfg: TrainConfig, spec: dict):
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     try:
-        train_set, val_set = load_data(cfg)
+        train_set, val_set, skipped = load_data(cfg)
     except (OSError, ValueError) as e:
         fail(str(e))
     def texts():  # what a from-scratch tokenizer learns from
@@ -665,16 +801,24 @@ def train(cfg: TrainConfig, spec: dict):
             load_adapter(model, resume_from)
     except ValueError as e:
         fail(str(e))
+    for p in model.parameters():  # row-major, whatever layout a loader chose for decoding: resumed == uninterrupted
+        p.data = p.data.contiguous()
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if main:
         total = sum(p.numel() for p in model.parameters())
         print(f"{cfg.phase} ({cfg.preset}): {sum(p.numel() for p in trainable):,} trainable of {total:,} parameters, "
               f"{len(train_set):,} training samples, {world} process(es) on {device}")
+        if skipped:
+            print(f"skipped {skipped} hub sample(s) whose images could not be read")
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.95))
     start = 0
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
+        try:
+            state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
+        except (OSError, RuntimeError, EOFError) as e:
+            fail(f"--resume: {resume_from}/trainer_state.pt is damaged ({type(e).__name__}); "
+                 f"no whole checkpoint to continue from")
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         torch.set_rng_state(state["rng_torch"])
@@ -731,14 +875,8 @@ def train(cfg: TrainConfig, spec: dict):
         model.train()
         return {k: v / max(1, count_) for k, v in totals.items()}
 
-    os.makedirs(run, exist_ok=True)
-    log_path = os.path.join(run, "log.jsonl")
-    if main and os.path.isfile(log_path):  # forget steps logged after the checkpoint (all, if there is none)
-        rows = [line for line in open(log_path) if json.loads(line)["step"] <= start]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(rows)
-        os.replace(log_path + ".tmp", log_path)
-    log = open(log_path, "a") if main else None
+    log = open_log(run, start) if main else None
+    interrupted = catch_ctrl_c()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not main, desc=cfg.phase)
     model.train()
     tokens_seen, t0 = 0, time.perf_counter()
@@ -752,6 +890,9 @@ def train(cfg: TrainConfig, spec: dict):
         batches = [make_batch([train_set[i] for i in m]) for m in micro]
         n_local = sum(count(b) for b in batches)
         n_global = all_sum(n_local, world, device)  # every process divides by the same token count
+        if n_global == 0:
+            bar.close()
+            fail(f"step {step + 1}: no sample of the batch has a reply token within --max-len {cfg.max_len}")
         loss_sum, shown = 0.0, {}
         for i, b in enumerate(batches):
             sync = i == len(batches) - 1 or world == 1
@@ -765,18 +906,23 @@ def train(cfg: TrainConfig, spec: dict):
             for k, v in (extra.items() if isinstance(extra, dict) else ()):
                 if k in ("rewards/accuracy", "rewards/margin"):
                     shown[k.split("/")[1]] = shown.get(k.split("/")[1], 0.0) + v * n / n_local
+        step_loss = all_sum(loss_sum, world, device) / max(1, n_global)
+        if not math.isfinite(step_loss):
+            bar.close()
+            fail(f"step {step + 1}: the loss is {step_loss}; stopped, keeping "
+                 f"{latest_checkpoint(run) or 'no checkpoint (none was saved yet)'}")
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step_loss = all_sum(loss_sum, world, device) / max(1, n_global)
         tokens_seen += n_global if cfg.phase not in ("dpo", "qformer") else 0
         if main:
             tok_s = tokens_seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                            **({k: f"{v:.3f}" for k, v in shown.items()} or {"tok_s": f"{tok_s:.0f}"}))
+                            **({k: f"{v:.3f}" for k, v in shown.items()} or {"tok_s": f"{tok_s:.0f}"}),
+                            **({"skipped": skipped} if skipped else {}))
             row = {"step": step + 1, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s,
-                   **shown}
+                   **shown, **({"skipped_samples": skipped} if skipped else {})}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val = evaluate()  # every process evaluates the same set: cheap, and keeps them in step
             if main:
@@ -785,10 +931,14 @@ def train(cfg: TrainConfig, spec: dict):
         if main:
             log.write(json.dumps(row) + "\n")
             log.flush()
-        last = step + 1 == cfg.steps or step + 1 == start + cfg.stop_after
+        last = step + 1 == cfg.steps or step + 1 == start + cfg.stop_after or interrupted()
         if main and ((step + 1) % cfg.save_every == 0 or last):
             save_checkpoint(run, step + 1, model, tokenizer, processor, optimizer, cfg)
             plot_losses(run)
+        if interrupted():
+            print(f"\ninterrupted at step {step + 1}; --resume continues", file=sys.stderr)
+            sys.exit(130)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if main:
         log.close()
         print(f"done: {run}/{os.path.basename(latest_checkpoint(run))} (loss curve: {run}/loss.png)")
@@ -802,8 +952,12 @@ def train(cfg: TrainConfig, spec: dict):
 
 
 def main(argv=None):
-    cfg, spec = load_settings(argv)
-    train(cfg, spec)
+    try:
+        cfg, spec = load_settings(argv)
+        train(cfg, spec)
+    except KeyboardInterrupt:  # before the first step: nothing to save
+        print("\ninterrupted before training started", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -257,6 +257,33 @@ def test_caption_folder_errors(tmp_path, lines, error, message):
         data.caption_folder(str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["../../../etc/passwd", "/etc/hostname", "sub/../../outside.png"])
+def test_image_paths_may_not_leave_the_data_folder(tmp_path, name):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_image(tmp_path / "outside.png")
+    write_jsonl(folder / "captions.jsonl", [{"image": "cat.png", "caption": "x"}, {"image": name, "caption": "y"}])
+    write_image(folder / "cat.png")
+    with pytest.raises(DataError, match=r"captions\.jsonl:2: image .* lies outside"):
+        data.caption_folder(str(folder))
+    (folder / "chat.json").write_text(json.dumps([{"image": name, "conversations": [
+        {"from": "human", "value": "<image>Hi"}, {"from": "gpt", "value": "Yo"}]}]))
+    with pytest.raises(DataError, match=r"chat\.json.*lies outside"):
+        data.llava_json(str(folder / "chat.json"))
+
+
+def test_unreadable_images_are_all_named_each_file_opened_once(tmp_path):
+    good = write_image(tmp_path / "good.png")
+    (tmp_path / "truncated.png").write_bytes(open(good, "rb").read()[:40])
+    (tmp_path / "text.png").write_text("not an image")
+    samples = [data.chat_sample([good], "q", "a"), data.chat_sample([str(tmp_path / "truncated.png")], "q", "a"),
+               data.chat_sample([], "q", "a"), data.chat_sample([good, str(tmp_path / "text.png")], "q", "a"),
+               data.chat_sample([str(tmp_path / "truncated.png")], "q", "a")]
+    bad = data.unreadable_images(samples)
+    assert [i for i, _ in bad] == [1, 3, 4]
+    assert "truncated.png" in bad[0][1] and "text.png" in bad[1][1]
+
+
 def test_caption_folder_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="captions.jsonl: missing"):
         data.caption_folder(str(tmp_path))

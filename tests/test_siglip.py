@@ -1,6 +1,7 @@
 """Vision towers against transformers' SigLIP, CLIP and DINOv2 on tiny random checkpoints, and the
 real DINOv2-S weights in the shared assets."""
 
+import json
 import os
 
 import pytest
@@ -78,6 +79,25 @@ def test_bad_vision_checkpoints(tmp_path):
     (broken / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(CheckpointError, match="'llama' model"):
         VisionTower.from_pretrained(str(broken))
+
+
+@pytest.mark.parametrize("family, change, message", [
+    ("siglip", lambda cfg: [cfg], r"expected a JSON object \{...\}, got a list"),
+    ("siglip", lambda cfg: cfg.update(image_size=100_000), "image_size must be a whole number of pixels from 1 to"),
+    ("clip", lambda cfg: cfg.update(patch_size=0), "patch_size must be a whole number of pixels from 1 to 8192"),
+    ("siglip", lambda cfg: cfg.update(patch_size="8"), 'patch_size must be int, not "8"'),
+    ("clip", lambda cfg: cfg.update(hidden_size=None), "dim must be int, not null"),
+    ("siglip", lambda cfg: cfg.update(hidden_act="swish"), "act 'swish' is not supported"),
+    ("dinov2", lambda cfg: cfg.update(hidden_act="swish"), "act 'swish' is not supported"),
+    ("dinov2", lambda cfg: cfg.update(hidden_size=None), "hidden_size and mlp_ratio must be numbers"),
+])
+def test_malformed_vision_config_is_one_line(tmp_path, family, change, message):
+    build(family, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(change(cfg) or cfg))
+    with pytest.raises(CheckpointError, match=message) as e:
+        VisionTower.from_pretrained(str(tmp_path))
+    assert "config.json" in str(e.value) and "\n" not in str(e.value)
 
 
 def assets():

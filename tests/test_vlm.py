@@ -1,10 +1,13 @@
 """The VLM: SmolVLM parity with transformers, connectors, and the merging of image embeddings."""
 
+import json
+
 import pytest
 import torch
 
 from generate import generate
 from model import VLM, LMConfig, VLMConfig, merge_image_embeddings, pixel_shuffle
+from processing import CheckpointError
 from siglip import VisionConfig
 
 transformers = pytest.importorskip("transformers")
@@ -105,6 +108,28 @@ def test_each_connector_fills_its_placeholders(connector, tokens):
         a, b = vlm(ids, pixel_values=pixels), vlm(ids, pixel_values=pixels + 1)
     assert a.shape == (1, tokens + 3, 64) and max_diff(a[:, -1], b[:, -1]) > 0  # the image reaches the answer
     assert max_diff(a[:, :2], b[:, :2]) == 0  # causal: text before the image cannot see it
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda cfg: [cfg], r"expected a JSON object \{...\}, got a list"),
+    (lambda cfg: cfg["vision"].update(patch=8), "unknown key 'vision.patch'"),
+    (lambda cfg: {k: v for k, v in cfg.items() if k != "vision"}, "config.json lacks 'vision'"),
+    (lambda cfg: cfg["vision"].update(patch_size="8"), 'vision.patch_size must be int, not "8"'),
+    (lambda cfg: cfg["lm"].update(dim=None), "lm.dim must be int, not null"),
+    (lambda cfg: cfg.update(vision_layer="-2"), 'vision_layer must be int or null, not "-2"'),
+    (lambda cfg: cfg["vision"].update(act="swish"), "vision.act 'swish' is not supported"),
+    (lambda cfg: cfg["vision"].update(image_size=100_000), "vision.image_size must be a whole number of pixels"),
+    (lambda cfg: cfg.update(image_size=100_000), "image_size must be a whole number of pixels from 1 to 8192"),
+    (lambda cfg: cfg.update(connector="qformer"), "connector 'qformer' needs a qformer config"),
+])
+def test_malformed_glimpse_config_is_one_line(tmp_path, change, message):
+    """A config.json that VLM.save_pretrained wrote, then broken: one CheckpointError line naming the field."""
+    VLM(VLMConfig(vision=TINY_VISION, lm=TINY_LM, connector="mlp", image_token_id=63)).save_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(change(cfg) or cfg))
+    with pytest.raises(CheckpointError, match=message) as e:
+        VLM.from_pretrained(str(tmp_path))
+    assert "config.json" in str(e.value) and "\n" not in str(e.value)
 
 
 # --- merging -------------------------------------------------------------------------------------
