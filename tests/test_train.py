@@ -61,7 +61,7 @@ def test_align_then_instruct_then_generate(tmp_path):
 
 def test_resume_gives_the_uninterrupted_run(tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    common = ["--phase", "align", "--steps", "20", "--save-every", "100", *FAST]
+    common = ["--phase", "instruct", "--steps", "20", "--save-every", "100", *FAST]  # the LM trains too
     run(*common, "--out", straight)
     run(*common, "--out", resumed, "--stop-after", "10")
     assert len(losses(resumed)) == 10
