@@ -253,7 +253,7 @@ def bench_vlm(args, device, tmp):
     import transformers
 
     from generate import generate
-    from model import VLM, LanguageModel, hf_config
+    from model import LanguageModel, hf_config
     from processing import (
         SMOLVLM_SPECIAL_TOKENS,
         SmolVLMImageProcessor,
@@ -261,6 +261,7 @@ def bench_vlm(args, device, tmp):
         build_prompt,
         smolvlm_image_tokens,
     )
+    from vlm import VLM
 
     dtype = getattr(torch, args.dtype)
     tok = Tokenizer.from_pretrained(args.lm)
@@ -408,7 +409,8 @@ def report(rows, checks, header: str, json_path: str | None):
 
 def main(argv=None) -> int:
     from generate import ArgumentParser, check_device, default_lm, fail
-    from processing import CheckpointError, ImageError
+    from checkpoints import CheckpointError
+    from processing import ImageError
 
     p = ArgumentParser(description="Benchmark glimpse against transformers on the same weights and inputs: one "
                        "table, glimpse | transformers | ratio (> 1: glimpse is better).", epilog=__doc__,

@@ -284,14 +284,6 @@ def question_type(answer: str) -> str:
     return "color" if answer in EASY_VQA_COLORS else "shape" if answer in EASY_VQA_SHAPES else "yes/no"
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and attention mask, rows aligned to the right (generation continues on the right)."""
-    T = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
 @torch.inference_mode()
 def answer_questions(model, tok, processor, template, samples, batch_size=32, max_new_tokens=4, image=True,
                      device="cpu", progress=True) -> list[str]:
@@ -299,6 +291,7 @@ def answer_questions(model, tok, processor, template, samples, batch_size=32, ma
     left padding; image=False asks the same questions with the images left out."""
     from tqdm import tqdm
 
+    from data import pad
     from processing import Special, build_prompt
 
     end = stop_ids(tok, template)
@@ -312,7 +305,7 @@ def answer_questions(model, tok, processor, template, samples, batch_size=32, ma
             tokens = [[Special("<image>")] * model.config.tokens_per_image()] * n_images
             rows.append(build_prompt(tok, [{"role": "user", "content": parts}], template=template, image_tokens=tokens))
             images += s["images"][:n_images]
-        ids, mask = left_pad(rows, tok.pad_id if tok.pad_id is not None else 0)
+        ids, mask = pad(rows, tok.pad_id if tok.pad_id is not None else 0, side="left")  # (B, T), (B, T)
         kwargs = {"pixel_values": processor(images).to(device)} if images else {}
         new = generate(model, ids.to(device), max_new_tokens, attention_mask=mask.to(device), eos_ids=end,
                        banned=banned_ids(tok, end), **kwargs)
@@ -480,7 +473,7 @@ def evaluate_perplexity(path: str, source: str, limit: int | None, batch_size: i
     tokens of another data source (data.load_source: a text file or folder, a chat file, ...)."""
     from tqdm import tqdm
 
-    from data import collate, count_image_parts, load_source
+    from data import collate, count_image_parts, load_source, to_device
     from processing import Special
 
     model, tok, processor, template = load(path, torch.float32, device)
@@ -497,7 +490,7 @@ def evaluate_perplexity(path: str, source: str, limit: int | None, batch_size: i
         for i in range(0, len(samples), batch_size):
             chunk = samples[i: i + batch_size]
             batch = collate(chunk, tok, processor, template=template, image_tokens=image_tokens, max_len=max_len)
-            yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield to_device(batch, device)
             bar.update(len(chunk))
 
     t0 = time.perf_counter()
@@ -510,7 +503,7 @@ def evaluate_perplexity(path: str, source: str, limit: int | None, batch_size: i
 def main(argv=None):
     from data import SOURCES
     from generate import ArgumentParser, check_device, fail, run_checkpoint
-    from processing import CheckpointError
+    from checkpoints import CheckpointError
 
     p = ArgumentParser(description="Evaluate a glimpse checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, a run folder (its latest), or a hub id")

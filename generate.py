@@ -28,7 +28,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from model import VLM, CheckpointError, LanguageModel
+from checkpoints import CheckpointError
+from model import LanguageModel
+from vlm import VLM
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 END_OF_TURN = {"chatml": "<|im_end|>", "chatml-plain": "<|im_end|>", "smolvlm": "<end_of_utterance>", "zephyr": "</s>"}
@@ -446,8 +448,8 @@ def run_checkpoint(path: str) -> str:
 def load(path: str, dtype, device):
     """(model, tokenizer, image processor or None, chat template) for a .gguf LM, an LM folder or
     hub id (Llama, Qwen2), a SmolVLM checkpoint, or a checkpoint that train.py wrote."""
-    from processing import (ImageProcessor, SmolVLMImageProcessor, Tokenizer, TOKENIZER_FILES,
-                            checkpoint_folder, read_json)
+    from checkpoints import TOKENIZER_FILES, checkpoint_folder, read_json
+    from processing import ImageProcessor, SmolVLMImageProcessor, Tokenizer
 
     if os.path.isfile(path) and not path.endswith(".gguf"):
         raise CheckpointError(f"{path}: a file; pass a checkpoint folder, a hub id or a .gguf file")

@@ -13,22 +13,13 @@ the adapters go into the LM (`model.lm`) only; the vision tower and the connecto
 """
 
 import math
-import os
 import re
 from contextlib import contextmanager
 
-import safetensors.torch
 import torch
 import torch.nn as nn
 
-from processing import CheckpointError, read_json, write_json, write_safetensors
-
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel).model (the transformers model)
-# adapter_config.json options that change the math; lora.py refuses a file that turns any of them on
-UNSUPPORTED = ("use_dora", "use_rslora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
-               "layers_to_transform", "layer_replication", "exclude_modules", "modules_to_save",
-               "target_parameters", "trainable_token_indices")
+from checkpoints import PEFT_PREFIX, read_adapter, write_adapter
 
 
 class Linear_LORA(nn.Module):
@@ -70,7 +61,7 @@ class Linear_LORA(nn.Module):
     @torch.no_grad()
     def merge(self):
         """W <- W + B A * scale, written into the existing weight tensor, so its layout (column-major
-        on CPU, see model.build_model) and any views of it stay as they were."""
+        on CPU, see model.finish_loading) and any views of it stay as they were."""
         if not self.merged:
             self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
             self.merged = True
@@ -187,7 +178,7 @@ def base_state_dict(model) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# PEFT's file format: adapter_config.json + adapter_model.safetensors
+# PEFT's file format (adapter_config.json + adapter_model.safetensors: checkpoints.read_adapter)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -204,7 +195,7 @@ def save_adapter(model, folder: str, base_model_name_or_path: str | None = None)
     """Write the LM's adapters as PEFT's `save_pretrained` does: keys
     base_model.model.<transformers module>.lora_A.weight (r, in) and .lora_B.weight (out, r), and a
     LoraConfig listing the adapted modules by full name. Each file is written to a temporary name and
-    then renamed into place."""
+    then renamed into place (checkpoints.write_adapter)."""
     lm = _lm(model)
     layers = lora_layers(lm)
     if not layers:
@@ -223,9 +214,7 @@ def save_adapter(model, folder: str, base_model_name_or_path: str | None = None)
         key = PEFT_PREFIX + hf[name]
         state[f"{key}.lora_A.weight"] = layer.lora_A.weight  # (r, in)
         state[f"{key}.lora_B.weight"] = layer.lora_B.weight  # (out, r)
-    os.makedirs(folder, exist_ok=True)
-    write_safetensors(state, os.path.join(folder, ADAPTER_WEIGHTS))
-    write_json(config, os.path.join(folder, ADAPTER_CONFIG))
+    write_adapter(folder, config, state)
 
 
 def load_adapter(model, folder: str):
@@ -233,46 +222,22 @@ def load_adapter(model, folder: str):
     file's rank, alpha, dropout and targets; with LoRA, its layers must be the adapter's (same modules,
     rank and alpha). Everything is checked before the model changes: a rank, target or base-shape
     mismatch is a ValueError naming the module. Returns the model."""
-    cfg = read_json(os.path.join(folder, ADAPTER_CONFIG))
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{folder}: peft_type {cfg.get('peft_type')!r}, lora.py reads LORA adapters")
-    for option in UNSUPPORTED:
-        if cfg.get(option):
-            raise ValueError(f"{folder}: {option}={cfg[option]!r} is not supported by lora.py")
-    if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{folder}: bias={cfg['bias']!r} is not supported by lora.py")
-    path = os.path.join(folder, ADAPTER_WEIGHTS)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing (lora.py reads safetensors adapters, not adapter_model.bin)")
-    weights = safetensors.torch.load_file(path)
+    cfg, weights = read_adapter(folder)
     r, alpha = cfg["r"], cfg["lora_alpha"]
-
     lm = _lm(model)
     hf = _hf_module_names(lm)
     wanted = [name for name in hf if _matches(hf[name], cfg["target_modules"])]
     if not wanted:
         raise ValueError(f"{folder}: target_modules {cfg['target_modules']!r} match no linear layer of the LM")
     layers = lora_layers(lm)
-    if layers:  # LoRA is on already: it must be this adapter's
-        differ = sorted(set(wanted) ^ set(layers))
-        if differ:
-            name = differ[0]
-            where = "the adapter targets it but the model has no LoRA there" if name in wanted else \
-                "the model has LoRA there but the adapter does not target it"
-            raise ValueError(f"{name}: {where} ({folder})")
-        for name, layer in layers.items():
-            if layer.merged:
-                raise ValueError(f"{name}: its adapter is merged into the weight; unmerge() before loading")
-            if (layer.r, layer.alpha) != (r, alpha):
-                raise ValueError(f"{name}: the model's LoRA has rank {layer.r} and alpha {layer.alpha}, "
-                                 f"the adapter in {folder} rank {r} and alpha {alpha}")
-
+    if layers:
+        check_same_lora(layers, wanted, r, alpha, folder)
     loaded = {}  # our module name -> (A (r, in), B (out, r))
     for name in wanted:
         key = PEFT_PREFIX + hf[name]
         a, b = weights.pop(f"{key}.lora_A.weight", None), weights.pop(f"{key}.lora_B.weight", None)
         if a is None or b is None:
-            raise ValueError(f"{name}: {path} has no {key}.lora_A/lora_B weights for it")
+            raise ValueError(f"{name}: the adapter in {folder} has no {key}.lora_A/lora_B weights for it")
         if a.shape[0] != r or b.shape[1] != r:
             raise ValueError(f"{name}: the adapter's lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
                              f"are not rank {r}")
@@ -286,13 +251,30 @@ def load_adapter(model, folder: str):
         key = min(weights)
         module = key.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0]  # drop .lora_A.weight
         name = {theirs: ours for ours, theirs in hf.items()}.get(module, module)
-        raise ValueError(f"{name}: {path} has weights for it ({key}) but target_modules does not select it")
+        raise ValueError(f"{name}: the adapter in {folder} has weights for it ({key}) but target_modules "
+                         "does not select it")
 
     if not layers:
         apply_lora(model, targets=wanted, r=r, alpha=alpha, dropout=cfg.get("lora_dropout", 0.0))
         layers = lora_layers(lm)
     with torch.no_grad():
         for name, (a, b) in loaded.items():
-            layers[name].lora_A.weight.copy_(a)
-            layers[name].lora_B.weight.copy_(b)
+            layers[name].lora_A.weight.copy_(a)  # (r, in)
+            layers[name].lora_B.weight.copy_(b)  # (out, r)
     return model
+
+
+def check_same_lora(layers: dict, wanted: list, r: int, alpha: float, folder: str):
+    """LoRA is on already: it must be the adapter's, on the same modules, unmerged, same rank and alpha."""
+    differ = sorted(set(wanted) ^ set(layers))
+    if differ:
+        name = differ[0]
+        where = "the adapter targets it but the model has no LoRA there" if name in wanted else \
+            "the model has LoRA there but the adapter does not target it"
+        raise ValueError(f"{name}: {where} ({folder})")
+    for name, layer in layers.items():
+        if layer.merged:
+            raise ValueError(f"{name}: its adapter is merged into the weight; unmerge() before loading")
+        if (layer.r, layer.alpha) != (r, alpha):
+            raise ValueError(f"{name}: the model's LoRA has rank {layer.r} and alpha {layer.alpha}, "
+                             f"the adapter in {folder} rank {r} and alpha {alpha}")

@@ -1,34 +1,24 @@
 """The language model of glimpse: a LLaMA-style decoder, read top to bottom.
 
-    LMConfig, VLMConfig -> RMSNorm, RoPE, Attention (GQA, KV cache, chunked/NoPE), MLP (SwiGLU), MoE
-    -> Block -> LanguageModel -> connectors -> VLM -> loading (HF safetensors, GGUF) and saving
+    LMConfig -> RMSNorm, RoPE, KVCache, Attention (GQA, chunked/NoPE), MLP (SwiGLU), MoE -> Block
+    -> LanguageModel -> loading (HF Llama/Qwen2 safetensors, GGUF) and saving, its key map
 
 Mirrors `transformers/models/llama/modeling_llama.py` (Touvron et al. 2023, "LLaMA"), with the
 options of Qwen2 (q/k/v bias), Mixtral (mixture of experts, Jiang et al. 2024) and LLaMA-4
-(interleaved NoPE layers with chunked local attention in the RoPE layers).
-
-The VLM puts a vision tower (siglip.py) and a connector in front of the LM: the connector turns
-patch features into LM-wide embeddings, which replace the `<image>` placeholder tokens of the
-prompt (LLaVA, Liu et al. 2023; SmolVLM, Marafioti et al. 2025).
+(interleaved NoPE layers with chunked local attention in the RoPE layers). The VLM around it
+(vision tower, connector, image embeddings at the `<image>` placeholders) is in vlm.py.
 """
 
 import math
 import os
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-import gguf
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from processing import (CheckpointError, build_config, check_side, checkpoint_folder, read_json, read_safetensors,
-                        write_json, write_safetensors)
-from qformer import QFormer, QFormerConfig
-from siglip import VisionConfig, VisionTower
-from siglip import config_from_json as vision_config_from_json
-from siglip import hf_key_map as vision_key_map
+from checkpoints import (WEIGHT_FILES, CheckpointError, build_config, checkpoint_folder, load_state, read_gguf,
+                         read_json, read_safetensors, write_checkpoint)
 
 
 @dataclass
@@ -72,33 +62,6 @@ class LMConfig:
         return not (self.nope_every > 0 and (layer + 1) % self.nope_every == 0)
 
 
-@dataclass
-class VLMConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    lm: LMConfig = field(default_factory=LMConfig)
-    connector: str = "mlp"  # "mlp" (LLaVA) | "pixel_shuffle" (SmolVLM) | "cls_gate" (one token) | "qformer" (BLIP-2)
-    image_token_id: int = 49190  # the <image> placeholder id in the prompt
-    vision_layer: int | None = None  # which vision hidden state feeds the connector (LLaVA: -2; None: the last, normed)
-    scale_factor: int = 2  # pixel_shuffle: r x r neighbouring patches become one token
-    gate_dim: int = 512  # cls_gate: width between the projector and the gate
-    image_size: int = 0  # pixels per side of the images fed in (0: the tower's own image_size)
-    qformer: QFormerConfig | None = None  # the qformer connector's Q-Former
-
-    def __post_init__(self):
-        if self.image_size:
-            check_side("image_size", self.image_size)
-        if self.connector == "qformer" and self.qformer is None:
-            raise ValueError("connector 'qformer' needs a qformer config")
-
-    def tokens_per_image(self) -> int:
-        """How many <image> placeholders one image (or one SmolVLM tile) fills."""
-        if self.connector == "cls_gate":
-            return 1
-        if self.connector == "qformer":
-            return self.qformer.n_queries
-        n = ((self.image_size or self.vision.image_size) // self.vision.patch_size) ** 2
-        return n // self.scale_factor**2 if self.connector == "pixel_shuffle" else n
-
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
@@ -111,11 +74,11 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim))  # (D,)
 
     def forward(self, x):  # (..., D)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = x.float()  # (..., D)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
         return self.weight * x32.to(x.dtype)
 
 
@@ -137,13 +100,13 @@ def rope_inv_freq(cfg: LMConfig) -> torch.Tensor:  # (hd/2,)
         smooth = (old_len / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)  # in between: blend
-        return torch.where(medium, smoothed, scaled)
+        return torch.where(medium, smoothed, scaled)  # (hd/2,)
     raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3 are)")
 
 
 def rotate_half(x):  # (..., hd) -> (..., hd): [x1, x2] -> [-x2, x1], HF's layout
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # (..., hd/2) each
+    return torch.cat((-x2, x1), dim=-1)  # (..., hd)
 
 
 def apply_rope(x, cos, sin):  # x (B, H, T, hd), cos/sin (B, 1, T, hd)
@@ -161,8 +124,8 @@ class KVCache:
         if max_len > cfg.max_seq_len:
             raise ValueError(f"a cache of {max_len} positions exceeds the context of {cfg.max_seq_len}")
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]  # L x (B, Hkv, S, hd)
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]  # L x (B, Hkv, S, hd)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
         self.pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # (B, S)
         self.max_len = max_len
@@ -201,7 +164,7 @@ class Attention(nn.Module):
             cache.v[self.layer][:, :, start:end] = v
             k, v = cache.k[self.layer][:, :, :end], cache.v[self.layer][:, :, :end]  # (B, Hkv, S, hd)
         causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
@@ -215,7 +178,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x):  # (N, D) or (B, T, D)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (N, D) or (B, T, D)
 
 
 class MoE(nn.Module):
@@ -247,10 +210,10 @@ class MoE(nn.Module):
             token, slot = (chosen == e).nonzero(as_tuple=True)  # (n_e,), (n_e,)
             out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None])
         if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
+            out = out + self.shared_expert(x)  # (N, D)
         share = F.one_hot(chosen, len(self.experts)).sum(dim=1).float().mean(dim=0)  # (E,) f_e
         aux = len(self.experts) * (share * probs.mean(dim=0)).sum()
-        return out.view(B, T, D), aux
+        return out.view(B, T, D), aux  # (B, T, D), ()
 
 
 class Block(nn.Module):
@@ -266,93 +229,16 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if self.moe else MLP(cfg.dim, cfg.hidden_dim)
 
     def forward(self, x, cos, sin, masks, cache):  # x (B, T, D), masks: {"full": ..., "chunked": ...}
-        x = x + self.attn(self.attn_norm(x), cos, sin, masks["chunked" if self.chunked else "full"], cache)
+        x = x + self.attn(self.attn_norm(x), cos, sin, masks["chunked" if self.chunked else "full"], cache)  # (B, T, D)
         if self.moe:
-            h, aux = self.mlp(self.mlp_norm(x))
+            h, aux = self.mlp(self.mlp_norm(x))  # (B, T, D), ()
             return x + h, aux
-        return x + self.mlp(self.mlp_norm(x)), None
-
-
-class MLPConnector(nn.Module):
-    """LLaVA-1.5's projector: Linear -> GELU -> Linear on every patch (HF `LlavaMultiModalProjector`)."""
-
-    def __init__(self, cfg: VLMConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.vision.dim, cfg.lm.dim)
-        self.fc2 = nn.Linear(cfg.lm.dim, cfg.lm.dim)
-
-    def forward(self, x):  # (N, P, Dv) patches, class token dropped -> (N, P, D)
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-def pixel_shuffle(x, r: int):  # (N, P, Dv) on a square grid -> (N, P / r^2, Dv * r^2)
-    """Merge each r x r block of neighbouring patches into one token (HF `SmolVLMConnector.pixel_shuffle`)."""
-    N, P, D = x.shape
-    side = math.isqrt(P)
-    x = x.view(N, side, side // r, D * r)  # fold r columns into the channels
-    x = x.permute(0, 2, 1, 3).reshape(N, side // r, side // r, D * r * r)  # then r rows
-    return x.permute(0, 2, 1, 3).reshape(N, P // (r * r), D * r * r)
-
-
-class PixelShuffleConnector(nn.Module):
-    """SmolVLM / nanoVLM: pixel shuffle, then one linear map without bias."""
-
-    def __init__(self, cfg: VLMConfig):
-        super().__init__()
-        self.r = cfg.scale_factor
-        self.proj = nn.Linear(cfg.vision.dim * self.r**2, cfg.lm.dim, bias=False)
-
-    def forward(self, x):  # (N, P, Dv) -> (N, P / r^2, D)
-        return self.proj(pixel_shuffle(x, self.r))
-
-
-class ClsGateConnector(nn.Module):
-    """One vision token: the pooled class embedding through a projector (Dv -> 512) and a gate
-    (512 -> LM width), as the TinyLlama-VLM design does with CLIP."""
-
-    def __init__(self, cfg: VLMConfig):
-        super().__init__()
-        self.projector = nn.Linear(cfg.vision.dim, cfg.gate_dim)
-        self.gate = nn.Linear(cfg.gate_dim, cfg.lm.dim)
-
-    def forward(self, cls):  # (N, Dv) -> (N, 1, D)
-        return self.gate(self.projector(cls))[:, None]
-
-
-class QFormerConnector(nn.Module):
-    """BLIP-2: learned queries read the patch features (qformer.py); their outputs go through a
-    linear map into the LM (`language_projection` in HF `Blip2ForConditionalGeneration`)."""
-
-    def __init__(self, cfg: VLMConfig):
-        super().__init__()
-        self.qformer = QFormer(cfg.qformer)
-        self.proj = nn.Linear(cfg.qformer.dim, cfg.lm.dim)
-
-    def forward(self, x):  # (N, P, Dv) every token, class token included -> (N, n_queries, D)
-        return self.proj(self.qformer(x))
-
-
-CONNECTORS = {"mlp": MLPConnector, "pixel_shuffle": PixelShuffleConnector, "cls_gate": ClsGateConnector,
-              "qformer": QFormerConnector}
-
-
-def merge_image_embeddings(embeds, placeholders, image_embeds):
-    """Put the image embeddings, in order, where the placeholders are.
-    embeds (B, T, D), placeholders (B, T) bool, image_embeds (N, n, D): N images of n tokens each,
-    in the order their placeholders appear reading the batch row by row."""
-    have, need = int(placeholders.sum()), image_embeds.shape[0] * image_embeds.shape[1]
-    if have != need:
-        raise ValueError(f"the prompt has {have} <image> placeholders but the images give {need} embeddings "
-                         f"({image_embeds.shape[0]} images x {image_embeds.shape[1]})")
-    return embeds.masked_scatter(placeholders[..., None], image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+        return x + self.mlp(self.mlp_norm(x)), None  # (B, T, D)
 
 
 # ---------------------------------------------------------------------------------------------
-# The models
+# The model
 # ---------------------------------------------------------------------------------------------
-
-
-WEIGHT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")  # what a hub download fetches
 
 
 class LanguageModel(nn.Module):
@@ -409,7 +295,7 @@ class LanguageModel(nn.Module):
         if start + T > limit:
             raise ValueError(f"{start + T} tokens do not fit the context of {limit} tokens")
         if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)  # (B, T)
         attention_mask = attention_mask.bool()  # (B, T)
         if position_ids is None:
             seen = cache.valid[:, :start].sum(dim=1, keepdim=True) if cache is not None else 0  # (B, 1)
@@ -425,14 +311,14 @@ class LanguageModel(nn.Module):
 
         aux = []
         for block in self.layers:
-            x, layer_aux = block(x, cos, sin, masks, cache)
+            x, layer_aux = block(x, cos, sin, masks, cache)  # (B, T, D)
             if layer_aux is not None:
                 aux.append(layer_aux)
         if cache is not None:
             cache.length = start + T
         if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
+            x = x[:, -1:]  # (B, 1, D)
+        x = self.norm(x)  # (B, T, D)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)  # (B, T, V)
         if return_aux:
             return logits, (torch.stack(aux).mean() if aux else x.new_zeros(()))
@@ -452,8 +338,8 @@ class LanguageModel(nn.Module):
             return {"full": None, "chunked": None}  # causal and nothing to hide: the fast path
         key_valid, key_pos = attention_mask, position_ids  # (B, S), S = start + T
         if cache is not None:
-            key_valid = torch.cat((cache.valid[:, :start], attention_mask), dim=1)
-            key_pos = torch.cat((cache.pos[:, :start], position_ids), dim=1)
+            key_valid = torch.cat((cache.valid[:, :start], attention_mask), dim=1)  # (B, S)
+            key_pos = torch.cat((cache.pos[:, :start], position_ids), dim=1)  # (B, S)
         S = start + T
         q_slot = torch.arange(start, S, device=attention_mask.device)[:, None]  # (T, 1)
         k_slot = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
@@ -468,20 +354,23 @@ class LanguageModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu") -> "LanguageModel":
         """A Llama/Qwen2 checkpoint (hub id or folder with config.json + safetensors, single or
-        sharded), a folder this class saved, or a llama.cpp `.gguf` file."""
+        sharded), a folder this class saved, or a llama.cpp `.gguf` file (read as the transformers
+        checkpoint it was converted from)."""
         if str(name_or_path).endswith(".gguf"):
-            cfg, state = read_gguf(name_or_path)
             where = name_or_path
+            hf, state = read_gguf(where)
+            cfg, key_map = lm_config_from_hf(hf)
         else:
             where = checkpoint_folder(name_or_path, WEIGHT_FILES)
-            cfg, key_map = config_from_json(read_json(os.path.join(where, "config.json")))
-            state = rename_keys(read_safetensors(where), key_map, where)
-        return build_model(cls, cfg, state, dtype, device, where)
+            cfg, key_map = lm_config_from_hf(read_json(os.path.join(where, "config.json")))
+            state = read_safetensors(where)
+        model = load_state(cls, cfg, state, key_map, dtype, device, where, ignore=tied_copy(cfg))
+        return finish_loading(model, device)
 
     def hf_names(self) -> dict[str, str]:
         """Our parameter names -> the names in a transformers Llama/Qwen2 model (lora.py writes
         PEFT adapters with them)."""
-        return {ours: theirs for theirs, ours in hf_key_map(self.config).items()}
+        return {ours: theirs for theirs, ours in lm_key_map(self.config).items()}
 
     def save_pretrained(self, folder: str):
         """Write config.json + model.safetensors. A config that Llama or Qwen2 can express is written
@@ -492,85 +381,33 @@ class LanguageModel(nn.Module):
         if hf["model_type"] != "glimpse_lm":
             names = self.hf_names()
             state = {names[k]: v for k, v in state.items()}
-        os.makedirs(folder, exist_ok=True)
-        write_json(hf, os.path.join(folder, "config.json"))
-        write_safetensors(state, os.path.join(folder, "model.safetensors"))
-
-
-class VLM(nn.Module):
-    """Vision tower -> connector -> image embeddings merged at the <image> placeholders -> LM."""
-
-    def __init__(self, cfg: VLMConfig):
-        super().__init__()
-        self.config = cfg
-        self.vision = VisionTower(cfg.vision)
-        if cfg.connector not in CONNECTORS:
-            raise ValueError(f"unknown connector {cfg.connector!r}; choose one of {sorted(CONNECTORS)}")
-        self.connector = CONNECTORS[cfg.connector](cfg)
-        if cfg.connector != "qformer":  # (the Q-Former initialises itself, BERT style)
-            self.connector.apply(LanguageModel._init_weights)  # normal(0, 0.02), as HF initialises LLaVA's projector
-        self.lm = LanguageModel(cfg.lm)
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.config.lm.max_seq_len
-
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        return self.lm.new_cache(batch_size, max_len)
-
-    def image_embeddings(self, pixel_values):  # (N, 3, H, W) -> (N, n, D)
-        """Each image (or tile) as the LM-wide embeddings that fill its placeholders."""
-        hidden = self.vision(pixel_values, layer=self.config.vision_layer)  # (N, [1 +] P, Dv)
-        if self.config.connector == "cls_gate":
-            return self.connector(self.vision.pool(hidden))
-        if self.vision.cls_token is not None and self.config.connector != "qformer":
-            hidden = hidden[:, 1:]  # patches only (LLaVA's "default" feature selection)
-        return self.connector(hidden)
-
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, cache: KVCache | None = None,
-                last_only: bool = False, return_aux: bool = False):
-        """input_ids (B, T) with <image> placeholders, pixel_values (N, 3, H, W) for the N images
-        they stand for, in order -> logits (B, T, V). With a cache, pass the images with the
-        prefill only; decoding steps feed text tokens."""
-        placeholders = input_ids == self.config.image_token_id  # (B, T)
-        embeds = self.lm.embed(input_ids.masked_fill(placeholders, 0))  # (B, T, D)
-        if pixel_values is not None:
-            embeds = merge_image_embeddings(embeds, placeholders, self.image_embeddings(pixel_values))
-        elif bool(placeholders.any()):
-            raise ValueError("the prompt has <image> placeholders but no pixel_values were given")
-        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, last_only=last_only,
-                       return_aux=return_aux)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu", adapter: bool = True) -> "VLM":
-        """A SmolVLM / Idefics3 checkpoint (hub id or folder), or a folder that `save_pretrained` wrote.
-        A LoRA adapter saved beside the weights (PEFT's files) is loaded and merged unless adapter=False."""
-        folder = checkpoint_folder(name_or_path, WEIGHT_FILES)
-        cfg, key_map = vlm_config_from_json(read_json(os.path.join(folder, "config.json")))
-        state = rename_keys(read_safetensors(folder), key_map, folder)
-        model = build_model(cls, cfg, state, dtype, device, folder)
-        if adapter and os.path.isfile(os.path.join(folder, "adapter_config.json")):
-            from lora import load_adapter, merge_lora
-
-            merge_lora(load_adapter(model, folder))
-        return model
-
-    def save_pretrained(self, folder: str, state_dict: dict | None = None):
-        """Our config (vision, connector, LM) and every weight under our own names (or `state_dict`,
-        e.g. the base weights of a model with LoRA adapters)."""
-        os.makedirs(folder, exist_ok=True)
-        cfg = {"model_type": "glimpse_vlm", **asdict(self.config)}
-        write_json(cfg, os.path.join(folder, "config.json"))
-        write_safetensors(self.state_dict() if state_dict is None else state_dict,
-                          os.path.join(folder, "model.safetensors"))
+        write_checkpoint(folder, hf, state)
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading and saving: configs, key maps, safetensors, GGUF
+# Loading and saving: what a checkpoint leaves to do, configs, the key map
 # ---------------------------------------------------------------------------------------------
 
 
-def hf_key_map(cfg: LMConfig) -> dict[str, str]:
+def finish_loading(lm: LanguageModel, device) -> LanguageModel:
+    """What checkpoints.load_state leaves to do. The RoPE frequencies are a buffer, not in any
+    checkpoint: computed here. On a CPU, the 2-D weights are made column-major for decoding: a
+    one-token step reads each weight once, and a CPU's BLAS streams an (in, out) matrix about 1.5x
+    faster than an (out, in) one (bench.py lm). train.py makes them row-major again for training."""
+    lm.inv_freq = rope_inv_freq(lm.config).to(device)  # (hd/2,)
+    if torch.device(device).type == "cpu":
+        for p in lm.parameters():
+            if p.dim() == 2:
+                p.data = p.data.t().contiguous().t()  # (out, in), stored column-major
+    return lm
+
+
+def tied_copy(cfg: LMConfig) -> tuple[str, ...]:
+    """A checkpoint with tied embeddings may still store its output head: not read (load_state's ignore)."""
+    return ("lm_head.weight",) if cfg.tie_embeddings else ()
+
+
+def lm_key_map(cfg: LMConfig) -> dict[str, str]:
     """HF Llama/Qwen2 tensor names -> ours, for every tensor the model has."""
     m = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
     if not cfg.tie_embeddings:
@@ -588,11 +425,12 @@ def hf_key_map(cfg: LMConfig) -> dict[str, str]:
     return m
 
 
-def config_from_json(hf: dict) -> tuple[LMConfig, dict | None]:
-    """Our config from a config.json, and the key map to use (None: the names are already ours)."""
+def lm_config_from_hf(hf: dict) -> tuple[LMConfig, dict | None]:
+    """Our config from a Llama/Qwen2 config.json (or one our save_pretrained wrote), and the key map
+    to use (None: the names are already ours)."""
     kind = hf.get("model_type")
     if kind == "glimpse_lm":
-        return build_config(LMConfig, {k: v for k, v in hf.items() if k != "model_type"}), None
+        return build_config(LMConfig, hf), None
     if kind not in ("llama", "qwen2"):
         raise CheckpointError(f"config.json describes a {kind!r} model ({hf.get('architectures')}); "
                               "LanguageModel loads llama and qwen2 checkpoints")
@@ -620,7 +458,7 @@ def config_from_json(hf: dict) -> tuple[LMConfig, dict | None]:
         raise CheckpointError(f"config.json lacks {e}") from None
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    return cfg, hf_key_map(cfg)
+    return cfg, lm_key_map(cfg)
 
 
 def hf_config(cfg: LMConfig) -> dict:
@@ -638,125 +476,3 @@ def hf_config(cfg: LMConfig) -> dict:
     if kind == "llama":
         hf["attention_bias"] = cfg.qkv_bias
     return hf
-
-
-def vlm_config_from_json(hf: dict) -> tuple[VLMConfig, dict | None]:
-    """Our VLM config from a SmolVLM/Idefics3 config.json (and the key map of the hub's tensor
-    names: model.vision_model.*, model.connector.modality_projection.proj, model.text_model.*,
-    lm_head), or from the config.json our save_pretrained wrote (names already ours)."""
-    kind = hf.get("model_type")
-    if kind == "glimpse_vlm":
-        for part in ("vision", "lm"):
-            if part not in hf:
-                raise CheckpointError(f"config.json lacks {part!r}, the {part} config of this glimpse VLM")
-        return build_config(VLMConfig, {k: v for k, v in hf.items() if k != "model_type"}), None
-    if kind not in ("smolvlm", "idefics3"):
-        raise CheckpointError(f"config.json describes a {kind!r} model; VLM loads smolvlm/idefics3 checkpoints "
-                              "and folders saved by glimpse")
-    vision = vision_config_from_json({"model_type": "siglip_vision_model", **hf.get("vision_config", {})})
-    text = dict(hf.get("text_config", {}))
-    text.setdefault("model_type", "llama")
-    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
-    lm, lm_map = config_from_json(text)
-    cfg = build_config(VLMConfig, dict(vision=vision, lm=lm, connector="pixel_shuffle",
-                                       image_token_id=hf.get("image_token_id", 49190),
-                                       scale_factor=hf.get("scale_factor", 2)))
-    key_map = {f"model.vision_model.{k}": f"vision.{v}" for k, v in vision_key_map(vision).items()}
-    key_map["model.connector.modality_projection.proj.weight"] = "connector.proj.weight"
-    for k, v in lm_map.items():
-        key_map[k.replace("model.", "model.text_model.", 1) if k.startswith("model.") else k] = f"lm.{v}"
-    return cfg, key_map
-
-
-def rename_keys(state: dict, key_map: dict | None, where: str) -> dict:
-    """Checkpoint names -> ours; every name must be known and every expected one present."""
-    if key_map is None:
-        return state
-    missing = sorted(set(key_map) - set(state))
-    tied_copy = {"lm_head.weight"} if "lm_head.weight" not in key_map else set()  # tied files may keep a copy
-    unexpected = sorted(set(state) - set(key_map) - tied_copy)
-    if missing or unexpected:
-        raise CheckpointError(f"{where}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                              f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-    return {ours: state[theirs] for theirs, ours in key_map.items()}
-
-
-def build_model(cls, cfg, state: dict, dtype, device, where: str):
-    """Create the model without random init (on the meta device) and fill it from `state`,
-    checking names and shapes."""
-    with torch.device("meta"):
-        model = cls(cfg)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{where}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{where}: {name}: checkpoint shape {tuple(tensor.shape)}, "
-                                  f"model expects {tuple(expected[name].shape)}")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    lm_prefix = "lm." if isinstance(model, VLM) else ""
-    if torch.device(device).type == "cpu":
-        # Column-major LM weights: one-token decoding reads each weight once, and the BLAS on
-        # CPUs streams an (in, out) matrix about 1.5x faster than an (out, in) one (bench.py lm).
-        state = {k: v.t().contiguous().t() if v.dim() == 2 and k.startswith(lm_prefix) else v
-                 for k, v in state.items()}
-    model.load_state_dict(state, assign=True)
-    lm = model.lm if isinstance(model, VLM) else model
-    lm.inv_freq = rope_inv_freq(lm.config).to(device)  # buffers are not in checkpoints
-    return model.eval()
-
-
-def read_gguf(path: str) -> tuple[LMConfig, dict]:
-    """Config and float32 weights of a llama.cpp GGUF file of a Llama-family model.
-
-    Tensors are dequantized with the `gguf` package; llama.cpp's converter permuted the rows of
-    q and k for its interleaved RoPE (`convert_hf_to_gguf.py: LlamaModel.permute`), which we undo
-    to get back HF's rotate_half layout."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such GGUF file")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
-    arch = meta.get("general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (llama and qwen2 are)")
-    tensors = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        raise CheckpointError(f"{path}: GGUF rope_freqs (Llama-3.1 rope scaling) is not supported")
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling not in ("none", "linear"):
-        raise CheckpointError(f"{path}: GGUF rope scaling {scaling!r} is not supported (none and linear are)")
-    try:
-        n_heads, n_kv = meta[f"{arch}.attention.head_count"], meta.get(f"{arch}.attention.head_count_kv")
-        cfg = LMConfig(
-            vocab_size=meta.get(f"{arch}.vocab_size") or len(tensors["token_embd.weight"].data),
-            dim=meta[f"{arch}.embedding_length"], n_layers=meta[f"{arch}.block_count"], n_heads=n_heads,
-            n_kv_heads=n_kv or n_heads, head_dim=meta.get(f"{arch}.attention.key_length") or 0,
-            hidden_dim=meta[f"{arch}.feed_forward_length"],
-            norm_eps=meta[f"{arch}.attention.layer_norm_rms_epsilon"], max_seq_len=meta[f"{arch}.context_length"],
-            rope_theta=meta.get(f"{arch}.rope.freq_base", 10000.0),
-            rope_scaling={"rope_type": "linear", "factor": meta[f"{arch}.rope.scaling.factor"]}
-            if scaling == "linear" else None,
-            tie_embeddings="output.weight" not in tensors, qkv_bias=arch == "qwen2")
-    except KeyError as e:
-        raise CheckpointError(f"{path}: GGUF metadata lacks {e}") from None
-
-    names = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight",
-             "output.weight": "lm_head.weight"}
-    per_layer = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_q": "attn.q_proj",
-                 "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
-                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-    state = {}
-    for name, t in tensors.items():
-        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-        ours = f"layers.{m[1]}.{per_layer.get(m[2], m[2])}.{m[3]}" if m else names.get(name, name)
-        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
-        w = w.reshape(tuple(reversed([int(d) for d in t.shape])))  # GGUF lists dims innermost first
-        if arch == "llama" and m and m[2] in ("attn_q", "attn_k"):
-            heads = n_heads if m[2] == "attn_q" else cfg.n_kv_heads
-            w = w.reshape(heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)  # undo the permute
-        state[ours] = w
-    return cfg, state

@@ -1,27 +1,19 @@
 """Turning raw inputs into what a glimpse model reads: pixel values and token ids.
 
 Images: `load_image` opens a file safely (a size limit before decoding, the EXIF orientation, any
-Pillow mode to RGB, one-line `ImageError`s naming the file), and an `ImageProcessor` built from a
-checkpoint's `preprocessor_config.json` resizes, crops and normalizes exactly as transformers does.
+Pillow mode to RGB, one-line `ImageError`s naming the file). `ImageProcessor` (SigLIP, CLIP, DINOv2)
+resizes, crops and normalizes exactly as transformers does, by the checkpoint's
+preprocessor_config.json; `SmolVLMImageProcessor` also cuts each image into tiles.
 
-    processor = ImageProcessor.from_pretrained("google/siglip-base-patch16-224")
-    pixel_values = processor(["cat.jpg", "dog.png"])  # (2, 3, 224, 224)
+    pixel_values = ImageProcessor.from_pretrained("google/siglip-base-patch16-224")(["cat.jpg"])  # (1, 3, 224, 224)
+    pixel_values, grids = SmolVLMImageProcessor.from_pretrained("HuggingFaceTB/SmolVLM-256M-Instruct")(["cat.jpg"])
+    # a 3:2 photo: (13, 3, 512, 512), [(3, 4)]
 
-SmolVLM cuts each image into tiles: `SmolVLMImageProcessor` gives all the tiles and each image's grid.
-
-    processor = SmolVLMImageProcessor.from_pretrained("HuggingFaceTB/SmolVLM-256M-Instruct")
-    pixel_values, grids = processor(["cat.jpg"])  # a 3:2 photo: (13, 3, 512, 512), [(3, 4)]
-
-Text: a `Tokenizer` (a thin wrapper over Hugging Face `tokenizers`) loaded from a folder with a
-`tokenizer.json`, a Hugging Face Hub id, or a llama.cpp `.gguf` file, and `build_prompt`, which
-renders a chat into ids the way the model's chat template does.
+Text: a `Tokenizer` (over Hugging Face `tokenizers`: a folder, a hub id or a llama.cpp `.gguf` file),
+and `build_prompt`, which renders a chat into ids as the model's chat template does. Image parts
+become the tokens the image embeddings go into; labels can mask all but the assistant's replies:
 
     tokenizer = Tokenizer.from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")
-    ids = build_prompt(tokenizer, [{"role": "user", "content": "What is in this picture?"}])
-
-A message's content may also be parts, images among them; each image part becomes the tokens the
-model's image embeddings go into, and labels can mask everything but the assistant's replies:
-
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
                 {"role": "assistant", "content": "A cat."}]
     ids, labels = build_prompt(tokenizer, messages, template="smolvlm", add_generation_prompt=False,
@@ -34,139 +26,19 @@ prompt's structure comes only from the chat template.
 
 import functools
 import itertools
-import json
 import math
 import os
-import re
-import typing
 import warnings
-from copy import deepcopy
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 
-import gguf
 import numpy as np
-import safetensors
-import safetensors.torch
 import tokenizers
 import torch
-from huggingface_hub import snapshot_download
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken
 
-# ---------------------------------------------------------------------------
-# Checkpoint files: a local folder or a hub download, JSON and safetensors in and out
-# ---------------------------------------------------------------------------
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or file that cannot be loaded; the message is one line naming the problem."""
-
-
-def checkpoint_folder(name_or_path: str, patterns) -> str:
-    """A local folder as it is, or a hub id ("org/name") downloaded into the HF cache, only the
-    files matching `patterns`, with a progress bar."""
-    path = os.path.expanduser(name_or_path)
-    if os.path.isdir(path):
-        return path
-    # Not a hub id but a missing local folder: a file, anything but "org/name" in the characters hub
-    # ids use (an absolute or ./ path, a space, more parts), or a name under a local folder ("runs/nope").
-    hub_id = re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+", path)
-    if os.path.exists(path) or not hub_id or os.path.isdir(path.split("/")[0]):
-        raise CheckpointError(f"{name_or_path}: no such folder (and not a hub id like 'org/name')")
-    try:
-        return snapshot_download(name_or_path, allow_patterns=list(patterns))
-    except Exception as e:  # offline, no such repository, gated, HTTP error: all end here
-        raise CheckpointError(f"could not get {name_or_path} from the Hugging Face hub and it is not cached "
-                              f"({type(e).__name__}); pass a local folder instead") from None
-
-
-def read_json(path: str, default: dict | None = None) -> dict:
-    """The JSON object in `path`; `default` (or an error if None) when there is no such file."""
-    if not os.path.isfile(path):
-        if default is not None:
-            return default
-        raise CheckpointError(f"{path}: missing")
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a JSON object {{...}}, got a {type(obj).__name__}")
-    return obj
-
-
-def build_config(cls, settings: dict, prefix: str = ""):
-    """cls(**settings) for a config dataclass read from a config.json, each value checked against its
-    field's annotation (int, float, bool, str, dict, a nested config, or null where "| None" allows
-    it). An unknown key, a value of the wrong type or one the class refuses is a one-line
-    CheckpointError naming the field: 'config.json: vision.patch_size must be int, not "16"'.
-    `prefix` names a nested config's fields ("vision.")."""
-    kinds = {f.name: f.type for f in fields(cls)}
-    values = {}
-    for key, value in settings.items():
-        if key not in kinds:
-            raise CheckpointError(f"config.json: unknown key {prefix + key!r} (not a field of {cls.__name__})")
-        allowed = typing.get_args(kinds[key]) or (kinds[key],)  # int | None -> (int, NoneType)
-        nested = next((kind for kind in allowed if is_dataclass(kind)), None)
-        if nested is not None and isinstance(value, dict):
-            value = build_config(nested, value, f"{prefix}{key}.")
-        elif not any(fits(value, kind) for kind in allowed):
-            names = " or ".join("null" if kind is type(None) else "an object" if is_dataclass(kind) else kind.__name__
-                                for kind in allowed)
-            raise CheckpointError(f"config.json: {prefix}{key} must be {names}, not {json.dumps(value)}")
-        values[key] = value
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"config.json: {prefix}{e}") from None
-
-
-def fits(value, kind) -> bool:
-    """Whether a JSON value suits a field of type `kind`: an int is a float too, true is not an int."""
-    if kind is float:
-        return type(value) in (int, float)
-    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-
-
-def read_safetensors(folder: str, keep=None) -> dict:
-    """The tensors of a folder's model.safetensors, or of the shards its index names; with `keep`
-    (a test on the name) only those tensors are read, and only the shards that hold them opened:
-    the vision half of a SigLIP checkpoint, the Q-Former of a BLIP-2 one."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        weight_map = read_json(index)["weight_map"]
-        files = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
-    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    state = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: shard named in the index is missing")
-        try:
-            with safetensors.safe_open(path, "pt") as f:
-                state.update({k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)})
-        except Exception as e:
-            raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt? ({e})") from None
-    return state
-
-
-def write_json(obj: dict, path: str):
-    """Write to a temporary name, then rename: a crash never leaves half a file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(path + ".tmp", path)
-
-
-def write_safetensors(state: dict, path: str):
-    """Like write_json: a temporary file renamed into place."""
-    tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    safetensors.torch.save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
-
+from checkpoints import (CheckpointError, build_processor, check_side, read_preprocessor_config, read_tokenizer,
+                         write_json, write_tokenizer)
 
 # ---------------------------------------------------------------------------
 # Images: loading a file safely, then resize, crop and normalize as preprocessor_config.json says
@@ -176,10 +48,6 @@ def write_safetensors(state: dict, path: str):
 # images over this many pixels are refused from their header, before any pixel is decoded. Pillow's
 # own check (Image.MAX_IMAGE_PIXELS, about 89M) is a second net behind this one.
 MAX_PIXELS = 50_000_000
-
-# The largest side, in pixels, that a config may ask an image, crop, tile or vision tower to have: a
-# preprocessor_config.json asking for 100000 x 100000 would otherwise fill the memory in one resize.
-MAX_IMAGE_SIDE = 8192
 
 
 class ImageError(ValueError):
@@ -321,7 +189,7 @@ class ImageProcessor:
             hint = "; use SmolVLMImageProcessor" if kind in SMOLVLM_IMAGE_PROCESSORS else ""
             raise CheckpointError(f"{path}: image processor {kind!r} is not supported; "
                                   f"supported: {sorted(IMAGE_PROCESSOR_DEFAULTS)}{hint}")
-        return build_from_config(cls, path, {**IMAGE_PROCESSOR_DEFAULTS[kind], **settings_in(cls, config)})
+        return build_processor(cls, path, config, IMAGE_PROCESSOR_DEFAULTS[kind])
 
     def save(self, folder: str):
         """Write a preprocessor_config.json that `from_pretrained(folder)` reads back as this processor."""
@@ -365,19 +233,12 @@ class ImageProcessor:
 
 
 def check_sizes(name: str, sizes, keys: tuple) -> None:
-    """A size setting: a dict with one of the key sets in `keys`, every side within MAX_IMAGE_SIDE."""
+    """A size setting: a dict with one of the key sets in `keys`, every side within checkpoints.MAX_IMAGE_SIDE."""
     if not isinstance(sizes, dict) or set(sizes) not in keys:
         wanted = ", or ".join(" and ".join(sorted(k)) for k in keys)
         raise ValueError(f"{name} must have the keys {wanted}; got {sizes}")
     for key, side in sizes.items():
         check_side(f"{name}.{key}", side)
-
-
-def check_side(name: str, side) -> None:
-    """A side in pixels from a config: a whole number from 1 to MAX_IMAGE_SIDE."""
-    if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_IMAGE_SIDE:
-        raise ValueError(f"{name} must be a whole number of pixels from 1 to {MAX_IMAGE_SIDE} "
-                         f"(processing.MAX_IMAGE_SIDE), not {side!r}")
 
 
 def check_resample_and_normalize(settings):
@@ -387,33 +248,6 @@ def check_resample_and_normalize(settings):
     for values in (settings.image_mean, settings.image_std):
         if settings.do_normalize and len(values) != 3:
             raise ValueError(f"image_mean and image_std need 3 values, one per RGB channel; got {values}")
-
-
-def read_preprocessor_config(name_or_path: str) -> tuple[str, dict, str]:
-    """(path, settings, class name) of a checkpoint's preprocessor_config.json, from a local folder
-    or a hub id (only that file is downloaded). The class is named as transformers'
-    AutoImageProcessor finds it: older files only name a feature extractor, files saved by
-    transformers 4's fast processors end in "Fast"."""
-    folder = checkpoint_folder(name_or_path, ["preprocessor_config.json"])
-    path = os.path.join(folder, "preprocessor_config.json")
-    config = read_json(path)
-    kind = config.get("image_processor_type") or (config.get("feature_extractor_type") or "").replace(
-        "FeatureExtractor", "ImageProcessor")
-    return path, config, kind.removesuffix("Fast")
-
-
-def settings_in(cls, config: dict) -> dict:
-    """The keys of `config` that are fields of the dataclass `cls`; a key set to null is left out,
-    so it takes the default, as in transformers."""
-    return {key: value for key, value in config.items() if key in cls.__dataclass_fields__ and value is not None}
-
-
-def build_from_config(cls, path: str, settings: dict):
-    """cls(**settings), a bad setting reported as a CheckpointError naming the file."""
-    try:
-        return cls(**deepcopy(settings))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
 
 
 def rescale_and_normalize(pixels: np.ndarray, settings) -> np.ndarray:
@@ -493,7 +327,7 @@ class SmolVLMImageProcessor:
         if kind not in SMOLVLM_IMAGE_PROCESSORS:
             raise CheckpointError(f"{path}: image processor {kind!r} is not a SmolVLM one "
                                   f"{SMOLVLM_IMAGE_PROCESSORS}; use ImageProcessor")
-        return build_from_config(cls, path, settings_in(cls, config))
+        return build_processor(cls, path, config)
 
     def __call__(self, images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """(pixel_values, grids) for one image or a list of them (paths, binary file objects or
@@ -504,11 +338,8 @@ class SmolVLMImageProcessor:
         grids: (rows, cols) per image; an image has rows * cols + 1 tiles, or 1 when (0, 0). Its
         prompt tokens are `smolvlm_image_tokens(rows, cols, image_seq_len)`.
 
-        transformers also returns a pixel_attention_mask. Every tile here is a full S x S (the
-        sides are rounded to multiples of S before cutting, the global tile and an unsplit image
-        are resized to S x S), so the mask is all ones on each of them; its zeros only mark the
-        all-zero tiles transformers adds to stack samples with fewer tiles into one (B, N, ...)
-        tensor, and a flat list of real tiles has none. So no mask is needed.
+        No pixel_attention_mask, which transformers also returns: every tile here is a full S x S,
+        and its zeros only mark the padding tiles that stack samples into one (B, N, ...) tensor.
         """
         if not isinstance(images, (list, tuple)):
             images = [images]
@@ -581,42 +412,6 @@ def tile_multiple_size(height: int, width: int, tile: int) -> tuple[int, int]:
 # Text: tokenizer and chat prompts
 # ---------------------------------------------------------------------------
 
-# The files a Hub download fetches: the tokenizer and what names its special tokens, no weights.
-TOKENIZER_FILES = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "config.json",
-    "chat_template.jinja",
-]
-
-# How a byte-level BPE GGUF splits text before the merges run, by its `tokenizer.ggml.pre` name
-# (the `regex_exprs` in llama.cpp's llama-vocab.cpp). `ByteLevel(use_regex=True)` is GPT-2's split
-# followed by GPT-2's mapping of bytes to printable characters.
-def _digits_then_gpt2_split():
-    """Every digit on its own (llama.cpp's `\\p{N}`), then GPT-2's split: SmolLM's tokenizer.json."""
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-
-
-def _gpt2_split():
-    """GPT-2's split alone."""
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-
-
-GGUF_PRE_TOKENIZERS = {
-    "smollm": _digits_then_gpt2_split,
-    "starcoder": _digits_then_gpt2_split,
-    "refact": _digits_then_gpt2_split,
-    "gpt-2": _gpt2_split,
-}
-
-# llama.cpp's token types (`tokenizer.ggml.token_type`): CONTROL tokens like <|im_start|> and
-# USER_DEFINED ones are matched whole, never cut into pieces, so they become added special tokens.
-GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
-
 
 class Tokenizer:
     """Text <-> token ids, over a `tokenizers.Tokenizer` (mirrors the useful core of transformers'
@@ -675,98 +470,13 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "Tokenizer":
         """Load from a local folder with tokenizer.json, a `.gguf` file, or a Hub id like
-        "HuggingFaceTB/SmolLM2-135M-Instruct" (only the tokenizer files are downloaded)."""
-        path = os.path.expanduser(name_or_path)
-        if path.endswith(".gguf"):
-            if not os.path.isfile(path):
-                raise CheckpointError(f"{path}: no such GGUF file")
-            return cls.from_gguf(path)
-        if os.path.isfile(path):
-            raise CheckpointError(f"{path}: expected a folder with tokenizer.json or a .gguf file")
-        folder = checkpoint_folder(name_or_path, TOKENIZER_FILES)
-        return cls.from_folder(folder)
-
-    @classmethod
-    def from_folder(cls, folder: str) -> "Tokenizer":
-        """Load a Hugging Face tokenizer folder: tokenizer.json, with bos/eos/pad named by
-        tokenizer_config.json, else special_tokens_map.json, else config.json's token ids."""
-        tokenizer_file = os.path.join(folder, "tokenizer.json")
-        if not os.path.isfile(tokenizer_file):
-            raise CheckpointError(f"{folder}: no tokenizer.json")
-        backend = tokenizers.Tokenizer.from_file(tokenizer_file)
-
-        names = {}  # "bos" -> "<|im_start|>"; later files override earlier ones
-        model_config = read_json(os.path.join(folder, "config.json"), {})
-        for role in ("bos", "eos", "pad"):
-            token_id = model_config.get(f"{role}_token_id")
-            if isinstance(token_id, list):  # some models list several EOS ids; the first is the main one
-                token_id = token_id[0]
-            if token_id is not None:
-                names[role] = backend.id_to_token(token_id)
-        for file in ("special_tokens_map.json", "tokenizer_config.json"):
-            config = read_json(os.path.join(folder, file), {})
-            for role in ("bos", "eos", "pad"):
-                token = config.get(f"{role}_token")
-                if token is not None:  # a string, or {"content": ...} in older files
-                    names[role] = token["content"] if isinstance(token, dict) else token
-
-        chat_template = read_json(os.path.join(folder, "tokenizer_config.json"), {}).get("chat_template")
-        template_file = os.path.join(folder, "chat_template.jinja")
-        if os.path.isfile(template_file):
-            with open(template_file, encoding="utf-8") as f:
-                chat_template = f.read()
-        return cls(backend, names.get("bos"), names.get("eos"), names.get("pad"), chat_template)
-
-    @classmethod
-    def from_gguf(cls, path: str) -> "Tokenizer":
-        """Rebuild the tokenizer a llama.cpp GGUF file describes in its `tokenizer.*` metadata.
-
-        Only byte-level BPE (`tokenizer.ggml.model` "gpt2", as GPT-2 and SmolLM use) is
-        supported: the vocabulary and merges go into a BPE model, split and decoded byte-level
-        (mirrors transformers' GGUF tokenizer conversion and llama.cpp's llama-vocab.cpp).
-        """
-        fields = gguf.GGUFReader(path).fields
-
-        def read(key, default=None):
-            return fields[key].contents() if key in fields else default
-
-        model_type = read("tokenizer.ggml.model")
-        if model_type != "gpt2":
-            raise ValueError(f"{path} has tokenizer model {model_type!r}; only byte-level BPE ('gpt2') "
-                             "GGUF tokenizers are supported, use a folder with tokenizer.json instead")
-        # Files from before `tokenizer.ggml.pre` existed get GPT-2's split, as in transformers.
-        pre = read("tokenizer.ggml.pre", "gpt-2")
-        if pre not in GGUF_PRE_TOKENIZERS:
-            raise ValueError(f"{path} has pre-tokenizer {pre!r}; supported: {sorted(GGUF_PRE_TOKENIZERS)}")
-
-        if "tokenizer.ggml.merges" not in fields:  # llama.cpp refuses these too
-            raise ValueError(f"{path} has no tokenizer.ggml.merges, which a byte-level BPE tokenizer needs")
-        tokens = read("tokenizer.ggml.tokens")
-        merges = [tuple(merge.split(" ")) for merge in read("tokenizer.ggml.merges")]
-        backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-        backend.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
-        backend.decoder = decoders.ByteLevel()
-        backend.add_special_tokens([
-            AddedToken(token, special=True, normalized=False)
-            for token, kind in zip(tokens, read("tokenizer.ggml.token_type"))
-            if kind in (GGUF_CONTROL, GGUF_USER_DEFINED)
-        ])
-
-        def token(key):
-            token_id = read(key)
-            return tokens[token_id] if token_id is not None else None
-
-        return cls(backend, token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"),
-                   token("tokenizer.ggml.padding_token_id"), read("tokenizer.chat_template"))
+        "HuggingFaceTB/SmolLM2-135M-Instruct" (only the tokenizer files are downloaded; the file
+        formats are read by checkpoints.read_tokenizer)."""
+        return cls(*read_tokenizer(name_or_path))
 
     def save(self, folder: str) -> None:
-        """Write tokenizer.json and a tokenizer_config.json naming bos/eos/pad, which
-        `from_pretrained(folder)` reads back."""
-        os.makedirs(folder, exist_ok=True)
-        self.backend.save(os.path.join(folder, "tokenizer.json"))
-        config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
-                  "chat_template": self.chat_template}
-        write_json(config, os.path.join(folder, "tokenizer_config.json"))
+        """Write tokenizer.json and a tokenizer_config.json, which `from_pretrained(folder)` reads back."""
+        write_tokenizer(folder, self.backend, self.bos_token, self.eos_token, self.pad_token, self.chat_template)
 
 
 # --- chat prompts ---

@@ -3,50 +3,32 @@
     QFormerConfig -> Attention, FeedForward -> QFormerLayer x n_layers -> QFormer
                   -> the BLIP-2 stage-1 losses (ITC, ITM) -> loading BLIP-2, BERT and DistilBERT checkpoints
 
-A fixed set of learned query tokens (32 of width 768 in BLIP-2) runs through BERT-style layers. In
-every layer the queries attend to each other (self-attention); every `cross_attention_frequency`-th
-layer (0, 2, 4, ... in BLIP-2) they also attend to the frozen vision tower's patch features
-(cross-attention, keys and values from features of width `encoder_dim`). The queries' outputs are the
-image as the LM (or the contrastive head) sees it: (B, n_queries, dim), whatever the number of patches.
+Learned query tokens (32 of width 768 in BLIP-2) run through BERT-style post-LN layers. They attend
+to each other in every layer, and to the frozen vision tower's patch features (of width `encoder_dim`)
+every `cross_attention_frequency`-th layer; their outputs, (B, n_queries, dim) whatever the number of
+patches, are the image as the LM sees it.
 
-The same layers also read text, which is how BLIP-2 trains the queries in stage 1. Queries and text
-share the self-attention weights; each has its own feed-forward (`query_ffn`, `text_ffn`), and only the
-queries cross-attend to the image. Layers are post-LN, as in BERT: x = LayerNorm(x + sublayer(x)).
+The layers also read text, sharing the self-attention and with a feed-forward of its own: that is how
+BLIP-2 trains the queries in stage 1 (its third objective, ITG, needs an LM head and is not here).
+  ITC, image-text contrastive: queries and text never see each other, so they run in two passes
+      (`image_features`, `text_features`, `itc_loss` with a learned temperature).
+  ITM, image-text matching: one pass in which all see each other (`itm_logits`, `itm_loss` with hard
+      negatives mined from the ITC similarities).
 
-Which tokens see which in the shared self-attention is what tells BLIP-2's three objectives apart
-(`joint_mask` builds each; rows are what attends, columns what is attended to):
-
-    kind             queries see       text sees                      objective
-    "unimodal"       queries           text                           ITC, image-text contrastive
-    "bidirectional"  queries + text    queries + text                 ITM, image-text matching
-    "causal"         queries           queries + earlier text         ITG, image-grounded generation
-
-Implemented here: ITC (`image_features`, `text_features`, `itc_loss`, a learned temperature) and ITM
-(`itm_logits`, `itm_loss` with hard negatives mined from the ITC similarities). ITC runs the image and
-the text in two separate passes (`forward`, `encode_text`), which is the "unimodal" mask done cheaper.
-For ITG the "causal" mask is here, but not the language-model head that objective trains, so ITG
-itself is not implemented.
-
-Checkpoints (names as in transformers' models/blip_2/modeling_blip_2.py and on the hub):
-  * `QFormer.from_pretrained`: an HF BLIP-2 checkpoint, e.g. Salesforce/blip2-opt-2.7b (`qformer.*`,
-    `query_tokens`; queries only, no text side) or a Blip2ForImageTextRetrieval one (also the text
-    embeddings `embeddings.*`, the text feed-forward, `vision_projection`, `text_projection`,
-    `itm_head`). Only the shards that hold these tensors are read. Also a `Blip2QFormerModel` saved alone
-    (`model_type` blip_2_qformer: the layers without `qformer.`, no query tokens) and our own
-    `save_pretrained` folders.
-  * `QFormer.from_bert`: BLIP-2's starting point: BERT (or DistilBERT) weights for the self-attention,
-    both feed-forwards and the text embeddings; fresh cross-attention, queries and heads.
+Checkpoints (names as in transformers' modeling_blip_2.py): `from_pretrained` reads the Q-Former's
+shards of a BLIP-2 checkpoint (blip2-opt-2.7b: the query path only; Blip2ForImageTextRetrieval: also
+the text side and heads), a `Blip2QFormerModel` saved alone, or our own folders; `from_bert` starts
+as BLIP-2 does, from BERT (or DistilBERT) weights.
 """
 
-import os
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from processing import (CheckpointError, build_config, checkpoint_folder, read_json, read_safetensors, write_json,
-                        write_safetensors)
+from checkpoints import (ACTIVATIONS, WEIGHT_FILES, CheckpointError, activation_name, build_config, checkpoint_folder,
+                         load_state, read_json, read_safetensors, write_checkpoint)
 
 
 @dataclass
@@ -55,7 +37,7 @@ class QFormerConfig:
     n_layers: int = 12
     n_heads: int = 12
     hidden_dim: int = 3072  # feed-forward inner size (intermediate_size)
-    act: str = "gelu"  # "gelu" (exact, BERT and BLIP-2), "gelu_tanh", "relu"
+    act: str = "gelu"  # "gelu" (exact, BERT and BLIP-2), "gelu_tanh", "relu": checkpoints.ACTIVATIONS
     norm_eps: float = 1e-12
     dropout: float = 0.1  # on attention probabilities and on every residual branch, in training only
     n_queries: int = 32  # learned query tokens (num_query_tokens)
@@ -81,12 +63,6 @@ class QFormerConfig:
 # Building blocks
 # ---------------------------------------------------------------------------------------------
 
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
-
 
 class Attention(nn.Module):
     """Multi-head attention with a post-LN residual: LayerNorm(x + o(attention(q(x), k(c), v(c)))).
@@ -108,9 +84,10 @@ class Attention(nn.Module):
         S = context.shape[1]
         q = self.q(x).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, H, L, hd)
         k = self.k(context).view(B, S, self.n_heads, -1).transpose(1, 2)  # (B, H, S, hd)
-        v = self.v(context).view(B, S, self.n_heads, -1).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        y = self.o(y.transpose(1, 2).reshape(B, L, D))
+        v = self.v(context).view(B, S, self.n_heads, -1).transpose(1, 2)  # (B, H, S, hd)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, L, hd)
+        y = self.o(y.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
         return self.norm(x + F.dropout(y, self.dropout, self.training))  # (B, L, D)
 
 
@@ -126,7 +103,7 @@ class FeedForward(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
     def forward(self, x):  # (B, L, D)
-        y = self.fc2(self.act(self.fc1(x)))
+        y = self.fc2(self.act(self.fc1(x)))  # (B, L, D)
         return self.norm(x + F.dropout(y, self.dropout, self.training))
 
 
@@ -143,57 +120,31 @@ class QFormerLayer(nn.Module):
 
     def forward(self, x, n_queries: int, mask=None, image=None, image_mask=None):
         """x (B, n_queries + T, D): the queries first, then the text (either part may be empty)."""
-        x = self.self_attn(x, x, mask)
-        queries, text = x[:, :n_queries], x[:, n_queries:]
+        x = self.self_attn(x, x, mask)  # (B, Q + T, D)
+        queries, text = x[:, :n_queries], x[:, n_queries:]  # (B, Q, D), (B, T, D)
         if n_queries:
             if self.cross_attn is not None:
                 if image is None:
                     raise ValueError("the queries need image features: this layer cross-attends to them")
-                queries = self.cross_attn(queries, image, image_mask)
-            queries = self.query_ffn(queries)
+                queries = self.cross_attn(queries, image, image_mask)  # (B, Q, D)
+            queries = self.query_ffn(queries)  # (B, Q, D)
         if text.shape[1]:
-            text = self.text_ffn(text)
+            text = self.text_ffn(text)  # (B, T, D)
         return torch.cat((queries, text), dim=1)  # (B, n_queries + T, D)
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention masks (boolean, True = may attend), shaped (B, 1, rows, columns) for SDPA
+# The Q-Former, and the stage-1 losses its ITC and ITM heads train with
 # ---------------------------------------------------------------------------------------------
 
 
 def padding_mask(mask):
-    """(B, S) with 1/True at real tokens or patches -> (B, 1, 1, S), or None for None."""
-    return None if mask is None else no_empty_rows(mask.bool()[:, None, None, :])
-
-
-def joint_mask(n_queries: int, text_mask, kind: str):
-    """Self-attention mask for n_queries queries followed by T text tokens (table in the module
-    docstring); text_mask (B, T) marks real tokens (1) and padding (0). -> (B, 1, Q+T, Q+T)."""
-    B, T = text_mask.shape
-    Q, L = n_queries, n_queries + T
-    is_query = torch.arange(L, device=text_mask.device) < Q  # (L,)
-    if kind == "bidirectional":
-        allowed = torch.ones(L, L, dtype=torch.bool, device=text_mask.device)
-    elif kind == "unimodal":
-        allowed = is_query[:, None] == is_query[None, :]
-    elif kind == "causal":
-        allowed = torch.ones(L, L, dtype=torch.bool, device=text_mask.device).tril()  # text: the past
-        allowed = allowed | is_query[None, :]  # and everyone sees every query (the queries see no text)
-    else:
-        raise ValueError(f"mask kind {kind!r}: expected 'unimodal', 'bidirectional' or 'causal'")
-    real = torch.cat((torch.ones(B, Q, dtype=torch.bool, device=text_mask.device), text_mask.bool()), dim=1)
-    return no_empty_rows(allowed[None, None] & real[:, None, None, :])
-
-
-def no_empty_rows(mask):
-    """A row that may attend to nothing (a padding token with only padding to look at) would make
-    SDPA return NaN; such rows attend to everything instead. Their outputs are padding anyway."""
+    """(B, S) with 1/True at real tokens or patches -> (B, 1, 1, S), or None for None. A row with nothing
+    to attend to (a padding-only text) would give NaN: it attends to everything (it is padding anyway)."""
+    if mask is None:
+        return None
+    mask = mask.bool()[:, None, None, :]  # (B, 1, 1, S)
     return mask | ~mask.any(dim=-1, keepdim=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# The Q-Former
-# ---------------------------------------------------------------------------------------------
 
 
 class QFormer(nn.Module):
@@ -238,12 +189,12 @@ class QFormer(nn.Module):
 
     def run(self, x, n_queries: int, mask=None, image=None, image_mask=None):
         """Embeddings (B, L, D) (queries first) -> the last layer's states (B, L, D)."""
-        x = F.dropout(self.embed_norm(x), self.config.dropout, self.training)
+        x = F.dropout(self.embed_norm(x), self.config.dropout, self.training)  # (B, L, D)
         if image is not None:
             image = image.to(x.dtype)
         image_mask = padding_mask(image_mask)
         for layer in self.layers:
-            x = layer(x, n_queries, mask, image, image_mask)
+            x = layer(x, n_queries, mask, image, image_mask)  # (B, L, D)
         return x
 
     def embed_text(self, input_ids):  # (B, T) -> (B, T, D): word + position embeddings, before the LayerNorm
@@ -253,12 +204,12 @@ class QFormer(nn.Module):
         T = input_ids.shape[1]
         if T > self.config.max_positions:
             raise ValueError(f"{T} text tokens, more than the {self.config.max_positions} positions")
-        return self.word_embed(input_ids) + self.pos_embed(torch.arange(T, device=input_ids.device))
+        return self.word_embed(input_ids) + self.pos_embed(torch.arange(T, device=input_ids.device))  # (B, T, D)
 
     def forward(self, image_embeds, image_mask=None):
         """image_embeds (B, N, encoder_dim), image_mask (B, N) 1 at real patches -> (B, n_queries, D):
         what HF's Blip2QFormerModel(query_embeds=query_tokens, encoder_hidden_states=...) returns."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, Q, D)
         return self.run(queries, self.config.n_queries, image=image_embeds, image_mask=image_mask)
 
     def encode_text(self, input_ids, attention_mask=None):
@@ -266,14 +217,16 @@ class QFormer(nn.Module):
         the text alone (no queries, no image). The first token's ([CLS]) state is the text feature."""
         return self.run(self.embed_text(input_ids), 0, padding_mask(attention_mask))
 
-    def encode_joint(self, image_embeds, input_ids, attention_mask=None, image_mask=None, kind="bidirectional"):
-        """Queries and text in one pass under a `joint_mask` of that kind -> (B, n_queries + T, D)."""
+    def encode_joint(self, image_embeds, input_ids, attention_mask=None, image_mask=None):
+        """Queries and text in one pass, all seeing each other but the text's padding (ITM's
+        bidirectional mask) -> (B, n_queries + T, D)."""
         B, T = input_ids.shape
         if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
-        queries = self.query_tokens.expand(B, -1, -1)
-        x = torch.cat((queries, self.embed_text(input_ids).to(queries.dtype)), dim=1)
-        mask = joint_mask(self.config.n_queries, attention_mask, kind)
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)  # (B, T)
+        queries = self.query_tokens.expand(B, -1, -1)  # (B, Q, D)
+        x = torch.cat((queries, self.embed_text(input_ids).to(queries.dtype)), dim=1)  # (B, Q + T, D)
+        real = torch.ones(B, self.config.n_queries, dtype=torch.bool, device=input_ids.device)  # (B, Q)
+        mask = padding_mask(torch.cat((real, attention_mask.bool()), dim=1))  # (B, 1, 1, Q + T)
         return self.run(x, self.config.n_queries, mask, image_embeds, image_mask)
 
     # --- stage 1: the contrastive (ITC) and matching (ITM) heads ---
@@ -285,8 +238,7 @@ class QFormer(nn.Module):
         return F.normalize(self.text_proj(self.encode_text(input_ids, attention_mask)[:, 0]), dim=-1)
 
     def temperature(self):
-        """The learned ITC temperature, kept in [0.001, 0.5] (clamped in place, as BLIP-2 does, so
-        that the gradient still flows at the bounds)."""
+        """The learned ITC temperature, clamped in place to [0.001, 0.5] as BLIP-2 does (gradients flow)."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         return self.temp
@@ -294,96 +246,80 @@ class QFormer(nn.Module):
     def itm_logits(self, image_embeds, input_ids, attention_mask=None, image_mask=None):
         """(B, 2) logits of (no match, match): the ITM head on each query's output after a joint
         bidirectional pass, averaged over the queries (HF Blip2ForImageTextRetrieval's ITM path)."""
-        x = self.encode_joint(image_embeds, input_ids, attention_mask, image_mask, kind="bidirectional")
-        return self.itm_head(x[:, : self.config.n_queries]).mean(dim=1)
+        x = self.encode_joint(image_embeds, input_ids, attention_mask, image_mask)  # (B, Q + T, D)
+        return self.itm_head(x[:, : self.config.n_queries]).mean(dim=1)  # (B, 2)
 
-    def itm_loss(self, image_embeds, input_ids, attention_mask, sim, image_mask=None, positives=None, generator=None):
+    def itm_loss(self, image_embeds, input_ids, attention_mask, sim, image_mask=None, positives=None,
+                 generator=None):
         """BLIP-2's ITM loss: the B matching pairs, and for each image a hard negative text and for each
         text a hard negative image, sampled by `hard_negatives` from the ITC similarities sim (B, B).
         A 2-way cross-entropy over the 3B pairs."""
         B = input_ids.shape[0]
         neg_text, neg_image = hard_negatives(sim, positives, generator)
-        images = torch.cat((image_embeds, image_embeds, image_embeds[neg_image]))
-        ids = torch.cat((input_ids, input_ids[neg_text], input_ids))
+        images = torch.cat((image_embeds, image_embeds, image_embeds[neg_image]))  # (3B, N, Dv)
+        ids = torch.cat((input_ids, input_ids[neg_text], input_ids))  # (3B, T)
         mask = None if attention_mask is None else torch.cat((attention_mask, attention_mask[neg_text], attention_mask))
         img_mask = None if image_mask is None else torch.cat((image_mask, image_mask, image_mask[neg_image]))
         logits = self.itm_logits(images, ids, mask, img_mask)  # (3B, 2)
-        labels = torch.cat((torch.ones(B), torch.zeros(2 * B))).long().to(logits.device)
+        labels = torch.cat((torch.ones(B), torch.zeros(2 * B))).long().to(logits.device)  # (3B,)
         return F.cross_entropy(logits, labels)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu", n_queries: int = 32) -> "QFormer":
         """The Q-Former of an HF BLIP-2 checkpoint (hub id or folder), a Blip2QFormerModel saved alone,
-        or a folder our `save_pretrained` wrote. Reads only the shards that hold the Q-Former's tensors.
-
-        A Blip2QFormerModel takes its query tokens (and, with a text side, the text embeddings) as
-        input, so its checkpoint has none: here they start fresh (BERT's init), `n_queries` of them."""
-        folder = checkpoint_folder(name_or_path, ("config.json", "*.safetensors", "*.safetensors.index.json"))
+        or a folder our `save_pretrained` wrote. A Blip2QFormerModel takes its query tokens (and text
+        embeddings) as input, so its file has none: they start fresh (BERT's init), `n_queries` of them."""
+        folder = checkpoint_folder(name_or_path, WEIGHT_FILES)
         hf = read_json(f"{folder}/config.json")
-        if hf.get("model_type") == GLIMPSE_TYPE:
-            cfg = build_config(QFormerConfig, {k: v for k, v in hf.items() if k != "model_type"})
-            return load_mapped(cls, cfg, read_safetensors(folder), None, folder, dtype, device)
+        if hf.get("model_type") == GLIMPSE_TYPE:  # our own names, all of them
+            cfg = build_config(QFormerConfig, hf)
+            return load_state(cls, cfg, read_safetensors(folder), None, dtype, device, folder)
         if hf.get("model_type") == "blip_2_qformer":
             state = {canonical_name("qformer." + k): v for k, v in read_safetensors(folder).items()}
             blip2 = {"qformer_config": hf, "num_query_tokens": n_queries,
                      "vision_config": {"hidden_size": hf.get("encoder_hidden_size", 1408)}}
             cfg = config_from_blip2(blip2, set(state))
             key_map = {k: v for k, v in blip2_key_map(cfg).items() if k not in BLIP2_QFORMER_INPUTS}
-            return load_mapped(cls, cfg, state, key_map, folder, dtype, device, fresh=True)
+            return load_state(cls, cfg, state, key_map, dtype, device, folder, ignore=BLIP2_IGNORED, fresh=True)
         if hf.get("model_type") != "blip-2":
             raise CheckpointError(f"config.json describes a {hf.get('model_type')!r} model; QFormer.from_pretrained "
                                   "loads 'blip-2' and 'blip_2_qformer' checkpoints (from_bert: bert, distilbert)")
-        state = {canonical_name(k): v for k, v in read_safetensors(folder, keep=is_qformer_tensor).items()}
+        state = read_safetensors(folder, keep=lambda k: k.startswith(BLIP2_PREFIXES))  # no tower, no LM
+        state = {canonical_name(k): v for k, v in state.items()}
         cfg = config_from_blip2(hf, set(state))
-        return load_mapped(cls, cfg, state, blip2_key_map(cfg), folder, dtype, device)
+        state["temp"] = torch.tensor(cfg.temperature)  # HF keeps no ITC temperature: it starts at the config's
+        key_map = {**blip2_key_map(cfg), "temp": "temp"}
+        return load_state(cls, cfg, state, key_map, dtype, device, folder, ignore=BLIP2_IGNORED)
 
     @classmethod
     def from_bert(cls, name_or_path: str, encoder_dim: int = 1408, n_queries: int = 32,
                   cross_attention_frequency: int = 2, proj_dim: int | None = 256, dtype=torch.float32,
                   device="cpu") -> "QFormer":
-        """BLIP-2's initialisation from a BERT (bert-base-uncased layout) or DistilBERT checkpoint:
-        its embeddings, self-attention and feed-forward fill the text side, and the query feed-forward
-        starts as a copy of the text one; the queries, cross-attention (to features of width
-        `encoder_dim`), projections and ITM head are fresh (BERT's init, from torch's RNG).
-
-        BERT adds a token-type embedding to every token; BLIP-2 drops it. Here its row 0 (the one
-        single-segment text gets) is folded into the position embeddings, so the text path computes
-        what BertModel does on that text. Like from_pretrained, it returns the model in eval mode:
-        call .train() to train it (dropout on)."""
-        folder = checkpoint_folder(name_or_path, ("config.json", "*.safetensors", "*.safetensors.index.json"))
+        """BLIP-2's start, from a BERT or DistilBERT checkpoint: its embeddings, self-attention and
+        feed-forward fill the text side, and the query feed-forward starts as a copy of the text one;
+        cross-attention (to features of width `encoder_dim`), queries and heads are fresh (BERT's init,
+        from torch's RNG). In eval mode, like from_pretrained: .train() turns dropout on."""
+        folder = checkpoint_folder(name_or_path, WEIGHT_FILES)
         hf = read_json(f"{folder}/config.json")
         kind = hf.get("model_type")
         if kind not in ("bert", "distilbert"):
-            raise CheckpointError(f"config.json describes a {kind!r} model; QFormer.from_bert loads bert and distilbert")
+            raise CheckpointError(f"config.json describes a {kind!r} model; QFormer.from_bert loads bert and "
+                                  "distilbert")
         cfg = replace(config_from_bert(hf), encoder_dim=encoder_dim, n_queries=n_queries,
                       cross_attention_frequency=cross_attention_frequency, proj_dim=proj_dim)
-        state = read_safetensors(folder, keep=lambda k: not k.startswith(BERT_HEADS))
-        prefix = kind + "."  # BertForPreTraining & co. keep the encoder under "bert."
-        if any(k.startswith(prefix) for k in state):
-            state = {k.removeprefix(prefix): v for k, v in state.items()}
-        state = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
-                 for k, v in state.items()}  # the names of the original TF-converted checkpoints
-        token_types = state.pop("embeddings.token_type_embeddings.weight", None)  # (2, D) in BERT
-        if token_types is not None and "embeddings.position_embeddings.weight" in state:
-            state["embeddings.position_embeddings.weight"] = state["embeddings.position_embeddings.weight"] + token_types[0]
-        return load_mapped(cls, cfg, state, bert_key_map(cfg, kind), folder, dtype, device, fresh=True)
+        state = bert_state(read_safetensors(folder, keep=lambda k: not k.startswith(BERT_HEADS)), kind)
+        return load_state(cls, cfg, state, bert_key_map(cfg, kind), dtype, device, folder, ignore=BERT_IGNORED,
+                          fresh=True)
 
     def save_pretrained(self, folder: str):
         """config.json (our config) and model.safetensors (our names), readable by from_pretrained."""
-        os.makedirs(folder, exist_ok=True)
-        write_json({"model_type": GLIMPSE_TYPE, **asdict(self.config)}, os.path.join(folder, "config.json"))
-        write_safetensors(self.state_dict(), os.path.join(folder, "model.safetensors"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage-1 losses
-# ---------------------------------------------------------------------------------------------
+        write_checkpoint(folder, {"model_type": GLIMPSE_TYPE, **asdict(self.config)}, self.state_dict())
 
 
 def similarity(image_feats, text_feats):
     """image_feats (Bi, Q, d), text_feats (Bt, d) -> (Bi, Bt): for each image and text, the largest
     similarity between the text and any of the image's queries (BLIP-2's image-text similarity)."""
-    return torch.einsum("iqd,td->itq", image_feats, text_feats).amax(dim=-1)
+    return torch.einsum("iqd,td->itq", image_feats, text_feats).amax(dim=-1)  # (Bi, Bt)
 
 
 def itc_loss(image_feats, text_feats, temperature, label_smoothing: float = 0.1, positives=None):
@@ -394,7 +330,7 @@ def itc_loss(image_feats, text_feats, temperature, label_smoothing: float = 0.1,
     the same caption): the target then spreads evenly over every positive."""
     logits = similarity(image_feats, text_feats) / temperature  # (B, B): rows images, columns texts
     if positives is None:
-        targets = torch.arange(logits.shape[0], device=logits.device)
+        targets = torch.arange(logits.shape[0], device=logits.device)  # (B,)
         return (F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
                 + F.cross_entropy(logits.t(), targets, label_smoothing=label_smoothing)) / 2
     targets = positives.float() / positives.float().sum(dim=1, keepdim=True)  # (B, B), rows sum to 1
@@ -411,14 +347,14 @@ def hard_negatives(sim, positives=None, generator=None):
     drawn (default: the diagonal; add the pairs of duplicate images or captions)."""
     B = sim.shape[0]
     if positives is None:
-        positives = torch.eye(B, dtype=torch.bool, device=sim.device)
+        positives = torch.eye(B, dtype=torch.bool, device=sim.device)  # (B, B)
     if bool(positives.all(dim=1).any()) or bool(positives.all(dim=0).any()):
         raise ValueError("hard negatives need, for every image and every text, a pair that is not positive")
     sim = sim.float()
     weights_i2t = (sim.softmax(dim=1) + 1e-4).masked_fill(positives, 0)  # (B images, B texts)
     weights_t2i = (sim.t().softmax(dim=1) + 1e-4).masked_fill(positives.t(), 0)  # (B texts, B images)
-    neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
-    neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+    neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)  # (B,)
+    neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)  # (B,)
     return neg_text, neg_image
 
 
@@ -438,10 +374,6 @@ BERT_HEADS = ("cls.", "vocab_", "classifier.", "pre_classifier.", "qa_outputs.")
 BERT_IGNORED = ("pooler.", "embeddings.position_ids", "embeddings.token_type_ids")
 
 
-def is_qformer_tensor(name: str) -> bool:
-    return name.startswith(BLIP2_PREFIXES)
-
-
 def canonical_name(name: str) -> str:
     """Names as transformers 5.24 and the hub's BLIP-2 checkpoints spell them. Also accepted: the
     InstructBLIP-style layout with the text embeddings and their LayerNorm under `qformer.embeddings`."""
@@ -454,48 +386,61 @@ def canonical_name(name: str) -> str:
     return name
 
 
+def bert_sizes(c: dict) -> dict:
+    """QFormerConfig's sizes from a BERT-style config: BERT's own or BLIP-2's qformer_config (missing
+    fields take bert-base-uncased's values, which transformers' Blip2QFormerConfig shares)."""
+    return dict(dim=c.get("hidden_size", 768), n_layers=c.get("num_hidden_layers", 12),
+                n_heads=c.get("num_attention_heads", 12), hidden_dim=c.get("intermediate_size", 3072),
+                act=activation_name(c.get("hidden_act", "gelu")), norm_eps=c.get("layer_norm_eps", 1e-12),
+                dropout=c.get("hidden_dropout_prob", 0.1), vocab_size=c.get("vocab_size", 30522),
+                max_positions=c.get("max_position_embeddings", 512), pad_token_id=c.get("pad_token_id", 0) or 0)
+
+
 def config_from_blip2(hf: dict, names: set) -> QFormerConfig:
     """Sizes from a BLIP-2 config.json (missing fields take the defaults of transformers' Blip2Config,
     Blip2QFormerConfig, Blip2VisionConfig); which optional parts there are (text side, projections, ITM
     head) from the checkpoint's tensor names, as the model classes differ in them, not the config."""
     q, v = hf.get("qformer_config") or {}, hf.get("vision_config") or {}
-    act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(q.get("hidden_act", "gelu"), q.get("hidden_act", "gelu"))
     has = lambda prefix: any(n.startswith(prefix) for n in names)
     return build_config(QFormerConfig, dict(
-        dim=q.get("hidden_size", 768), n_layers=q.get("num_hidden_layers", 12),
-        n_heads=q.get("num_attention_heads", 12), hidden_dim=q.get("intermediate_size", 3072), act=act,
-        norm_eps=q.get("layer_norm_eps", 1e-12), dropout=q.get("hidden_dropout_prob", 0.1),
-        n_queries=hf.get("num_query_tokens", 32),
+        **bert_sizes(q), n_queries=hf.get("num_query_tokens", 32),
         encoder_dim=v.get("hidden_size", 1408),  # Blip2Config sets the Q-Former's encoder_hidden_size so
         cross_attention_frequency=q.get("cross_attention_frequency", 2),
         text=has("embeddings.word_embeddings.") or has("qformer.encoder.layer.0.intermediate."),
-        vocab_size=q.get("vocab_size", 30522), max_positions=q.get("max_position_embeddings", 512),
-        pad_token_id=q.get("pad_token_id", 0) or 0,
-        proj_dim=hf.get("image_text_hidden_size", 256) if has("vision_projection.") or has("text_projection.") else None,
+        proj_dim=hf.get("image_text_hidden_size", 256) if has("vision_projection.") or has("text_projection.")
+        else None,
         itm_head=has("itm_head.")))
 
 
 def config_from_bert(hf: dict) -> QFormerConfig:
     """The text side's sizes from a BERT or DistilBERT config.json (defaults: bert-base-uncased)."""
-    if hf["model_type"] == "distilbert":
+    sizes = bert_sizes(hf)
+    if hf["model_type"] == "distilbert":  # most sizes under names of its own
         if hf.get("sinusoidal_pos_embds"):  # the table is still stored, but say so rather than guess
             raise CheckpointError("DistilBERT with sinusoidal position embeddings is not supported")
-        dims = {"dim": hf.get("dim", 768), "n_layers": hf.get("n_layers", 6), "n_heads": hf.get("n_heads", 12),
-                "hidden_dim": hf.get("hidden_dim", 3072), "act": hf.get("activation", "gelu"), "norm_eps": 1e-12,
-                "dropout": hf.get("dropout", 0.1)}
-    else:
-        dims = {"dim": hf.get("hidden_size", 768), "n_layers": hf.get("num_hidden_layers", 12),
-                "n_heads": hf.get("num_attention_heads", 12), "hidden_dim": hf.get("intermediate_size", 3072),
-                "act": hf.get("hidden_act", "gelu"), "norm_eps": hf.get("layer_norm_eps", 1e-12),
-                "dropout": hf.get("hidden_dropout_prob", 0.1)}
-    dims["act"] = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(dims["act"], dims["act"])
-    return build_config(QFormerConfig, dict(**dims, text=True, vocab_size=hf.get("vocab_size", 30522),
-                                            max_positions=hf.get("max_position_embeddings", 512),
-                                            pad_token_id=hf.get("pad_token_id", 0) or 0))
+        sizes |= dict(dim=hf.get("dim", 768), n_layers=hf.get("n_layers", 6), n_heads=hf.get("n_heads", 12),
+                      hidden_dim=hf.get("hidden_dim", 3072), act=activation_name(hf.get("activation", "gelu")),
+                      norm_eps=1e-12, dropout=hf.get("dropout", 0.1))
+    return build_config(QFormerConfig, dict(**sizes, text=True))
 
 
-def linear_and_norm_names(theirs: str, ours: str, kinds=("weight", "bias")) -> dict:
-    return {f"{theirs}.{p}": (f"{ours}.{p}",) for p in kinds}
+def bert_state(state: dict, kind: str) -> dict:
+    """BERT's tensors as bert_key_map names them: no "bert." prefix (BertForPreTraining & co.), no
+    gamma/beta (the old TF-converted files), token-type row 0 folded into the positions (from_bert)."""
+    prefix = kind + "."
+    if any(k.startswith(prefix) for k in state):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    state = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+             for k, v in state.items()}
+    token_types = state.pop("embeddings.token_type_embeddings.weight", None)  # (2, D) in BERT
+    if token_types is not None and "embeddings.position_embeddings.weight" in state:
+        state["embeddings.position_embeddings.weight"] = state["embeddings.position_embeddings.weight"] \
+            + token_types[0]  # (P, D)
+    return state
+
+
+def linear_and_norm_names(theirs: str, ours: str) -> dict:
+    return {f"{theirs}.{p}": (f"{ours}.{p}",) for p in ("weight", "bias")}
 
 
 def blip2_key_map(cfg: QFormerConfig) -> dict[str, tuple[str, ...]]:
@@ -506,7 +451,8 @@ def blip2_key_map(cfg: QFormerConfig) -> dict[str, tuple[str, ...]]:
         m["embeddings.word_embeddings.weight"] = ("word_embed.weight",)
         m["embeddings.position_embeddings.weight"] = ("pos_embed.weight",)
     if cfg.proj_dim is not None:
-        m |= linear_and_norm_names("vision_projection", "vision_proj") | linear_and_norm_names("text_projection", "text_proj")
+        m |= linear_and_norm_names("vision_projection", "vision_proj")
+        m |= linear_and_norm_names("text_projection", "text_proj")
     if cfg.itm_head:
         m |= linear_and_norm_names("itm_head", "itm_head")
     for i in range(cfg.n_layers):
@@ -552,37 +498,3 @@ def bert_key_map(cfg: QFormerConfig, kind: str) -> dict[str, tuple[str, ...]]:
                 targets = [mine.replace("*", ffn) for ffn in ("text_ffn", "query_ffn")] if "*" in mine else [mine]
                 m[layer.format(i) + f"{theirs}.{p}"] = tuple(f"layers.{i}.{t}.{p}" for t in targets)
     return m
-
-
-def load_mapped(cls, cfg: QFormerConfig, theirs: dict, key_map: dict | None, folder: str, dtype, device,
-                fresh: bool = False) -> QFormer:
-    """Build the model and fill it from `theirs` through `key_map` (checkpoint name -> our names;
-    None: the checkpoint already has our names, all of them), checking names and shapes, with missing
-    and unexpected keys named in one line. Without `fresh` the model is built on the meta device and
-    every tensor comes from the checkpoint, bar the ITC temperature, which HF checkpoints do not keep;
-    with `fresh`, what the map does not fill keeps its fresh initialisation (BERT's)."""
-    if fresh:
-        model = cls(cfg)
-    else:
-        with torch.device("meta"):
-            model = cls(cfg)
-    expected = model.state_dict()
-    if key_map is None:
-        key_map = {k: (k,) for k in expected}
-    ignored = BERT_IGNORED if fresh else BLIP2_IGNORED
-    missing = sorted(set(key_map) - set(theirs))
-    unexpected = sorted(k for k in set(theirs) - set(key_map) if not k.startswith(ignored))
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-    ours = {} if fresh else {"temp": torch.tensor(float(cfg.temperature))}
-    for name, targets in key_map.items():
-        t = theirs[name]
-        for mine in targets:
-            if t.shape != expected[mine].shape:
-                raise CheckpointError(f"{name}: checkpoint shape {tuple(t.shape)}, model expects {tuple(expected[mine].shape)}")
-            ours[mine] = t.to(device=device, dtype=dtype)
-    if fresh:
-        model.load_state_dict(ours, strict=False)
-        return model.to(device=device, dtype=dtype).eval()
-    model.load_state_dict(ours, assign=True)
-    return model.eval()

@@ -1,7 +1,7 @@
 """Vision towers: one Vision Transformer (Dosovitskiy et al. 2021) that loads three families.
 
-    VisionConfig -> PatchEmbed + positions -> VisionBlock x n_layers -> final LayerNorm
-                 -> VisionTower -> loading SigLIP, CLIP and DINOv2 checkpoints by key map
+    VisionConfig -> VisionAttention, VisionMLP -> VisionBlock -> VisionTower (patch embedding,
+                 positions, n_layers blocks, final LayerNorm) -> configs and key maps of SigLIP, CLIP, DINOv2
 
 The families differ only in flags:
   SigLIP (Zhai et al. 2023; HF `modeling_siglip.py`): no class token, tanh-GELU, LayerNorm on every
@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from processing import CheckpointError, build_config, check_side, checkpoint_folder, fits, read_json, read_safetensors
+from checkpoints import (ACTIVATIONS, WEIGHT_FILES, CheckpointError, activation_name, build_config, check_side,
+                         checkpoint_folder, fits, load_state, read_json, read_safetensors)
 
 
 @dataclass
@@ -31,7 +32,7 @@ class VisionConfig:
     n_heads: int = 12
     hidden_dim: int = 3072  # MLP inner size
     norm_eps: float = 1e-6
-    act: str = "gelu_tanh"  # "gelu_tanh" (SigLIP), "quick_gelu" (CLIP), "gelu" (DINOv2)
+    act: str = "gelu_tanh"  # "gelu_tanh" (SigLIP), "quick_gelu" (CLIP), "gelu" (DINOv2): checkpoints.ACTIVATIONS
     cls_token: bool = False  # a learned class token before the patches (CLIP, DINOv2)
     patch_bias: bool = True  # CLIP's patch convolution has no bias
     pre_norm: bool = False  # CLIP: LayerNorm on the embeddings before the first layer
@@ -53,12 +54,6 @@ class VisionConfig:
 # Building blocks
 # ---------------------------------------------------------------------------------------------
 
-ACTIVATIONS = {
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF "gelu_pytorch_tanh"
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP
-    "gelu": F.gelu,
-}
-
 
 class VisionAttention(nn.Module):
     """Full (unmasked) multi-head self-attention with biases (HF `SiglipAttention`)."""
@@ -73,7 +68,8 @@ class VisionAttention(nn.Module):
 
     def forward(self, x):  # (B, N, D)
         B, N, D = x.shape
-        q, k, v = (p(x).view(B, N, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(B, N, self.n_heads, -1).transpose(1, 2)  # 3 x (B, H, N, hd)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
@@ -86,7 +82,7 @@ class VisionMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.hidden_dim, cfg.dim)
 
     def forward(self, x):  # (B, N, D)
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))  # (B, N, D)
 
 
 class VisionBlock(nn.Module):
@@ -98,14 +94,14 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = VisionMLP(cfg)
-        self.ls1 = nn.Parameter(torch.ones(cfg.dim)) if cfg.layer_scale else None
-        self.ls2 = nn.Parameter(torch.ones(cfg.dim)) if cfg.layer_scale else None
+        self.ls1 = nn.Parameter(torch.ones(cfg.dim)) if cfg.layer_scale else None  # (D,)
+        self.ls2 = nn.Parameter(torch.ones(cfg.dim)) if cfg.layer_scale else None  # (D,)
 
     def forward(self, x):  # (B, N, D)
-        h = self.attn(self.norm1(x))
-        x = x + (h * self.ls1 if self.ls1 is not None else h)
-        h = self.mlp(self.norm2(x))
-        return x + (h * self.ls2 if self.ls2 is not None else h)
+        h = self.attn(self.norm1(x))  # (B, N, D)
+        x = x + (h * self.ls1 if self.ls1 is not None else h)  # (B, N, D)
+        h = self.mlp(self.norm2(x))  # (B, N, D)
+        return x + (h * self.ls2 if self.ls2 is not None else h)  # (B, N, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +116,7 @@ class VisionTower(nn.Module):
         super().__init__()
         self.config = cfg
         self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
-        self.cls_token = nn.Parameter(torch.zeros(cfg.dim)) if cfg.cls_token else None
+        self.cls_token = nn.Parameter(torch.zeros(cfg.dim)) if cfg.cls_token else None  # (D,)
         self.pos_embed = nn.Parameter(torch.randn(cfg.grid**2 + cfg.cls_token, cfg.dim) * 0.02)  # (P, D)
         self.pre_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.pre_norm else None
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.n_layers))
@@ -133,7 +129,7 @@ class VisionTower(nn.Module):
         g = self.config.grid
         if (h, w) != (g, g):
             grid_pos = grid_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-            grid_pos = F.interpolate(grid_pos.float(), size=(h, w), mode="bicubic", align_corners=False)
+            grid_pos = F.interpolate(grid_pos.float(), size=(h, w), mode="bicubic", align_corners=False)  # (1, D, h, w)
             grid_pos = grid_pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(h * w, -1)  # (h*w, D)
         return torch.cat((cls_pos, grid_pos))  # (P, D)
 
@@ -143,58 +139,37 @@ class VisionTower(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(B, 1, D), x), dim=1)  # (B, 1 + h*w, D)
-        x = x + self.positions(h, w)
-        return self.pre_norm(x) if self.pre_norm is not None else x
+        x = x + self.positions(h, w)  # (B, P, D)
+        return self.pre_norm(x) if self.pre_norm is not None else x  # (B, P, D)
 
-    def forward(self, pixel_values, layer: int | None = None):
-        """What the HF model's `last_hidden_state` holds, or, with `layer`, its `hidden_states[layer]`:
-        0 the embeddings, k the output of layer k, -1 the last layer, -2 the one before (LLaVA's
-        choice). Layers after the one asked for are not run."""
+    def forward(self, pixel_values, layer: int = 0):  # (B, 3, H, W) -> (B, P, D)
+        """layer 0: the last layer, normed (HF `last_hidden_state`); k != 0: HF `hidden_states[k]`,
+        unnormed (k the output of layer k, -1 the last layer, -2 the one before: LLaVA's choice).
+        Layers after the one asked for are not run; `embed` gives the embeddings (hidden_states[0])."""
         x = self.embed(pixel_values)  # (B, P, D)
-        if layer is not None:
-            stop = layer % (self.config.n_layers + 1)
-            for block in self.layers[:stop]:
-                x = block(x)
-            return x
-        for block in self.layers:
-            x = block(x)
-        return self.post_norm(x) if self.config.post_norm == "all" else x
+        stop = layer % (self.config.n_layers + 1) if layer else self.config.n_layers
+        for block in self.layers[:stop]:
+            x = block(x)  # (B, P, D)
+        return self.post_norm(x) if layer == 0 and self.config.post_norm == "all" else x  # (B, P, D)
 
     def pool(self, hidden):  # (B, P, D) from forward() -> (B, D)
         """The class token as HF's `pooler_output` has it (CLIP: normed here; DINOv2: already normed)."""
         if self.cls_token is None:
             raise ValueError("this tower has no class token to pool (SigLIP pools with a separate attention head)")
-        cls = hidden[:, 0]
+        cls = hidden[:, 0]  # (B, D)
         return self.post_norm(cls) if self.config.post_norm == "cls" else cls
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu") -> "VisionTower":
         """The vision tower of a SigLIP or CLIP checkpoint (full or vision-only) or a DINOv2 one:
         a hub id or a local folder with config.json and safetensors."""
-        folder = checkpoint_folder(name_or_path, ("config.json", "*.safetensors", "*.safetensors.index.json"))
-        cfg = config_from_json(read_json(f"{folder}/config.json"))
+        folder = checkpoint_folder(name_or_path, WEIGHT_FILES)
+        cfg = vision_config_from_hf(read_json(f"{folder}/config.json"))
         state = read_safetensors(folder, keep=lambda k: not k.startswith(("text_model.", "logit_")))
         prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
-        key_map = hf_key_map(cfg)
-        ignored = IGNORED[cfg.family]
-        theirs = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # text half dropped
-        missing = sorted(set(key_map) - set(theirs))
-        unexpected = sorted(k for k in set(theirs) - set(key_map) if not k.startswith(ignored))
-        if missing or unexpected:
-            raise CheckpointError(f"{folder}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-        with torch.device("meta"):
-            model = cls(cfg)
-        expected = model.state_dict()
-        ours = {}
-        for name, mine in key_map.items():
-            t = theirs[name]
-            if name in RESHAPED and t.numel() == expected[mine].numel():  # DINOv2 keeps (1, P, D)
-                t = t.reshape(expected[mine].shape)
-            if t.shape != expected[mine].shape:
-                raise CheckpointError(f"{name}: checkpoint shape {tuple(t.shape)}, model expects {tuple(expected[mine].shape)}")
-            ours[mine] = t.to(device=device, dtype=dtype)
-        model.load_state_dict(ours, assign=True)
-        return model.eval()
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # the text half dropped
+        return load_state(cls, cfg, state, vision_key_map(cfg), dtype, device, folder, ignore=IGNORED[cfg.family],
+                          reshaped=RESHAPED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +184,7 @@ IGNORED = {  # checkpoint tensors we do not use
 RESHAPED = {"embeddings.cls_token", "embeddings.position_embeddings"}  # DINOv2 stores (1, [1,] P, D)
 
 
-def config_from_json(hf: dict) -> VisionConfig:
+def vision_config_from_hf(hf: dict) -> VisionConfig:
     """Our config from a SigLIP, CLIP (full model or vision-only) or DINOv2 config.json; missing
     fields take the defaults of the HF config classes. A bad value is a CheckpointError naming our field."""
     kind = hf.get("model_type")
@@ -221,6 +196,7 @@ def config_from_json(hf: dict) -> VisionConfig:
         kind = "siglip"
     elif kind != "dinov2":
         raise CheckpointError(f"config.json describes a {kind!r} model; VisionTower loads siglip, clip and dinov2")
+    act = activation_name(hf.get("hidden_act", {"siglip": "gelu_tanh", "clip": "quick_gelu", "dinov2": "gelu"}[kind]))
     if kind == "dinov2":
         if hf.get("use_swiglu_ffn"):
             raise CheckpointError("DINOv2 with a SwiGLU MLP (giant) is not supported")
@@ -231,10 +207,8 @@ def config_from_json(hf: dict) -> VisionConfig:
             family="dinov2", image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 14), dim=dim,
             n_layers=hf.get("num_hidden_layers", 12), n_heads=hf.get("num_attention_heads", 12),
             hidden_dim=int(dim * ratio), norm_eps=hf.get("layer_norm_eps", 1e-6),
-            act=hf.get("hidden_act", "gelu"), cls_token=True, layer_scale=True))
+            act=act, cls_token=True, layer_scale=True))
     clip = kind == "clip"
-    act = hf.get("hidden_act", "quick_gelu" if clip else "gelu_pytorch_tanh")
-    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(act, act)
     return build_config(VisionConfig, dict(
         family=kind, image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 32 if clip else 16),
         dim=hf.get("hidden_size", 768), n_layers=hf.get("num_hidden_layers", 12),
@@ -243,7 +217,7 @@ def config_from_json(hf: dict) -> VisionConfig:
         patch_bias=not clip, pre_norm=clip, post_norm="cls" if clip else "all"))
 
 
-def hf_key_map(cfg: VisionConfig) -> dict[str, str]:
+def vision_key_map(cfg: VisionConfig) -> dict[str, str]:
     """Checkpoint tensor names (after any "vision_model." prefix) -> ours."""
     if cfg.family == "dinov2":
         m = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",

@@ -226,8 +226,8 @@ def to_bool(text: str) -> bool:
 def choices() -> dict[str, str]:
     """The names a setting takes, for --help."""
     import data
-    from model import CONNECTORS
     from processing import CHAT_TEMPLATES
+    from vlm import CONNECTORS
 
     return {"phase": ", ".join(PHASES), "preset": ", ".join(PRESETS), "connector": ", ".join(CONNECTORS),
             "template": ", ".join(CHAT_TEMPLATES), "dtype": "auto, float32, bfloat16", "dpo_loss": "sigmoid, ipo",
@@ -322,16 +322,17 @@ def resolve(path: str) -> str:
 
 
 def is_vlm_checkpoint(folder: str) -> bool:
-    from processing import read_json
+    from checkpoints import read_json
 
     return read_json(os.path.join(folder, "config.json"), {}).get("model_type") == "glimpse_vlm"
 
 
 def build(cfg: TrainConfig, spec: dict, train_texts):
     """(model, tokenizer, image_processor) for this phase: from --init, else from the settings."""
-    from model import VLM, LanguageModel, LMConfig, VLMConfig
+    from model import LanguageModel, LMConfig
     from processing import ImageProcessor, Tokenizer
     from siglip import VisionConfig, VisionTower
+    from vlm import VLM, VLMConfig
 
     init = latest_checkpoint(cfg.init) or cfg.init  # a run folder means its newest checkpoint
     if init and not os.path.exists(init):
@@ -373,7 +374,7 @@ def build(cfg: TrainConfig, spec: dict, train_texts):
                                 vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id or 0)
     vlm_cfg = VLMConfig(vision=vision.config, lm=lm.config, connector=cfg.connector,
                         image_token_id=tokenizer.token_to_id("<image>"), scale_factor=cfg.scale_factor,
-                        vision_layer=cfg.vision_layer or None, image_size=size, qformer=qformer)
+                        vision_layer=cfg.vision_layer, image_size=size, qformer=qformer)
     if cfg.connector == "pixel_shuffle" and (size // vision.config.patch_size) % cfg.scale_factor:
         fail(f"pixel_shuffle with scale_factor {cfg.scale_factor} needs a patch grid divisible by it")
     torch.manual_seed(cfg.seed)
@@ -786,7 +787,7 @@ def train(cfg: TrainConfig, spec: dict):
         source = data.load_source(spec["tokenizer_data"], "train") if "tokenizer_data" in spec else train_set
         return (data.sample_text(s) for s in source)
 
-    from processing import CheckpointError
+    from checkpoints import CheckpointError
 
     try:
         # resuming starts from the run's own checkpoint; the optimizer state follows below
@@ -828,7 +829,7 @@ def train(cfg: TrainConfig, spec: dict):
 
     reference = None  # DPO's frozen reference model; with LoRA none: the policy with its adapters off
     if cfg.phase == "dpo" and not cfg.lora_r:
-        from model import VLM
+        from vlm import VLM
 
         reference = VLM.from_pretrained(latest_checkpoint(cfg.init) or cfg.init, device=device).requires_grad_(False)
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model

@@ -1,9 +1,7 @@
-"""Tests for data.py: the easy-VQA sources against the package's own questions and pixels, local
-files (and their errors), the hub sources through a fake `datasets.load_dataset`, collation with
-SmolLM2's tokenizer and a SigLIP image processor, and Batches' shuffling, resume and rank split.
-No network."""
+"""Tests for data.py and the adapters it reads through (sources.py): the easy-VQA sources against the
+package's own questions and pixels, local files (and their errors), the hub sources through a fake
+`datasets.load_dataset`, and collation with SmolLM2's tokenizer and a SigLIP image processor. No network."""
 
-import itertools
 import json
 import re
 import sys
@@ -15,8 +13,9 @@ import torch
 from PIL import Image
 
 import data
-from data import DataError
+import sources
 from processing import IGNORE_INDEX, ImageProcessor, Special, build_prompt
+from sources import DataError
 
 easy_vqa = pytest.importorskip("easy_vqa", reason="the easy-VQA sources need `pip install easy-vqa`")
 
@@ -115,10 +114,10 @@ def test_easy_vqa_curriculum_holds_back_the_negated_questions_then_gives_all_and
         return sample["messages"][0]["content"][-1]["text"], sample["messages"][1]["content"], tuple(sample["images"])
 
     balanced = data.easy_vqa_qa_balanced("train")
-    plain = [s for s in balanced if not data.is_negated(key(s)[0])]
+    plain = [s for s in balanced if not sources.is_negated(key(s)[0])]
     samples = data.easy_vqa_curriculum("train")
     first, then = samples[:len(plain)], samples[len(plain):]
-    negated = [s for s in balanced if data.is_negated(key(s)[0])]
+    negated = [s for s in balanced if sources.is_negated(key(s)[0])]
     assert len(negated) > 10_000 and all(s["messages"][1]["content"] in ("yes", "no") for s in negated)
     assert sorted(map(key, first)) == sorted(map(key, plain))  # every question but the negated ones...
     assert sorted(map(key, then)) == sorted(map(key, balanced))  # ...then all of them
@@ -138,7 +137,7 @@ def test_easy_vqa_preferences_reject_a_wrong_answer_of_the_same_kind():
     for sample, answer in zip(samples, answers):
         assert sample["chosen"] == answer != sample["rejected"]
         assert any(sample["chosen"] in kind and sample["rejected"] in kind for kind in kinds)
-        assert data.count_image_parts(sample["prompt"]) == len(sample["images"]) == 1
+        assert sources.count_image_parts(sample["prompt"]) == len(sample["images"]) == 1
     assert [s["rejected"] for s in data.easy_vqa_preferences("train", limit=500)] == \
         [s["rejected"] for s in samples[:500]]  # the same seed, the same pairs
     assert [s["rejected"] for s in data.easy_vqa_preferences("train", limit=500, seed=1)] != \
@@ -187,7 +186,7 @@ def test_llava_json(tmp_path):
     ]
     path = tmp_path / "llava.json"
     path.write_text(json.dumps(entries))
-    samples = data.llava_json(str(path))
+    samples = sources.llava_json(str(path))
     first, second, third, fourth = samples
     assert first["images"] == [str(tmp_path / "a.png")]
     assert first["messages"] == [
@@ -199,13 +198,14 @@ def test_llava_json(tmp_path):
     assert third["messages"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "No marker here."}]
     assert fourth == {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                    {"role": "assistant", "content": "Hello"}], "images": []}
-    assert len(data.llava_json(str(path), limit=2)) == 2
+    assert len(sources.llava_json(str(path), limit=2)) == 2
     # The same entries as JSONL, images in another folder.
     (tmp_path / "img").mkdir()
     write_image(tmp_path / "img" / "a.png")
     write_image(tmp_path / "img" / "b.png")
     jsonl = write_jsonl(tmp_path / "llava.jsonl", entries)
-    assert data.llava_json(jsonl, image_folder=str(tmp_path / "img"))[1]["images"] == [str(tmp_path / "img" / "b.png")]
+    in_img = sources.llava_json(jsonl, image_folder=str(tmp_path / "img"))
+    assert in_img[1]["images"] == [str(tmp_path / "img" / "b.png")]
 
 
 @pytest.mark.parametrize("content, error, message", [
@@ -225,10 +225,10 @@ def test_llava_json_errors(tmp_path, content, error, message):
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(error, match=message) as info:
-        data.llava_json(str(path))
+        sources.llava_json(str(path))
     assert "\n" not in str(info.value)
     with pytest.raises(FileNotFoundError, match="nope.json: no such file"):
-        data.llava_json(str(tmp_path / "nope.json"))
+        sources.llava_json(str(tmp_path / "nope.json"))
 
 
 def test_caption_folder(tmp_path):
@@ -236,10 +236,11 @@ def test_caption_folder(tmp_path):
     write_image(tmp_path / "dog.jpg", (0, 0, 255))
     write_jsonl(tmp_path / "captions.jsonl", [{"image": "cat.png", "caption": "A cat."}, "",
                                               {"image": "dog.jpg", "caption": ["A dog.", "A blue dog."]}])
-    samples = data.caption_folder(str(tmp_path))
+    samples = sources.caption_folder(str(tmp_path))
     assert [s["messages"][1]["content"] for s in samples] == ["A cat.", "A dog.", "A blue dog."]
-    assert samples[0] == data.chat_sample([str(tmp_path / "cat.png")], data.CAPTION_PROMPT, "A cat.")
-    assert data.caption_folder(str(tmp_path), prompt="Caption:")[2]["messages"][0]["content"][1]["text"] == "Caption:"
+    assert samples[0] == sources.chat_sample([str(tmp_path / "cat.png")], sources.CAPTION_PROMPT, "A cat.")
+    prompted = sources.caption_folder(str(tmp_path), prompt="Caption:")
+    assert prompted[2]["messages"][0]["content"][1]["text"] == "Caption:"
 
 
 @pytest.mark.parametrize("lines, error, message", [
@@ -254,7 +255,7 @@ def test_caption_folder_errors(tmp_path, lines, error, message):
     write_image(tmp_path / "cat.png")
     write_jsonl(tmp_path / "captions.jsonl", lines)
     with pytest.raises(error, match=message):
-        data.caption_folder(str(tmp_path))
+        sources.caption_folder(str(tmp_path))
 
 
 @pytest.mark.parametrize("name", ["../../../etc/passwd", "/etc/hostname", "sub/../../outside.png"])
@@ -265,20 +266,20 @@ def test_image_paths_may_not_leave_the_data_folder(tmp_path, name):
     write_jsonl(folder / "captions.jsonl", [{"image": "cat.png", "caption": "x"}, {"image": name, "caption": "y"}])
     write_image(folder / "cat.png")
     with pytest.raises(DataError, match=r"captions\.jsonl:2: image .* lies outside"):
-        data.caption_folder(str(folder))
+        sources.caption_folder(str(folder))
     (folder / "chat.json").write_text(json.dumps([{"image": name, "conversations": [
         {"from": "human", "value": "<image>Hi"}, {"from": "gpt", "value": "Yo"}]}]))
     with pytest.raises(DataError, match=r"chat\.json.*lies outside"):
-        data.llava_json(str(folder / "chat.json"))
+        sources.llava_json(str(folder / "chat.json"))
 
 
 def test_unreadable_images_are_all_named_each_file_opened_once(tmp_path):
     good = write_image(tmp_path / "good.png")
     (tmp_path / "truncated.png").write_bytes(open(good, "rb").read()[:40])
     (tmp_path / "text.png").write_text("not an image")
-    samples = [data.chat_sample([good], "q", "a"), data.chat_sample([str(tmp_path / "truncated.png")], "q", "a"),
-               data.chat_sample([], "q", "a"), data.chat_sample([good, str(tmp_path / "text.png")], "q", "a"),
-               data.chat_sample([str(tmp_path / "truncated.png")], "q", "a")]
+    samples = [sources.chat_sample([good], "q", "a"), sources.chat_sample([str(tmp_path / "truncated.png")], "q", "a"),
+               sources.chat_sample([], "q", "a"), sources.chat_sample([good, str(tmp_path / "text.png")], "q", "a"),
+               sources.chat_sample([str(tmp_path / "truncated.png")], "q", "a")]
     bad = data.unreadable_images(samples)
     assert [i for i, _ in bad] == [1, 3, 4]
     assert "truncated.png" in bad[0][1] and "text.png" in bad[1][1]
@@ -286,33 +287,33 @@ def test_unreadable_images_are_all_named_each_file_opened_once(tmp_path):
 
 def test_caption_folder_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="captions.jsonl: missing"):
-        data.caption_folder(str(tmp_path))
+        sources.caption_folder(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        data.caption_folder(str(tmp_path / "nowhere"))
+        sources.caption_folder(str(tmp_path / "nowhere"))
 
 
 def test_text_files_and_preference_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("First paragraph\nstill first.\n\n\n  \nSecond one.\n")
     (tmp_path / "b.txt").write_text("Third.")
-    assert data.text_files([tmp_path / "a.txt", str(tmp_path / "b.txt")]) == [
+    assert sources.text_files([tmp_path / "a.txt", str(tmp_path / "b.txt")]) == [
         {"text": "First paragraph\nstill first."}, {"text": "Second one."}, {"text": "Third."}]
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(DataError, match=r"bad\.txt: not UTF-8"):
-        data.text_files(str(tmp_path / "bad.txt"))
+        sources.text_files(str(tmp_path / "bad.txt"))
     with pytest.raises(FileNotFoundError, match=r"none\.txt: no such file"):
-        data.text_files(str(tmp_path / "none.txt"))
+        sources.text_files(str(tmp_path / "none.txt"))
 
     write_image(tmp_path / "x.png")
     path = write_jsonl(tmp_path / "prefs.jsonl", [
         {"image": "x.png", "prompt": "What color?", "chosen": "red", "rejected": "blue"},
         {"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
-    with_image, text_only = data.preference_jsonl(path)
-    assert with_image == {"prompt": [data.user_turn("What color?")], "images": [str(tmp_path / "x.png")],
+    with_image, text_only = sources.preference_jsonl(path)
+    assert with_image == {"prompt": [sources.user_turn("What color?")], "images": [str(tmp_path / "x.png")],
                           "chosen": "red", "rejected": "blue"}
     assert text_only["prompt"] == [{"role": "user", "content": "2+2?"}] and text_only["images"] == []
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "c"}])
     with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'rejected' is missing"):
-        data.preference_jsonl(bad)
+        sources.preference_jsonl(bad)
 
 
 def test_load_source_names_and_paths(tmp_path):
@@ -400,8 +401,8 @@ def test_hub_sources_with_a_fake_load_dataset(fake_hub):
     hub = fake_hub({
         ("jxie/coco_captions", None, "validation"): [{"image": cat, "caption": "A cat.", "cocoid": 1},
                                                      {"image": cat, "caption": "A red cat.", "cocoid": 1}],
-        (data.FLICKR30K_REPO, None, "val"): [{"image": dog, "caption": ["A dog.", "Blue dog."], "split": "val"}],
-        (data.LLAVA_INSTRUCT_REPO, None, "train"): [{
+        (sources.FLICKR30K_REPO, None, "val"): [{"image": dog, "caption": ["A dog.", "Blue dog."], "split": "val"}],
+        (sources.LLAVA_INSTRUCT_REPO, None, "train"): [{
             "messages": [
                 {"role": "user", "content": [{"index": None, "text": "\nWhat is it?", "type": "text"},
                                              {"index": 0, "text": None, "type": "image"}]},
@@ -418,38 +419,38 @@ def test_hub_sources_with_a_fake_load_dataset(fake_hub):
             "chosen": [{"role": "assistant", "content": [{"text": "Blue.", "type": "text"}]}],
             "rejected": [{"role": "assistant", "content": [{"text": "Red.", "type": "text"}]}]}],
     })
-    coco = data.coco_captions("validation")
-    assert isinstance(coco, data.Stream)
-    assert list(coco) == [data.chat_sample([cat], data.CAPTION_PROMPT, "A cat."),
-                          data.chat_sample([cat], data.CAPTION_PROMPT, "A red cat.")]
+    coco = sources.coco_captions("validation")
+    assert isinstance(coco, sources.Stream)
+    assert list(coco) == [sources.chat_sample([cat], sources.CAPTION_PROMPT, "A cat."),
+                          sources.chat_sample([cat], sources.CAPTION_PROMPT, "A red cat.")]
     assert len(list(coco)) == 2  # a Stream starts again each time it is iterated
-    assert [s["messages"][1]["content"] for s in data.flickr30k("validation")] == ["A dog.", "Blue dog."]
-    assert len(list(data.flickr30k("validation", limit=1))) == 1
-    [llava] = data.llava_instruct("train")
+    assert [s["messages"][1]["content"] for s in sources.flickr30k("validation")] == ["A dog.", "Blue dog."]
+    assert len(list(sources.flickr30k("validation", limit=1))) == 1
+    [llava] = sources.llava_instruct("train")
     assert llava == {"messages": [
         {"role": "user", "content": [{"type": "text", "text": "What is it?"}, {"type": "image"}]},
         {"role": "assistant", "content": "A cat."}], "images": [cat]}
     [cauldron] = data.load_source("the-cauldron:vqav2", "train")
     assert cauldron["images"] == [cat, dog]
     assert cauldron["messages"] == [
-        data.user_turn("Which is blue?", 2), {"role": "assistant", "content": "The second."},
+        sources.user_turn("Which is blue?", 2), {"role": "assistant", "content": "The second."},
         {"role": "user", "content": "And red?"}, {"role": "assistant", "content": "The first."}]
-    assert list(data.cosmopedia_text(limit=3)) == [{"text": f"Document {i}."} for i in range(3)]
-    [pair] = data.rlaif_v("test")
-    assert pair == {"prompt": [data.user_turn("What color is it?")], "images": [dog],
+    assert list(sources.cosmopedia_text(limit=3)) == [{"text": f"Document {i}."} for i in range(3)]
+    [pair] = sources.rlaif_v("test")
+    assert pair == {"prompt": [sources.user_turn("What color is it?")], "images": [dog],
                     "chosen": "Blue.", "rejected": "Red."}
     assert all(streaming for *_, streaming in hub.calls)
     assert ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2", "train", True) in hub.calls
     with pytest.raises(DataError, match="could not stream jxie/coco_captions, split 'nope'.*Bad split"):
-        list(data.coco_captions("nope"))
+        list(sources.coco_captions("nope"))
 
 
 def test_hub_sources_collate(fake_hub, tokenizer, processor):
-    fake_hub({(data.LLAVA_INSTRUCT_REPO, None, "train"): [{
+    fake_hub({(sources.LLAVA_INSTRUCT_REPO, None, "train"): [{
         "messages": [{"role": "user", "content": [{"text": None, "type": "image"}, {"text": "Hi?", "type": "text"}]},
                      {"role": "assistant", "content": [{"text": "Hello.", "type": "text"}]}],
         "images": [image()]}]})
-    batch = data.collate(list(data.llava_instruct()), tokenizer, processor)
+    batch = data.collate(list(sources.llava_instruct()), tokenizer, processor)
     assert batch["pixel_values"].shape == (1, 3, 64, 64)
     labels = batch["labels"][0]
     assert tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()) == "Hello."
@@ -458,11 +459,11 @@ def test_hub_sources_collate(fake_hub, tokenizer, processor):
 def test_hub_unreachable_and_datasets_missing(fake_hub, monkeypatch):
     fake_hub({}, error=ConnectionError("Couldn't reach 'jxie/coco_captions' on the Hub (LocalEntryNotFoundError)"))
     with pytest.raises(ConnectionError, match="Cannot reach the Hugging Face hub to stream jxie/coco_captions") as info:
-        next(iter(data.coco_captions()))
+        next(iter(sources.coco_captions()))
     assert "\n" not in str(info.value) and str(info.value).count(". ") == 0  # one sentence
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets fails
     with pytest.raises(ImportError, match="pip install datasets"):
-        list(data.rlaif_v())
+        list(sources.rlaif_v())
 
 
 # ---------------------------------------------------------------------------
@@ -581,7 +582,7 @@ def test_collate_smolvlm_tiles(tokenizer):
         return processing.smolvlm_image_tokens(*smolvlm.tiles(im)[1], 2)
 
     wide, small = Image.new("RGB", (100, 40), (255, 0, 0)), Image.new("RGB", (30, 30))
-    sample = data.chat_sample([wide, small], "Two images?", "Yes.")
+    sample = sources.chat_sample([wide, small], "Two images?", "Yes.")
     batch = data.collate([sample], tokenizer, smolvlm, template="smolvlm", image_tokens=tiles)
     pixel_values, grids = smolvlm([wide, small])
     assert grids == [(1, 2), (2, 2)] and torch.equal(batch["pixel_values"], pixel_values)  # 3 + 5 tiles
@@ -649,53 +650,3 @@ def test_collate_preferences(tokenizer, processor):
     assert batch["chosen"]["pixel_values"] is None
     with pytest.raises(ValueError, match="leaves no room"):
         data.collate_preferences(pairs[:1], tokenizer, processor, image_tokens=image_tokens, max_len=10)
-
-
-# ---------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------
-
-
-def test_batches_rank_split_covers_each_global_batch_once():
-    samples = list(range(50))
-    whole = data.Batches(samples, batch_size=12, seed=3)
-    ranks = [data.Batches(samples, batch_size=12, seed=3, rank=r, world_size=4) for r in range(4)]
-    for epoch in range(2):
-        global_batches = list(whole.epoch(epoch))
-        assert len(global_batches) == len(whole) == 4  # 50 // 12, the partial batch dropped
-        per_rank = [list(r.epoch(epoch)) for r in ranks]
-        for b, batch in enumerate(global_batches):
-            slices = [per_rank[r][b] for r in range(4)]
-            assert all(len(s) == 3 for s in slices)
-            assert list(itertools.chain(*slices)) == batch  # each rank its own slice, together exactly the batch
-        flat = list(itertools.chain(*global_batches))
-        assert len(set(flat)) == len(flat) == 48
-    assert list(whole.epoch(0)) != list(whole.epoch(1))  # reshuffled each epoch
-    assert list(whole.epoch(1)) == list(data.Batches(samples, batch_size=12, seed=3).epoch(1))  # by seed and epoch
-    assert list(whole.epoch(0)) != list(data.Batches(samples, batch_size=12, seed=4).epoch(0))
-    with pytest.raises(ValueError, match="must divide among 5 ranks"):
-        data.Batches(samples, batch_size=12, world_size=5)
-
-
-def test_batches_skip_resume_and_collate():
-    samples = list(range(30))
-    batches = data.Batches(samples, batch_size=4, seed=0, collate_fn=lambda s: torch.tensor(s))
-    epoch0 = list(batches.epoch(0))
-    assert [b.tolist() for b in batches.epoch(0, skip=5)] == [b.tolist() for b in epoch0[5:]]
-    run = batches.forever()
-    first = [next(run) for _ in range(17)]  # across the end of epoch 0 (7 batches an epoch)
-    resumed = batches.forever(start=10)
-    for number, batch in first[10:]:
-        again_number, again = next(resumed)
-        assert again_number == number and torch.equal(again, batch)
-    keep_last = data.Batches(samples, batch_size=4, shuffle=False, drop_last=False)
-    assert len(keep_last) == 8 and list(keep_last.epoch(0))[-1] == [28, 29]
-
-
-def test_batches_over_a_stream(fake_hub):
-    fake_hub({("HuggingFaceTB/smollm-corpus", "cosmopedia-v2", "train"): [{"text": str(i)} for i in range(10)]})
-    stream = data.cosmopedia_text()
-    rank1 = data.Batches(stream, batch_size=4, rank=1, world_size=2)
-    assert [[s["text"] for s in b] for b in rank1.epoch(0)] == [["2", "3"], ["6", "7"]]
-    numbers = [(n, [s["text"] for s in b]) for n, b in itertools.islice(rank1.forever(start=1), 4)]
-    assert numbers == [(1, ["6", "7"]), (2, ["2", "3"]), (3, ["6", "7"]), (4, ["2", "3"])]

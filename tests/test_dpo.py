@@ -14,9 +14,10 @@ import data
 from dpo import (concat_pair, dpo_loss, dpo_step, pair_logprobs, precompute_reference, reference_logprobs,
                  sequence_logprobs)
 from lora import apply_lora, disable_adapters, lora_layers
-from model import VLM, LanguageModel, LMConfig, VLMConfig
+from model import LanguageModel, LMConfig
 from processing import IGNORE_INDEX, ImageProcessor, Special
 from siglip import VisionConfig
+from vlm import VLM, VLMConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -455,7 +455,7 @@ def test_every_option_combination_runs():
 
 def tiny_vlm(vocab, image_token_id):
     """A random tiny VLM: 16 x 16 images, one <image> placeholder each."""
-    from model import VLM, VLMConfig
+    from vlm import VLM, VLMConfig
     from siglip import VisionConfig
 
     torch.manual_seed(0)

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from lora import (Linear_LORA, apply_lora, disable_adapters, load_adapter, lora_layers, merge_lora,
                   print_trainable_parameters, save_adapter)
-from model import VLM, LanguageModel, LMConfig, VLMConfig
+from model import LanguageModel, LMConfig
 from siglip import VisionConfig
+from vlm import VLM, VLMConfig
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from generate import generate
-from model import CheckpointError, LanguageModel, LMConfig, MoE
+from checkpoints import CheckpointError
+from model import LanguageModel, LMConfig, MoE
 
 transformers = pytest.importorskip("transformers")
 
@@ -427,11 +428,11 @@ def test_real_smollm2_gguf_answers_paris_like_transformers(smollm2_gguf):
 
 
 def test_unreachable_hub_is_one_clear_sentence(monkeypatch):
-    import processing
+    import checkpoints
 
     def offline(repo_id, allow_patterns):
         raise ConnectionError("Name or service not known")
 
-    monkeypatch.setattr(processing, "snapshot_download", offline)
+    monkeypatch.setattr(checkpoints, "snapshot_download", offline)
     with pytest.raises(CheckpointError, match="could not get HuggingFaceTB/SmolLM2-135M from the Hugging Face hub"):
         LanguageModel.from_pretrained("HuggingFaceTB/SmolLM2-135M")

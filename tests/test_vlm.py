@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from generate import generate
-from model import VLM, LMConfig, VLMConfig, merge_image_embeddings, pixel_shuffle
-from processing import CheckpointError
+from checkpoints import CheckpointError
+from model import LMConfig
 from siglip import VisionConfig
+from vlm import VLM, VLMConfig, merge_image_embeddings, pixel_shuffle
 
 transformers = pytest.importorskip("transformers")
 
@@ -116,7 +117,7 @@ def test_each_connector_fills_its_placeholders(connector, tokens):
     (lambda cfg: {k: v for k, v in cfg.items() if k != "vision"}, "config.json lacks 'vision'"),
     (lambda cfg: cfg["vision"].update(patch_size="8"), 'vision.patch_size must be int, not "8"'),
     (lambda cfg: cfg["lm"].update(dim=None), "lm.dim must be int, not null"),
-    (lambda cfg: cfg.update(vision_layer="-2"), 'vision_layer must be int or null, not "-2"'),
+    (lambda cfg: cfg.update(vision_layer="-2"), 'vision_layer must be int, not "-2"'),
     (lambda cfg: cfg["vision"].update(act="swish"), "vision.act 'swish' is not supported"),
     (lambda cfg: cfg["vision"].update(image_size=100_000), "vision.image_size must be a whole number of pixels"),
     (lambda cfg: cfg.update(image_size=100_000), "image_size must be a whole number of pixels from 1 to 8192"),

@@ -1,0 +1,479 @@
+"""Reference shelf (a first reading may skip this file): checkpoint I/O — the hub, JSON and safetensors
+in and out (atomic writes), config checks, GGUF and tokenizer files, PEFT adapter files, and
+`load_state`, the one loader that every model's `from_pretrained` calls.
+
+Nothing here knows a model. Each module of the reading path keeps its own config reading and key
+map (checkpoint tensor name -> its own name) and hands them to `load_state`, which builds the
+model, checks every name and shape, and names the missing and unexpected tensors in one
+`CheckpointError` line. This file imports nothing from the reading path: every other file may
+import it.
+"""
+
+import json
+import os
+import re
+import typing
+from copy import deepcopy
+from dataclasses import fields, is_dataclass
+
+import gguf
+import numpy as np
+import safetensors
+import safetensors.torch
+import tokenizers
+import torch
+import torch.nn.functional as F
+from huggingface_hub import snapshot_download
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+# ---------------------------------------------------------------------------------------------
+# A local folder or a hub download
+# ---------------------------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or file that cannot be loaded; the message is one line naming the problem."""
+
+
+# What a hub download fetches: a model's weights, or a tokenizer and what names its special tokens.
+WEIGHT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
+                   "chat_template.jinja")
+
+
+def checkpoint_folder(name_or_path: str, patterns) -> str:
+    """A local folder as it is, or a hub id ("org/name") downloaded into the HF cache, only the
+    files matching `patterns`, with a progress bar."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        return path
+    # Not a hub id but a missing local folder: a file, anything but "org/name" in the characters hub
+    # ids use (an absolute or ./ path, a space, more parts), or a name under a local folder ("runs/nope").
+    hub_id = re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+", path)
+    if os.path.exists(path) or not hub_id or os.path.isdir(path.split("/")[0]):
+        raise CheckpointError(f"{name_or_path}: no such folder (and not a hub id like 'org/name')")
+    try:
+        return snapshot_download(name_or_path, allow_patterns=list(patterns))
+    except Exception as e:  # offline, no such repository, gated, HTTP error: all end here
+        raise CheckpointError(f"could not get {name_or_path} from the Hugging Face hub and it is not cached "
+                              f"({type(e).__name__}); pass a local folder instead") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON and safetensors, in and out; a write goes to a temporary name, then is renamed into place
+# ---------------------------------------------------------------------------------------------
+
+
+def read_json(path: str, default: dict | None = None) -> dict:
+    """The JSON object in `path`; `default` (or an error if None) when there is no such file."""
+    if not os.path.isfile(path):
+        if default is not None:
+            return default
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object {{...}}, got a {type(obj).__name__}")
+    return obj
+
+
+def read_safetensors(folder: str, keep=None) -> dict:
+    """The tensors of a folder's model.safetensors, or of the shards its index names; with `keep`
+    (a test on the name) only those tensors are read, and only the shards that hold them opened:
+    the vision half of a SigLIP checkpoint, the Q-Former of a BLIP-2 one."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = read_json(index)["weight_map"]
+        files = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: shard named in the index is missing")
+        try:
+            with safetensors.safe_open(path, "pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)})
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt? ({e})") from None
+    return state
+
+
+def write_json(obj: dict, path: str):
+    """Write to a temporary name, then rename: a crash never leaves half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
+
+
+def write_safetensors(state: dict, path: str):
+    """Like write_json: a temporary file renamed into place."""
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    safetensors.torch.save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+
+
+def write_checkpoint(folder: str, config: dict, state: dict):
+    """What every save_pretrained writes: config.json and model.safetensors, each written whole or not at all."""
+    os.makedirs(folder, exist_ok=True)
+    write_json(config, os.path.join(folder, "config.json"))
+    write_safetensors(state, os.path.join(folder, "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: every field of a config.json checked against its dataclass
+# ---------------------------------------------------------------------------------------------
+
+# The largest side, in pixels, that a config may ask an image, crop, tile or vision tower to have: a
+# preprocessor_config.json asking for 100000 x 100000 would otherwise fill the memory in one resize.
+MAX_IMAGE_SIDE = 8192
+
+# The activations a config may name (siglip.py, qformer.py).
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact (BERT, BLIP-2, DINOv2)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP
+    "relu": F.relu,
+}
+
+
+def activation_name(hf_name):
+    """Our name (a key of ACTIVATIONS) for a transformers config's hidden_act: its tanh GELUs are "gelu_tanh"."""
+    return {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(hf_name, hf_name)
+
+
+def check_side(name: str, side) -> None:
+    """A side in pixels from a config: a whole number from 1 to MAX_IMAGE_SIDE."""
+    if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_IMAGE_SIDE:
+        raise ValueError(f"{name} must be a whole number of pixels from 1 to {MAX_IMAGE_SIDE} "
+                         f"(checkpoints.MAX_IMAGE_SIDE), not {side!r}")
+
+
+def build_config(cls, settings: dict, prefix: str = ""):
+    """cls(**settings) for a config dataclass read from a config.json, each value checked against its
+    field's annotation (int, float, bool, str, dict, a nested config, or null where "| None" allows
+    it). An unknown key, a value of the wrong type or one the class refuses is a one-line
+    CheckpointError naming the field: 'config.json: vision.patch_size must be int, not "16"'.
+    `prefix` names a nested config's fields ("vision."). A "model_type" key names the class, not a field:
+    left out."""
+    kinds = {f.name: f.type for f in fields(cls)}
+    values = {}
+    for key, value in settings.items():
+        if key == "model_type":
+            continue
+        if key not in kinds:
+            raise CheckpointError(f"config.json: unknown key {prefix + key!r} (not a field of {cls.__name__})")
+        allowed = typing.get_args(kinds[key]) or (kinds[key],)  # int | None -> (int, NoneType)
+        nested = next((kind for kind in allowed if is_dataclass(kind)), None)
+        if nested is not None and isinstance(value, dict):
+            value = build_config(nested, value, f"{prefix}{key}.")
+        elif not any(fits(value, kind) for kind in allowed):
+            names = " or ".join("null" if kind is type(None) else "an object" if is_dataclass(kind) else kind.__name__
+                                for kind in allowed)
+            raise CheckpointError(f"config.json: {prefix}{key} must be {names}, not {json.dumps(value)}")
+        values[key] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json: {prefix}{e}") from None
+
+
+def fits(value, kind) -> bool:
+    """Whether a JSON value suits a field of type `kind`: an int is a float too, true is not an int."""
+    if kind is float:
+        return type(value) in (int, float)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# The one loader
+# ---------------------------------------------------------------------------------------------
+
+
+def load_state(model_cls, cfg, state: dict, key_map: dict | None, dtype, device, where: str, ignore=(),
+               reshaped=(), fresh: bool = False):
+    """model_cls(cfg) filled from `state` (checkpoint name -> tensor), in eval mode: what every
+    `from_pretrained` ends with.
+
+    `key_map` maps each checkpoint name to our name (or a tuple of our names: one tensor may fill
+    several); None means the checkpoint already has our names, all of them. Every name of the map
+    must be in the checkpoint, and every checkpoint tensor in the map or under a prefix in `ignore`;
+    the missing and unexpected ones are named in one CheckpointError line. Then every shape is
+    checked; a name in `reshaped` may come in another shape of the same size (DINOv2 keeps (1, P, D)).
+
+    The model is built on the meta device (no random init, no memory) and takes the checkpoint's
+    tensors as they are. With `fresh` it is built for real, and what the map does not fill keeps its
+    fresh initialisation (a Q-Former started from BERT).
+    """
+    if fresh:
+        model = model_cls(cfg)
+    else:
+        with torch.device("meta"):
+            model = model_cls(cfg)
+    expected = model.state_dict()
+    if key_map is None:
+        key_map = {name: name for name in expected}
+    missing = sorted(set(key_map) - set(state))
+    unexpected = sorted(k for k in set(state) - set(key_map) if not k.startswith(tuple(ignore)))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                              f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    ours = {}
+    for name, targets in key_map.items():
+        for mine in (targets,) if isinstance(targets, str) else targets:
+            t, shape = state[name], expected[mine].shape
+            if name in reshaped and t.numel() == expected[mine].numel():
+                t = t.reshape(shape)  # e.g. (1, P, D) -> (P, D)
+            if t.shape != shape:
+                raise CheckpointError(f"{where}: {name}: checkpoint shape {tuple(t.shape)}, "
+                                      f"model expects {tuple(shape)}")
+            ours[mine] = t.to(device=device, dtype=dtype)
+    if fresh:
+        model.load_state_dict(ours, strict=False)
+        return model.to(device=device, dtype=dtype).eval()
+    model.load_state_dict(ours, assign=True)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's GGUF files: a Llama or Qwen2 LM as a transformers checkpoint, and its tokenizer
+# ---------------------------------------------------------------------------------------------
+
+# GGUF tensor names -> transformers' (convert_hf_to_gguf.py's table read backwards)
+GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+GGUF_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                    "ffn_down": "mlp.down_proj"}
+
+
+def read_gguf(path: str) -> tuple[dict, dict]:
+    """The config.json and the float32 tensors, under transformers' names, of a llama.cpp GGUF file of
+    a Llama or Qwen2 model: a checkpoint that LanguageModel reads like any other.
+
+    Tensors are dequantized with the `gguf` package; llama.cpp's converter permuted the rows of
+    q and k for its interleaved RoPE (`convert_hf_to_gguf.py: LlamaModel.permute`), which we undo
+    to get back HF's rotate_half layout."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (llama and qwen2 are)")
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise CheckpointError(f"{path}: GGUF rope_freqs (Llama-3.1 rope scaling) is not supported")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise CheckpointError(f"{path}: GGUF rope scaling {scaling!r} is not supported (none and linear are)")
+    try:
+        n_heads = meta[f"{arch}.attention.head_count"]
+        n_kv_heads = meta.get(f"{arch}.attention.head_count_kv") or n_heads
+        config = {
+            "model_type": arch, "vocab_size": meta.get(f"{arch}.vocab_size") or len(tensors["token_embd.weight"].data),
+            "hidden_size": meta[f"{arch}.embedding_length"], "num_hidden_layers": meta[f"{arch}.block_count"],
+            "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads,
+            "head_dim": meta.get(f"{arch}.attention.key_length"),
+            "intermediate_size": meta[f"{arch}.feed_forward_length"],
+            "rms_norm_eps": meta[f"{arch}.attention.layer_norm_rms_epsilon"],
+            "max_position_embeddings": meta[f"{arch}.context_length"],
+            "rope_theta": meta.get(f"{arch}.rope.freq_base", 10000.0),
+            "rope_scaling": {"rope_type": "linear", "factor": meta[f"{arch}.rope.scaling.factor"]}
+            if scaling == "linear" else None,
+            "tie_word_embeddings": "output.weight" not in tensors}
+    except KeyError as e:
+        raise CheckpointError(f"{path}: GGUF metadata lacks {e}") from None
+    state = {}
+    for name, t in tensors.items():
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+        hf = f"model.layers.{m[1]}.{GGUF_LAYER_NAMES.get(m[2], m[2])}.{m[3]}" if m else GGUF_NAMES.get(name, name)
+        w = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = torch.from_numpy(w)  # float32, whatever the file's quantization
+        w = w.reshape(tuple(reversed([int(d) for d in t.shape])))  # GGUF lists dims innermost first
+        if arch == "llama" and m and m[2] in ("attn_q", "attn_k"):
+            heads = n_heads if m[2] == "attn_q" else n_kv_heads
+            w = w.reshape(heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)  # undo the permute
+        state[hf] = w
+    return config, state
+
+
+# How a byte-level BPE GGUF splits text before the merges run, by its `tokenizer.ggml.pre` name
+# (the `regex_exprs` in llama.cpp's llama-vocab.cpp). `ByteLevel(use_regex=True)` is GPT-2's split
+# followed by GPT-2's mapping of bytes to printable characters; "smollm" and its kin first cut
+# every digit apart (llama.cpp's `\p{N}`), as SmolLM's tokenizer.json does.
+def _gpt2_split():
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _digits_then_gpt2_split():
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2_split()])
+
+
+GGUF_PRE_TOKENIZERS = {"smollm": _digits_then_gpt2_split, "starcoder": _digits_then_gpt2_split,
+                       "refact": _digits_then_gpt2_split, "gpt-2": _gpt2_split}
+
+# llama.cpp's token types (`tokenizer.ggml.token_type`): CONTROL tokens like <|im_start|> and
+# USER_DEFINED ones are matched whole, never cut into pieces, so they become added special tokens.
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
+
+
+def read_gguf_tokenizer(path: str) -> tuple:
+    """(backend, bos, eos, pad, chat_template) of the tokenizer a GGUF file describes in its
+    `tokenizer.*` metadata. Only byte-level BPE (`tokenizer.ggml.model` "gpt2", as GPT-2 and SmolLM
+    use) is supported: the vocabulary and merges go into a BPE model, split and decoded byte-level
+    (mirrors transformers' GGUF tokenizer conversion and llama.cpp's llama-vocab.cpp)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such GGUF file")
+    fields = gguf.GGUFReader(path).fields
+
+    def read(key, default=None):
+        return fields[key].contents() if key in fields else default
+
+    model_type = read("tokenizer.ggml.model")
+    if model_type != "gpt2":
+        raise ValueError(f"{path} has tokenizer model {model_type!r}; only byte-level BPE ('gpt2') "
+                         "GGUF tokenizers are supported, use a folder with tokenizer.json instead")
+    pre = read("tokenizer.ggml.pre", "gpt-2")  # files from before `tokenizer.ggml.pre` get GPT-2's split
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"{path} has pre-tokenizer {pre!r}; supported: {sorted(GGUF_PRE_TOKENIZERS)}")
+    if "tokenizer.ggml.merges" not in fields:  # llama.cpp refuses these too
+        raise ValueError(f"{path} has no tokenizer.ggml.merges, which a byte-level BPE tokenizer needs")
+    tokens = read("tokenizer.ggml.tokens")
+    merges = [tuple(merge.split(" ")) for merge in read("tokenizer.ggml.merges")]
+    backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    backend.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                for token, kind in zip(tokens, read("tokenizer.ggml.token_type"))
+                                if kind in (GGUF_CONTROL, GGUF_USER_DEFINED)])
+
+    def token(role):
+        token_id = read(f"tokenizer.ggml.{role}_token_id")
+        return tokens[token_id] if token_id is not None else None
+
+    return backend, token("bos"), token("eos"), token("padding"), read("tokenizer.chat_template")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and image-processor files of a transformers checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def read_tokenizer(name_or_path: str) -> tuple:
+    """(backend, bos, eos, pad, chat_template) from a `.gguf` file, or from a folder or hub id with a
+    tokenizer.json, bos/eos/pad named by tokenizer_config.json, else special_tokens_map.json, else
+    config.json's token ids (only the tokenizer files are downloaded)."""
+    path = os.path.expanduser(name_or_path)
+    if path.endswith(".gguf"):
+        return read_gguf_tokenizer(path)
+    if os.path.isfile(path):
+        raise CheckpointError(f"{path}: expected a folder with tokenizer.json or a .gguf file")
+    folder = checkpoint_folder(name_or_path, TOKENIZER_FILES)
+    tokenizer_file = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(tokenizer_file):
+        raise CheckpointError(f"{folder}: no tokenizer.json")
+    backend = tokenizers.Tokenizer.from_file(tokenizer_file)
+    names = {}  # "bos" -> "<|im_start|>"; later files override earlier ones
+    model_config = read_json(os.path.join(folder, "config.json"), {})
+    for role in ("bos", "eos", "pad"):
+        token_id = model_config.get(f"{role}_token_id")
+        if isinstance(token_id, list):  # some models list several EOS ids; the first is the main one
+            token_id = token_id[0]
+        if token_id is not None:
+            names[role] = backend.id_to_token(token_id)
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        config = read_json(os.path.join(folder, file), {})
+        for role in ("bos", "eos", "pad"):
+            token = config.get(f"{role}_token")
+            if token is not None:  # a string, or {"content": ...} in older files
+                names[role] = token["content"] if isinstance(token, dict) else token
+    chat_template = read_json(os.path.join(folder, "tokenizer_config.json"), {}).get("chat_template")
+    template_file = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(template_file):
+        with open(template_file, encoding="utf-8") as f:
+            chat_template = f.read()
+    return backend, names.get("bos"), names.get("eos"), names.get("pad"), chat_template
+
+
+def write_tokenizer(folder: str, backend, bos: str | None, eos: str | None, pad: str | None, chat_template):
+    """tokenizer.json, and a tokenizer_config.json naming bos/eos/pad and the chat template."""
+    os.makedirs(folder, exist_ok=True)
+    backend.save(os.path.join(folder, "tokenizer.json"))
+    config = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "chat_template": chat_template}
+    write_json(config, os.path.join(folder, "tokenizer_config.json"))
+
+
+def read_preprocessor_config(name_or_path: str) -> tuple[str, dict, str]:
+    """(path, settings, class name) of a checkpoint's preprocessor_config.json, from a local folder
+    or a hub id (only that file is downloaded). The class is named as transformers'
+    AutoImageProcessor finds it: older files only name a feature extractor, files saved by
+    transformers 4's fast processors end in "Fast"."""
+    folder = checkpoint_folder(name_or_path, ["preprocessor_config.json"])
+    path = os.path.join(folder, "preprocessor_config.json")
+    config = read_json(path)
+    kind = config.get("image_processor_type") or (config.get("feature_extractor_type") or "").replace(
+        "FeatureExtractor", "ImageProcessor")
+    return path, config, kind.removesuffix("Fast")
+
+
+def build_processor(cls, path: str, config: dict, defaults: dict | None = None):
+    """cls(**settings) for an image processor dataclass: `defaults` overridden by the keys of
+    `config` that are fields of cls (one set to null is left out, so it takes the default, as in
+    transformers); a bad setting is a CheckpointError naming the file."""
+    settings = {k: v for k, v in config.items() if k in cls.__dataclass_fields__ and v is not None}
+    try:
+        return cls(**deepcopy({**(defaults or {}), **settings}))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's LoRA adapter files: adapter_config.json + adapter_model.safetensors
+# ---------------------------------------------------------------------------------------------
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel).model (the transformers model)
+# adapter_config.json options that change the math; lora.py refuses a file that turns any of them on
+UNSUPPORTED = ("use_dora", "use_rslora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
+               "layers_to_transform", "layer_replication", "exclude_modules", "modules_to_save",
+               "target_parameters", "trainable_token_indices")
+
+
+def read_adapter(folder: str) -> tuple[dict, dict]:
+    """(config, weights) of a PEFT LoRA adapter folder, refused in one line if it is not plain LoRA."""
+    cfg = read_json(os.path.join(folder, ADAPTER_CONFIG))
+    if cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{folder}: peft_type {cfg.get('peft_type')!r}, lora.py reads LORA adapters")
+    for option in UNSUPPORTED:
+        if cfg.get(option):
+            raise CheckpointError(f"{folder}: {option}={cfg[option]!r} is not supported by lora.py")
+    if cfg.get("bias", "none") != "none":
+        raise CheckpointError(f"{folder}: bias={cfg['bias']!r} is not supported by lora.py")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in cfg:
+            raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} lacks {key!r}")
+    path = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing (lora.py reads safetensors adapters, not adapter_model.bin)")
+    try:
+        return cfg, safetensors.torch.load_file(path)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt? ({e})") from None
+
+
+def write_adapter(folder: str, config: dict, state: dict):
+    """The two files of a PEFT adapter, each written to a temporary name and renamed into place."""
+    os.makedirs(folder, exist_ok=True)
+    write_safetensors(state, os.path.join(folder, ADAPTER_WEIGHTS))
+    write_json(config, os.path.join(folder, ADAPTER_CONFIG))
