@@ -55,7 +55,16 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
+
+from checkpoints import CheckpointError
+from cli import ArgumentParser, check_device, default_lm, fail
+from dpo import token_logprobs
+from generate import generate
+from model import LanguageModel, hf_config
+from processing import (SMOLVLM_SPECIAL_TOKENS, ImageError, SmolVLMImageProcessor, Tokenizer, build_prompt,
+                        smolvlm_image_tokens)
+from siglip import VisionTower
+from vlm import VLM
 
 ASSETS = os.environ.get("GLIMPSE_ASSETS", "../shared/assets")
 SIGLIP_B16_512 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -181,10 +190,6 @@ def measure_generation(gen, n: int, repeats: int, device) -> tuple[torch.Tensor,
 
 def bench_lm(args, device, tmp):
     """LM prefill time, decode tokens/s and generation peak memory; the greedy tokens must agree."""
-    from generate import generate
-    from model import LanguageModel
-    from processing import Tokenizer, build_prompt
-
     dtype, sync = getattr(torch, args.dtype), synchronizer(device)
     ours, theirs = LanguageModel.from_pretrained(args.lm, dtype, device), hf_lm(args.lm, dtype, device)
     tok = Tokenizer.from_pretrained(args.lm)
@@ -221,8 +226,6 @@ def bench_vision(args, device, tmp):
     """Images/s of the vision tower on one batch; its features must agree."""
     from transformers import AutoModel
 
-    from siglip import VisionTower
-
     dtype, sync = getattr(torch, args.dtype), synchronizer(device)
     ours = VisionTower.from_pretrained(args.vision, dtype=dtype, device=device)
     theirs = AutoModel.from_pretrained(args.vision, dtype=dtype).to(device).eval()
@@ -251,17 +254,6 @@ def bench_vlm(args, device, tmp):
     """SmolVLM-architecture VLM: time to first token, decode tokens/s, generation peak memory; the
     greedy tokens must agree. Built and saved by transformers, loaded by glimpse (module docstring)."""
     import transformers
-
-    from generate import generate
-    from model import LanguageModel, hf_config
-    from processing import (
-        SMOLVLM_SPECIAL_TOKENS,
-        SmolVLMImageProcessor,
-        Tokenizer,
-        build_prompt,
-        smolvlm_image_tokens,
-    )
-    from vlm import VLM
 
     dtype = getattr(torch, args.dtype)
     tok = Tokenizer.from_pretrained(args.lm)
@@ -336,15 +328,13 @@ def train_steps(model, loss_fn, repeats: int, device) -> tuple[float, float | No
 def bench_train(args, device, tmp):
     """Tokens/s and peak memory of one LM training step (forward, loss, backward, AdamW); the first
     losses must agree."""
-    from model import LanguageModel
-
     dtype = getattr(torch, args.dtype)
     ours, theirs = LanguageModel.from_pretrained(args.lm, dtype, device), hf_lm(args.lm, dtype, device)
     shape = (args.train_batch, args.train_len)
     ids = torch.randint(0, ours.config.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
 
     def ours_loss():
-        return F.cross_entropy(ours(ids)[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        return -token_logprobs(ours(ids), ids)[0].mean()  # next-token cross-entropy, as in training
 
     def theirs_loss():
         return theirs(input_ids=ids, labels=ids).loss
@@ -366,9 +356,6 @@ BENCHES = {"lm": bench_lm, "vision": bench_vision, "vlm": bench_vlm, "train": be
 def tiny_checkpoints(tmp: str) -> tuple[str, str]:
     """A tiny random Llama (with SmolLM2's tokenizer) and a tiny random DINOv2, saved by transformers."""
     import transformers
-
-    from generate import default_lm
-    from processing import Tokenizer
 
     torch.manual_seed(0)
     lm, vision = os.path.join(tmp, "tiny-lm"), os.path.join(tmp, "tiny-dinov2")
@@ -408,10 +395,6 @@ def report(rows, checks, header: str, json_path: str | None):
 
 
 def main(argv=None) -> int:
-    from generate import ArgumentParser, check_device, default_lm, fail
-    from checkpoints import CheckpointError
-    from processing import ImageError
-
     p = ArgumentParser(description="Benchmark glimpse against transformers on the same weights and inputs: one "
                        "table, glimpse | transformers | ratio (> 1: glimpse is better).", epilog=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,7 +22,8 @@ also takes a local file or folder.
 
 Batches: `collate` turns chats and texts into input_ids, attention_mask, labels (-100 on padding and,
 in chats, on everything but the assistant replies) and pixel_values; `collate_preferences` does the
-same for the chosen and the rejected side of preference pairs.
+same for the chosen and the rejected side of preference pairs; `collate_captions` pairs images with
+their captions for a Q-Former's contrastive stage.
 
     samples = load_source("easy-vqa-qa", "train")
     batch = to_device(collate(samples[:32], tokenizer, image_processor, image_tokens=...), device)
@@ -428,6 +429,16 @@ def caption_ids(tokenizer, captions: list[str], max_len: int) -> tuple[torch.Ten
     cls = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     rows = [[cls] + tokenizer.encode(c)[: max_len - 1] for c in captions]
     return pad(rows, tokenizer.pad_id or 0)  # (B, T), (B, T)
+
+
+def collate_captions(samples: list[dict], tokenizer, image_processor, max_len: int) -> dict:
+    """A batch for BLIP-2's contrastive stage from caption samples: pixel_values (B, 3, H, W), the
+    captions as text_ids and text_mask (B, T) (caption_ids), and same (B, B) bool, which image-caption
+    pairs share a caption (all of them are positives)."""
+    captions = [s["messages"][-1]["content"] for s in samples]
+    text_ids, text_mask = caption_ids(tokenizer, captions, max_len)  # (B, T), (B, T)
+    return {"pixel_values": image_processor([s["images"][0] for s in samples]), "text_ids": text_ids,
+            "text_mask": text_mask, "same": torch.tensor([[a == b for b in captions] for a in captions])}  # (B, B)
 
 
 def collate_preferences(samples: list[dict], tokenizer, image_processor=None, template: str = "chatml",

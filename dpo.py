@@ -10,14 +10,15 @@ rejected reply y_l) against a frozen reference model pi_ref, with no reward mode
 At the start (pi = pi_ref) every reward is 0 and the loss is log 2. The reference model is either a
 frozen copy of the policy, or, when the policy trains with LoRA, the same model with its adapters
 switched off (lora.disable_adapters: no second copy in memory). Its log-probabilities never change,
-so they can be computed once up front.
+so they can be computed once up front and put in the pair as "ref_chosen" and "ref_rejected".
 
     batch_pair = data.collate_preferences(samples, tokenizer, image_processor, image_tokens=...)
     loss, metrics = dpo_step(policy, reference, batch_pair, beta=0.1)  # reference=None: LoRA off
     loss.backward()
 
     reference_logprobs(policy, None, batch_pair)       # (chosen (B,), rejected (B,)) of pi_ref
-    precompute_reference(policy, val_pairs)            # each pair gets "ref_chosen", "ref_rejected"
+
+`token_logprobs` is also training's next-token loss (train.token_loss) and evaluate.py's perplexity.
 """
 
 import torch
@@ -40,21 +41,26 @@ def response_mask(batch: dict) -> torch.Tensor:  # (B, T - 1) bool
     return batch["labels"][:, 1:] != IGNORE_INDEX
 
 
+def token_logprobs(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:  # (n,) float32, (n,) long
+    """log p(token) of every labelled token, and the row it is in: logits (B, T, V) at position t
+    predict token t + 1, labels (B, T) unshifted, -100 where nothing is learned (data.collate).
+    Training's next-token loss is minus their sum; perplexity is exp of minus their mean. Only the
+    labelled positions are turned into float32 log-probabilities, so no second (B, T, V) tensor is made."""
+    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1)
+    targets = labels[:, 1:][mask]  # (n,) the labelled tokens, row by row
+    logps = logits[:, :-1][mask].float().log_softmax(dim=-1)  # (n, V)
+    return logps.gather(-1, targets[:, None]).squeeze(-1), mask.nonzero()[:, 0]  # (n,), (n,)
+
+
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:  # (B,) float32
     """log pi(reply | prompt, images) per row: the sum over the reply's tokens of log p(token).
 
     batch: input_ids, attention_mask, labels (B, T) as data.collate makes them (-100 everywhere but
-    the reply), and pixel_values (N, 3, H, W) or None. The logits at position t predict token t + 1.
-    Only the reply positions are taken out of the logits and turned into float32 log-probabilities,
-    so no second (B, T, V) tensor is made."""
+    the reply), and pixel_values (N, 3, H, W) or None."""
     kwargs = {"pixel_values": batch["pixel_values"]} if batch.get("pixel_values") is not None else {}
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)  # (B, T, V)
-    mask = response_mask(batch)  # (B, T - 1)
-    targets = batch["labels"][:, 1:][mask]  # (n,) the reply tokens, row by row
-    reply_logits = logits[:, :-1][mask].float()  # (n, V)
-    token_logps = reply_logits.log_softmax(dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (n,)
-    rows = mask.nonzero()[:, 0]  # (n,) the row of each reply token
-    return token_logps.new_zeros(mask.shape[0]).index_add(0, rows, token_logps)  # (B,)
+    logps, rows = token_logprobs(logits, batch["labels"])  # (n,), (n,)
+    return logps.new_zeros(logits.shape[0]).index_add(0, rows, logps)  # (B,)
 
 
 def concat_pair(batch_pair: dict) -> dict:
@@ -88,7 +94,7 @@ def pair_logprobs(model, batch_pair: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def reference_logprobs(policy, reference, batch_pair: dict) -> tuple[torch.Tensor, torch.Tensor]:  # (B,), (B,)
     """pi_ref's log-probabilities of the chosen and rejected replies: from `reference` (a frozen copy)
     when given, else from `policy` with its LoRA adapters switched off. Only the adapters go off: if
-    other parameters train too (say the connector), precompute the reference before the first step.
+    other parameters train too (say the connector), compute the reference once before the first step.
     A policy without LoRA and no reference is an error: the policy is no reference once it trains."""
     if reference is not None:
         return pair_logprobs(reference, batch_pair)
@@ -97,15 +103,6 @@ def reference_logprobs(policy, reference, batch_pair: dict) -> tuple[torch.Tenso
                          "(the reference is then the policy with its adapters off)")
     with disable_adapters(policy):
         return pair_logprobs(policy, batch_pair)
-
-
-def precompute_reference(policy, batch_pairs: list[dict], reference=None) -> list[dict]:
-    """Compute pi_ref's log-probabilities once, before the first step: each batch pair gets
-    "ref_chosen" and "ref_rejected" (B,), which dpo_step then uses instead of a reference forward
-    pass. Returns the same list."""
-    for pair in batch_pairs:
-        pair["ref_chosen"], pair["ref_rejected"] = reference_logprobs(policy, reference, pair)
-    return batch_pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,8 +153,8 @@ def dpo_step(policy, reference, batch_pair: dict, beta: float = 0.1, label_smoot
     {"chosen": batch, "rejected": batch} (data.collate_preferences).
 
     The policy sees both sides in one forward pass. The reference log-probabilities come from the
-    pair's "ref_chosen"/"ref_rejected" when precompute_reference put them there, else from
-    `reference` (a frozen copy), else from the policy with its LoRA adapters off. For IPO every
+    pair's "ref_chosen"/"ref_rejected" when the caller put them there (train.py does, with each
+    batch), else from `reference` (a frozen copy), else from the policy with its LoRA adapters off. For IPO every
     log-probability is divided by its reply's length, as TRL does (Azar et al. 2023 leave it open).
     rpo_alpha > 0 adds that much of the chosen replies' per-token negative log-likelihood (RPO, Pang
     et al. 2024; TRL's `rpo_alpha`), which keeps the chosen answers' own probability from sinking."""

@@ -7,7 +7,8 @@
     python evaluate.py --checkpoint runs/tiny-instruct --task perplexity         # on the test answers
     python evaluate.py --checkpoint runs/tiny-qformer --task retrieval             # Recall@K + similarity grid
 
-Writes DIR/eval-TASK.json and prints a table.
+Writes DIR/eval-TASK.json and prints a table. Recall@K and the retrieval report, which train.py's
+qformer phase prints too, are in cli.py.
 """
 
 import json
@@ -18,11 +19,16 @@ import string
 import time
 from collections import Counter
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
-from generate import banned_ids, generate, load, stop_ids
+from checkpoints import CheckpointError
+from cli import ArgumentParser, check_device, fail, latest_checkpoint, load, print_table, retrieval_report
+from data import (EASY_VQA_COLORS, EASY_VQA_SHAPES, SOURCES, collate, count_image_parts, easy_vqa_captions,
+                  easy_vqa_qa, easy_vqa_qa_balanced, load_source, pad, to_device)
+from dpo import token_logprobs
+from generate import banned_ids, generate, stop_ids
+from processing import ImageProcessor, Special, build_prompt
 
 # ---------------------------------------------------------------------------------------------
 # Short answers: VQA accuracy as the official VQA evaluation (github.com/GT-Vision-Lab/VQA, vqaEval.py)
@@ -231,38 +237,21 @@ def captions_metrics(predictions: list[str], references: list[list[str]]) -> dic
 
 
 # ---------------------------------------------------------------------------------------------
-# Retrieval
-# ---------------------------------------------------------------------------------------------
-
-
-def recall_at_k(sim, relevant, ks=(1, 5, 10)) -> dict:
-    """sim (Q, G) query-gallery scores, relevant (Q, G) bool -> {k: share of queries with a relevant
-    item among their k best}."""
-    top = sim.argsort(dim=1, descending=True)  # (Q, G)
-    hits = relevant.gather(1, top)  # (Q, G): relevance in rank order
-    return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
-
-
-# ---------------------------------------------------------------------------------------------
 # Perplexity
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.inference_mode()
 def perplexity(model, batches) -> dict:
-    """exp(total NLL / total predicted tokens) over the label tokens (labels != IGNORE_INDEX: a chat's
-    replies, all of a text) of batches as data.collate makes them, the logits at position t
-    predicting token t + 1 as in training (train.token_loss); also the mean NLL and the token count."""
-    from processing import IGNORE_INDEX
-
+    """exp(total NLL / total predicted tokens) over the label tokens (labels != -100: a chat's replies,
+    all of a text) of batches as data.collate makes them, each token's log-probability from
+    dpo.token_logprobs as in training (train.token_loss); also the mean NLL and the token count."""
     nll, tokens = 0.0, 0
     for batch in batches:
         kwargs = {"pixel_values": batch["pixel_values"]} if batch.get("pixel_values") is not None else {}
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)  # (B, T, V)
-        labels = batch["labels"][:, 1:]  # (B, T - 1): the token each position predicts
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum").item()
-        tokens += int((labels != IGNORE_INDEX).sum())
+        logps, _ = token_logprobs(logits, batch["labels"])  # (n,)
+        nll, tokens = nll - logps.sum().item(), tokens + len(logps)
     if not tokens:
         raise ValueError("the batches hold no label tokens to score")
     return {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens}
@@ -279,8 +268,6 @@ CAPTION_TOKENS = 24  # the longest caption generated
 def question_type(answer: str) -> str:
     """An easy-VQA question's kind, told by its right answer: a colour, a shape, or yes/no (its
     wording would mislead: "Is there a red shape?" is a yes/no question)."""
-    from data import EASY_VQA_COLORS, EASY_VQA_SHAPES
-
     return "color" if answer in EASY_VQA_COLORS else "shape" if answer in EASY_VQA_SHAPES else "yes/no"
 
 
@@ -289,11 +276,6 @@ def answer_questions(model, tok, processor, template, samples, batch_size=32, ma
                      device="cpu", progress=True) -> list[str]:
     """Greedy answers to the first user turn of each sample ({"messages", "images"}), batched with
     left padding; image=False asks the same questions with the images left out."""
-    from tqdm import tqdm
-
-    from data import pad
-    from processing import Special, build_prompt
-
     end = stop_ids(tok, template)
     out = []
     bar = tqdm(total=len(samples), desc="generating", unit="sample", disable=not progress)
@@ -315,74 +297,8 @@ def answer_questions(model, tok, processor, template, samples, batch_size=32, ma
     return out
 
 
-@torch.inference_mode()
-def retrieval_report(model, tok, processor, samples, out_dir: str, batch_size: int = 64) -> dict:
-    """Image-to-text and text-to-image Recall@1/5/10 of a Q-Former VLM on caption samples (the
-    gallery of texts is every distinct caption; an image's relevant texts are its own caption), and
-    similarity_grid.png: rows captions, columns images, cells cosine similarity."""
-    from data import caption_ids
-    from qformer import similarity
-
-    qformer = model.connector.qformer.eval()
-    captions = [s["messages"][-1]["content"] for s in samples]
-    texts = sorted(set(captions))
-    text_ids, text_mask = caption_ids(tok, texts, qformer.config.max_positions)
-    device = next(model.parameters()).device
-    text_feats = qformer.text_features(text_ids.to(device), text_mask.to(device))  # (Nt, d)
-    image_feats = torch.cat([qformer.image_features(model.vision(
-        processor([s["images"][0] for s in samples[i: i + batch_size]]).to(device), layer=model.config.vision_layer))
-        for i in range(0, len(samples), batch_size)])  # (Ni, Q, d)
-    sim = similarity(image_feats, text_feats).cpu()  # (Ni, Nt)
-    relevant = torch.tensor([[c == t for t in texts] for c in captions])  # (Ni, Nt)
-    result = {"images": len(samples), "captions": len(texts), "chance_i2t@1": 1 / len(texts)}
-    result.update({f"i2t_R@{k}": v for k, v in recall_at_k(sim, relevant).items()})
-    result.update({f"t2i_R@{k}": v for k, v in recall_at_k(sim.t(), relevant.t()).items()})
-    result["grid"] = similarity_grid(sim, texts, captions, samples, os.path.join(out_dir, "similarity_grid.png"))
-    with open(os.path.join(out_dir, "retrieval.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    return result
-
-
-def similarity_grid(sim, texts, captions, samples, path: str, n: int = 8) -> str:
-    """A PNG of the similarity of n captions (rows) and n images (columns, one per caption, shown
-    above the grid): the diagonal is each caption's own image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from processing import load_image
-
-    rows = texts[:n]
-    cols = [captions.index(t) for t in rows]  # an image of each caption
-    grid = sim[cols][:, [texts.index(t) for t in rows]].t().numpy()  # (n captions, n images)
-    fig, axes = plt.subplots(2, 1, figsize=(1.2 * n + 3, 1.2 * n + 2.5), gridspec_kw={"height_ratios": [1, n]})
-    axes[0].imshow(np.concatenate([np.array(load_image(samples[c]["images"][0]).resize((64, 64))) for c in cols], 1))
-    axes[0].axis("off")
-    axes[1].imshow(grid, cmap="viridis")
-    axes[1].set_yticks(range(len(rows)), rows)
-    axes[1].set_xticks(range(len(cols)), [f"image {i + 1}" for i in range(len(cols))], rotation=45)
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            axes[1].text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
-    axes[1].set_title("cosine similarity: captions (rows) x images (columns)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def print_table(result: dict):
-    print(f"{'metric':<20}{'value':>10}")
-    for k, v in result.items():
-        if isinstance(v, (int, float)):
-            print(f"{k:<20}{v:>10.4g}")
-
-
 def require_vlm(path: str, processor, task: str, hint: str = ""):
     """Tasks with images take a VLM that train.py wrote (one <image> placeholder per image embedding)."""
-    from processing import ImageProcessor
-
     if isinstance(processor, ImageProcessor):
         return
     raise ValueError(f"{path} is not a VLM that train.py wrote ({task} asks one <image> per embedding){hint}")
@@ -404,8 +320,6 @@ def evaluate_easy_vqa(path: str, limit: int | None, image: bool, batch_size: int
     yes/no answers redrawn half yes, half no (data.easy_vqa_qa_balanced), where answering yes/no from
     the wording alone scores 50%, not the official split's 82%. baseline: the same questions asked
     again without the image, under "no_image", so that the report shows what looking adds."""
-    from data import easy_vqa_qa, easy_vqa_qa_balanced
-
     model, tok, processor, template = load(path, torch.float32, device)
     if image:
         require_vlm(path, processor, "easy-VQA evaluation", "; pass --no-image to evaluate a language model blind")
@@ -447,8 +361,6 @@ def print_easy_vqa(result: dict):
 def evaluate_captions(path: str, limit: int | None, batch_size: int, device: str) -> dict:
     """A caption for each easy-VQA test image (the prompt of its caption samples, greedy), scored
     against all the reference captions of that image (easy-VQA has one)."""
-    from data import easy_vqa_captions
-
     model, tok, processor, template = load(path, torch.float32, device)
     require_vlm(path, processor, "captioning")
     samples = easy_vqa_captions("test", limit=limit)
@@ -471,11 +383,6 @@ def evaluate_captions(path: str, limit: int | None, batch_size: int, device: str
 def evaluate_perplexity(path: str, source: str, limit: int | None, batch_size: int, device: str) -> dict:
     """Perplexity of the replies of easy-VQA's test questions (with their images), or of the label
     tokens of another data source (data.load_source: a text file or folder, a chat file, ...)."""
-    from tqdm import tqdm
-
-    from data import collate, count_image_parts, load_source, to_device
-    from processing import Special
-
     model, tok, processor, template = load(path, torch.float32, device)
     samples = list(load_source(source, "test", limit=limit))
     if not samples:
@@ -501,10 +408,6 @@ def evaluate_perplexity(path: str, source: str, limit: int | None, batch_size: i
 
 
 def main(argv=None):
-    from data import SOURCES
-    from generate import ArgumentParser, check_device, fail, run_checkpoint
-    from checkpoints import CheckpointError
-
     p = ArgumentParser(description="Evaluate a glimpse checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, a run folder (its latest), or a hub id")
     p.add_argument("--task", default="easy-vqa", choices=["easy-vqa", "captions", "retrieval", "perplexity"],
@@ -521,7 +424,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="samples per forward (default 32)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     args = p.parse_args(argv)
-    path = run_checkpoint(args.checkpoint)
+    path = latest_checkpoint(args.checkpoint) or args.checkpoint
 
     try:
         if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
@@ -532,8 +435,6 @@ def main(argv=None):
             raise ValueError("--data goes with --task perplexity")
         args.device = str(check_device(args.device))
         if args.task == "retrieval":  # easy-VQA's held-out captions, through a Q-Former VLM
-            from data import easy_vqa_captions
-
             model, tok, processor, _ = load(path, torch.float32, args.device)
             connector = getattr(model.config, "connector", None)  # None: a language model
             if connector != "qformer":

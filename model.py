@@ -139,7 +139,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention through `F.scaled_dot_product_attention` (HF `LlamaAttention`)."""
+    """Grouped-query self-attention through `F.scaled_dot_product_attention` (HF `LlamaAttention`).
+    With `return_weights` set, it computes softmax(q k^T / sqrt(hd) + mask) itself and keeps the
+    probabilities in `weights` (B, H, T, S), as HF's eager attention does with output_attentions."""
 
     def __init__(self, cfg: LMConfig, layer: int):
         super().__init__()
@@ -149,6 +151,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.return_weights, self.weights = False, None  # set by the caller (generate.attention_maps)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         # x (B, T, D); cos/sin (B, 1, T, hd); mask None (causal) or bool (B, 1, T, S)
@@ -163,9 +166,24 @@ class Attention(nn.Module):
             cache.k[self.layer][:, :, start:end] = k
             cache.v[self.layer][:, :, start:end] = v
             k, v = cache.k[self.layer][:, :, :end], cache.v[self.layer][:, :, :end]  # (B, Hkv, S, hd)
-        causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)  # (B, H, T, hd)
+        if self.return_weights:
+            y = self.explicit(q, k, v, mask)  # (B, H, T, hd)
+        else:
+            causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=True)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+    def explicit(self, q, k, v, mask):  # q (B, H, T, hd), k/v (B, Hkv, S, hd), mask None or (B, 1, T, S)
+        """What SDPA computes, written out, keeping the probabilities (float32) in self.weights."""
+        T, S = q.shape[2], k.shape[2]
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, hd)
+        v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, hd)
+        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)  # (B, H, T, S)
+        if mask is None:  # causal: query t sees the keys up to its own slot, S - T + t
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
+        self.weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # (B, H, T, S)
+        return self.weights.to(v.dtype) @ v  # (B, H, T, hd)
 
 
 class MLP(nn.Module):
@@ -476,3 +494,79 @@ def hf_config(cfg: LMConfig) -> dict:
     if kind == "llama":
         hf["attention_bias"] = cfg.qkv_bias
     return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-only quantization for decoding (gpt-fast's quantize.py, on PyTorch's CPU kernels)
+# ---------------------------------------------------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """W ~= q * scale, q int8 in [-127, 127], one scale per output channel (symmetric). Decoding
+    reads every weight once per token, so a quarter of float32's bytes can run it ~4x faster."""
+
+    def __init__(self, weight, bias=None):  # weight (out, in)
+        super().__init__()
+        w = weight.detach().float().contiguous()  # (out, in), row-major for the kernel
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        self.register_buffer("q", torch.round(w / scale[:, None]).to(torch.int8))  # (out, in)
+        self.register_buffer("scale", scale.to(weight.dtype))  # (out,)
+        self.bias = bias
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        flat, scale = x.reshape(-1, x.shape[-1]), self.scale.to(x.dtype)  # (N, in), (out,)
+        if x.device.type == "cpu":  # dequantizes inside the kernel, never the whole matrix
+            y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.q, scale)  # (N, out)
+        else:
+            y = F.linear(flat, self.q.to(x.dtype)) * scale  # (N, out)
+        y = y.view(*x.shape[:-1], -1)  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """W ~= (q - 8) * scale + zero, q in [0, 15], a scale and zero per group of `group` inputs: the
+    layout of PyTorch's CPU int4 kernel (gpt-fast's WeightOnlyInt4Linear). llama.cpp's Q4_1 blocks
+    (W = d * q + m, 32 weights each) map to it exactly: scale = d, zero = m + 8 d."""
+
+    def __init__(self, q, scale, minimum, group: int, bias=None):  # q (out, in) in [0, 15]; scale, minimum (out, in/group)
+        super().__init__()
+        self.group, self.bias = group, bias
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        zero = minimum + 8 * scale  # (out, in/group)
+        self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
+
+    @classmethod
+    def round(cls, weight, group: int = 32, bias=None):  # weight (out, in): round to nearest per group
+        w = weight.detach().float().contiguous().view(weight.shape[0], -1, group)  # (out, in/group, group)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (out, in/group)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).view(weight.shape)  # (out, in)
+        return cls(q, scale, lo, group, bias)
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        flat = x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros.to(x.dtype))
+        y = y.view(*x.shape[:-1], -1)  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize(lm: LanguageModel, mode: str, group: int = 32) -> list[str]:
+    """Swap the LM's linear layers for int8 or int4 ones, in place; the output head (tied or not)
+    becomes int8 either way, as llama.cpp's Q4 files keep their embeddings in 8 bits. int4 runs on
+    CPUs only and needs out % 16 == 0 and in % group == 0: the names of layers that keep their
+    float weights come back. Rounding llama.cpp's Q4_1 weights (W = d * q + m, min/max per block of
+    32) again with group 32 gives back their very grid: the GGUF's own 4-bit weights, repacked."""
+    if mode == "int4" and lm.embed.weight.device.type != "cpu":
+        raise ValueError("int4 runs on PyTorch's CPU kernel only; use int8 on this device")
+    kept = []
+    for name, linear in [(n, m) for n, m in lm.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"
+                         and not n.endswith("router")]:
+        if mode == "int4" and (linear.out_features % 16 or linear.in_features % group):
+            kept.append(name)
+            continue
+        new = Int8Linear(linear.weight, linear.bias) if mode == "int8" else \
+            Int4Linear.round(linear.weight, group, linear.bias)
+        parent, _, attr = name.rpartition(".")
+        setattr(lm.get_submodule(parent), attr, new)
+    lm.lm_head = Int8Linear(lm.lm_head.weight if lm.lm_head is not None else lm.embed.weight)  # (V, D)
+    return kept

@@ -602,6 +602,15 @@ CHAT_TEMPLATES = {
     "chatml-plain": functools.partial(render_chatml, default_system=None),
 }
 
+
+def end_of_turn(template: str) -> str:
+    """The special token that ends a reply in `template` ("<|im_end|>" for ChatML): the last special
+    token the template writes after an assistant's message, so each template names it once."""
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"Unknown chat template {template!r}; available: {sorted(CHAT_TEMPLATES)}")
+    parts = CHAT_TEMPLATES[template]([{"role": "assistant", "content": []}], False)
+    return next(untargeted(p).token for p in reversed(parts) if isinstance(untargeted(p), Special))
+
 # The SmolVLM tokenizer's special tokens for images and turns; a text-only tokenizer (SmolLM2's)
 # needs them added: tokenizer.add_special_tokens(SMOLVLM_SPECIAL_TOKENS).
 SMOLVLM_SPECIAL_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>",

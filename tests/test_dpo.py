@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data
-from dpo import (concat_pair, dpo_loss, dpo_step, pair_logprobs, precompute_reference, reference_logprobs,
+from dpo import (concat_pair, dpo_loss, dpo_step, pair_logprobs, reference_logprobs,
                  sequence_logprobs)
 from lora import apply_lora, disable_adapters, lora_layers
 from model import LanguageModel, LMConfig
@@ -181,12 +181,17 @@ def test_sequence_logprobs_carry_gradients(tokenizer, padded_pair):
 # ---------------------------------------------------------------------------------------------
 
 
+def with_reference(policy, reference, pair: dict) -> dict:
+    """The pair with the reference's log-probabilities in it, as train.py's DPO batches carry them."""
+    return {**pair, **dict(zip(("ref_chosen", "ref_rejected"), reference_logprobs(policy, reference, pair)))}
+
+
 def test_loss_is_log2_and_rewards_zero_when_policy_is_reference(tokenizer, samples):
     pair = collate(samples, tokenizer)
     policy = tiny_vlm(tokenizer)
     frozen = copy.deepcopy(policy).requires_grad_(False)
     fresh_lora = apply_lora(tiny_vlm(tokenizer), "all-linear", r=4)  # lora_B = 0: the base model
-    precomputed = precompute_reference(fresh_lora, [dict(pair)])[0]
+    precomputed = with_reference(fresh_lora, None, pair)
     for model, reference, batch_pair in [(policy, frozen, pair), (fresh_lora, None, pair),
                                          (fresh_lora, None, precomputed)]:
         for eps in (0.0, 0.2):
@@ -232,7 +237,7 @@ def test_lora_switched_off_is_the_reference_exactly(tokenizer, padded_pair):
 def test_reference_gets_no_gradients_and_precomputed_values_agree(tokenizer, padded_pair):
     policy = with_random_lora(tiny_vlm(tokenizer))
     live, _ = dpo_step(policy, None, padded_pair)
-    precomputed, _ = dpo_step(policy, None, precompute_reference(policy, [dict(padded_pair)])[0])
+    precomputed, _ = dpo_step(policy, None, with_reference(policy, None, padded_pair))
     assert precomputed.item() == pytest.approx(live.item(), abs=1e-6)
     ref_chosen, ref_rejected = reference_logprobs(policy, None, padded_pair)
     assert not ref_chosen.requires_grad and not ref_rejected.requires_grad
@@ -323,7 +328,7 @@ def test_a_few_dpo_steps_learn_the_preferences(tokenizer, samples, lora, lr):
         reference = None
     else:  # reference: a frozen copy
         reference = copy.deepcopy(policy).requires_grad_(False)
-    pair = precompute_reference(policy, [pair], reference)[0]  # up front: one reference pass
+    pair = with_reference(policy, reference, pair)  # up front: one reference pass
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr)
     history = []
     for _ in range(12):

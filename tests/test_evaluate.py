@@ -16,7 +16,6 @@ from evaluate import (
     normalize_answer,
     perplexity,
     question_type,
-    recall_at_k,
     rouge_l,
     token_f1,
     tokenize_caption,
@@ -164,15 +163,6 @@ def test_vqa_accuracy_with_ten_human_answers():
         vqa_accuracy(["red"], [])
 
 
-def test_recall_at_k_on_a_hand_made_ranking():
-    sim = torch.tensor([[0.9, 0.1, 0.5],  # query 0: ranking 0, 2, 1
-                        [0.2, 0.3, 0.8],  # query 1: ranking 2, 1, 0
-                        [0.4, 0.6, 0.5]])  # query 2: ranking 1, 2, 0
-    relevant = torch.tensor([[True, False, False], [True, False, False], [False, False, True]])
-    r = recall_at_k(sim, relevant, ks=(1, 2, 3))
-    assert r == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
-
-
 def test_perplexity_equals_exp_of_the_transformers_loss(tmp_path, one_thread):
     transformers = pytest.importorskip("transformers")
     from model import LanguageModel
@@ -211,6 +201,7 @@ def read_report(folder: str, task: str) -> dict:
 def tiny_vlm(tmp_path_factory):
     """A random tiny VLM checkpoint as train.py writes it (untrained: the command line only has to run)."""
     pytest.importorskip("easy_vqa")
+    import cli
     import data
     import train
 
@@ -222,9 +213,9 @@ def tiny_vlm(tmp_path_factory):
     def texts():
         return (data.sample_text(s) for s in data.easy_vqa_text("test", limit=200))
 
-    model, tokenizer, processor = train.build(cfg, spec, texts)
+    model, tokenizer, processor = cli.build_model(cfg, spec, texts)
     run = str(tmp_path_factory.mktemp("tiny-vlm"))
-    return train.save_checkpoint(run, 0, model, tokenizer, processor, torch.optim.AdamW(model.parameters()), cfg)
+    return cli.save_checkpoint(run, 0, model, tokenizer, processor, torch.optim.AdamW(model.parameters()), cfg)
 
 
 def test_cli_captions_on_a_tiny_vlm(tiny_vlm, one_thread, capsys):
@@ -241,10 +232,10 @@ def test_cli_captions_on_a_tiny_vlm(tiny_vlm, one_thread, capsys):
 
 
 def test_cli_perplexity_on_a_tiny_vlm_equals_the_training_loss(tiny_vlm, one_thread):
+    from cli import load
     from data import collate, easy_vqa_qa
-    from generate import load
     from processing import Special
-    from train import token_loss
+    from train import TrainConfig, token_loss
 
     main(["--checkpoint", tiny_vlm, "--task", "perplexity", "--limit", "5", "--batch-size", "2"])
     report = read_report(tiny_vlm, "perplexity")
@@ -252,7 +243,7 @@ def test_cli_perplexity_on_a_tiny_vlm_equals_the_training_loss(tiny_vlm, one_thr
     batch = collate(easy_vqa_qa("test", limit=5), tokenizer, processor, template=template,
                     image_tokens=lambda: [Special("<image>")] * model.config.tokens_per_image())
     with torch.no_grad():
-        loss, n, _ = token_loss(model, batch, None)  # all five in one batch, as training sums them
+        loss, n, _ = token_loss(model, batch, TrainConfig())  # all five in one batch, as training sums them
     assert report["samples"] == 5 and report["tokens"] == n
     assert report["perplexity"] == pytest.approx(math.exp(loss.item() / n), rel=1e-5)
 
@@ -305,8 +296,9 @@ def test_answer_questions_never_answers_image_placeholders(tiny_vlm, one_thread,
     """A VLM biased toward <image> (as if its LM head favoured it) answers the easy-VQA questions
     without a "placeholders but no pixel_values" error and without a special token: they are banned."""
     import evaluate
+    from cli import load
     from data import easy_vqa_qa
-    from generate import generate, load
+    from generate import generate
 
     model, tok, processor, template = load(tiny_vlm, torch.float32, "cpu")
     bias = torch.zeros(model.config.lm.vocab_size)
@@ -337,7 +329,7 @@ def test_cli_help_names_the_choices(capsys):
 
 
 def test_cli_retrieval_on_a_language_model_is_one_error_line(tiny_vlm, tmp_path, capsys):
-    from generate import load
+    from cli import load
     from model import LanguageModel, LMConfig
 
     tok = load(tiny_vlm, torch.float32, "cpu")[1]

