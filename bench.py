@@ -5,6 +5,7 @@
     python bench.py vision           # vision tower images/s
     python bench.py vlm              # VLM time to first token, decode tokens/s, generation peak memory
     python bench.py train            # LM training step tokens/s and peak memory
+    python bench.py decode           # LM decode per weight format (float32, bfloat16, int8, int4), roofline
     python bench.py --quick          # 1 repeat, 16 new tokens
     python bench.py --threads 1      # steadier numbers on a machine busy with other work
     python bench.py --tiny --quick   # tiny random models of the same architectures (tests/test_bench.py)
@@ -60,7 +61,7 @@ from checkpoints import CheckpointError
 from cli import ArgumentParser, check_device, default_lm, fail
 from dpo import token_logprobs
 from generate import generate
-from model import LanguageModel, hf_config
+from model import LanguageModel, hf_config, quantize
 from processing import (SMOLVLM_SPECIAL_TOKENS, ImageError, SmolVLMImageProcessor, Tokenizer, build_prompt,
                         smolvlm_image_tokens)
 from siglip import VisionTower
@@ -350,7 +351,73 @@ def bench_train(args, device, tmp):
     return rows, [(ok, what)]
 
 
-BENCHES = {"lm": bench_lm, "vision": bench_vision, "vlm": bench_vlm, "train": bench_train}
+def copy_bandwidth(device, repeats: int) -> float:
+    """GB/s this machine copies memory: a 256 MiB tensor into another, read and written once. A
+    decoding step that streams every weight once cannot go faster than this allows."""
+    src = torch.ones(64 * 2**20, device=device)  # (67M,) float32
+    dst, sync = torch.empty_like(src), synchronizer(device)
+
+    def copy():
+        dst.copy_(src)
+        sync()
+
+    return 2 * src.nbytes / timed(copy, max(3, repeats)) / 1e9
+
+
+def weight_bytes(lm: LanguageModel) -> int:
+    """Bytes of weights one decoding step reads: every parameter and buffer once, but only one row
+    of the embedding table, unless that table is also the output head (tied, not quantized)."""
+    total = 0
+    for name, t in [*lm.named_parameters(), *lm.named_buffers()]:
+        if name == "embed.weight" and lm.lm_head is not None:
+            total += t[0].numel() * t.element_size()
+        elif name != "inv_freq":
+            total += t.numel() * t.element_size()
+    return total
+
+
+DECODE_FORMATS = (("float32", torch.float32, None), ("bfloat16", torch.bfloat16, None),
+                  ("int8", torch.bfloat16, "int8"), ("int4", torch.bfloat16, "int4"))
+
+
+def bench_decode(args, device, tmp):
+    """The roofline of LM decoding per weight format: tokens/s (float32 and bfloat16 against
+    transformers in the same dtype; int8 and int4, with bfloat16 activations, against transformers'
+    float32), weights read per token, the GB/s that makes, and its share of the copy bandwidth
+    measured in the same run. Checks: how many greedy tokens each format shares with float32."""
+    bandwidth, tok = copy_bandwidth(device, args.repeats), Tokenizer.from_pretrained(args.lm)
+    text = "Write a short story about a robot who learns to paint. " * args.prompt_repeat
+    ids = torch.tensor([build_prompt(tok, [{"role": "user", "content": text}])], device=device)
+    n, checks, theirs_rate, reference = args.new_tokens, [], {}, None
+    rows = [("copy bandwidth (GB/s)", bandwidth, None, "higher")]
+    for name, dtype, mode in DECODE_FORMATS:
+        if mode == "int4" and device.type != "cpu":
+            print("decode: int4 runs on PyTorch's CPU kernel only: no int4 row on this device", file=sys.stderr)
+            continue
+        ours = LanguageModel.from_pretrained(args.lm, dtype, device)
+        if mode:
+            quantize(ours, mode)
+        tokens, _, rate, _ = measure_generation(lambda cb: generate(ours, ids, n, on_token=cb), n, args.repeats, device)
+        if mode is None:
+            theirs = hf_lm(args.lm, dtype, device)
+            _, _, theirs_rate[name], _ = measure_generation(lambda cb: hf_generate(theirs, n, cb, input_ids=ids), n,
+                                                            args.repeats, device)
+            del theirs
+        reference = tokens if reference is None else reference  # float32's greedy tokens
+        gigabytes = weight_bytes(ours) / 1e9
+        label = name if mode is None else f"{name} (bf16 act.) vs tf fp32"
+        rows += [(f"decode {label} (tokens/s)", rate, theirs_rate[name if mode is None else "float32"], "higher"),
+                 (f"  {name} weights read/token (MB)", gigabytes * 1e3, None, "lower"),
+                 (f"  {name} achieved (GB/s)", gigabytes * rate, None, "higher"),
+                 (f"  {name} share of copy bandwidth", gigabytes * rate / bandwidth, None, "higher")]
+        agree = int((tokens == reference).cumprod(dim=1).sum())
+        checks.append((True, f"decode {name}: {agree} of the first {n} greedy tokens are float32's"))
+        del ours
+        gc.collect()
+    return rows, checks
+
+
+BENCHES = {"lm": bench_lm, "vision": bench_vision, "vlm": bench_vlm, "train": bench_train, "decode": bench_decode}
 
 
 def tiny_checkpoints(tmp: str) -> tuple[str, str]:
@@ -379,10 +446,10 @@ def report(rows, checks, header: str, json_path: str | None):
         return f"{'n/a' if x is None else f'{x:.4g}':>{width}}"
 
     print(header)
-    print(f"{'metric':<30}{'glimpse':>10}{'transformers':>14}{'ratio':>8}")
+    print(f"{'metric':<46}{'glimpse':>10}{'transformers':>14}{'ratio':>8}")
     for name, ours, theirs, better in rows:
         r = ratio(ours, theirs, better)
-        print(f"{name:<30}{fmt(ours, 10)}{fmt(theirs, 14)}{'-' if r is None else f'{r:.2f}x':>8}")
+        print(f"{name:<46}{fmt(ours, 10)}{fmt(theirs, 14)}{'-' if r is None else f'{r:.2f}x':>8}")
     for ok, what in checks:
         print(f"{'✓' if ok else '✗'} {what}")
     if json_path:

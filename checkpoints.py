@@ -1,6 +1,6 @@
 """Reference shelf (a first reading may skip this file): checkpoint I/O — the hub, JSON and safetensors
-in and out (atomic writes), config checks, GGUF and tokenizer files, PEFT adapter files, and
-`load_state`, the one loader that every model's `from_pretrained` calls.
+in and out (atomic writes), config checks, GGUF, tokenizer and preprocessor files, PEFT adapter files,
+and `load_state`, the one loader that every model's `from_pretrained` calls.
 
 Nothing here knows a model. Each module of the reading path keeps its own config reading and key
 map (checkpoint tensor name -> its own name) and hands them to `load_state`, which builds the
@@ -14,7 +14,7 @@ import os
 import re
 import typing
 from copy import deepcopy
-from dataclasses import fields, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 
 import gguf
 import numpy as np
@@ -24,6 +24,7 @@ import tokenizers
 import torch
 import torch.nn.functional as F
 from huggingface_hub import snapshot_download
+from PIL import Image
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +154,24 @@ def check_side(name: str, side) -> None:
     if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_IMAGE_SIDE:
         raise ValueError(f"{name} must be a whole number of pixels from 1 to {MAX_IMAGE_SIDE} "
                          f"(checkpoints.MAX_IMAGE_SIDE), not {side!r}")
+
+
+def check_sizes(name: str, sizes, keys: tuple) -> None:
+    """An image processor's size setting: a dict with one of the key sets in `keys`, every side a check_side."""
+    if not isinstance(sizes, dict) or set(sizes) not in keys:
+        wanted = ", or ".join(" and ".join(sorted(k)) for k in keys)
+        raise ValueError(f"{name} must have the keys {wanted}; got {sizes}")
+    for key, side in sizes.items():
+        check_side(f"{name}.{key}", side)
+
+
+def check_resample_and_normalize(settings) -> None:
+    """The checks every image processor's settings share: a Pillow filter, 3 means and 3 stds."""
+    if settings.resample not in set(Image.Resampling):
+        raise ValueError(f"resample must be a Pillow filter number 0-5; got {settings.resample!r}")
+    for values in (settings.image_mean, settings.image_std):
+        if settings.do_normalize and len(values) != 3:
+            raise ValueError(f"image_mean and image_std need 3 values, one per RGB channel; got {values}")
 
 
 def build_config(cls, settings: dict, prefix: str = ""):
@@ -414,28 +433,60 @@ def write_tokenizer(folder: str, backend, bos: str | None, eos: str | None, pad:
     write_json(config, os.path.join(folder, "tokenizer_config.json"))
 
 
-def read_preprocessor_config(name_or_path: str) -> tuple[str, dict, str]:
-    """(path, settings, class name) of a checkpoint's preprocessor_config.json, from a local folder
-    or a hub id (only that file is downloaded). The class is named as transformers'
-    AutoImageProcessor finds it: older files only name a feature extractor, files saved by
-    transformers 4's fast processors end in "Fast"."""
+# Normalization constants (transformers' image_utils.py).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_STANDARD_MEAN = IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+
+# What transformers' PIL image processors use for the keys a preprocessor_config.json leaves out:
+# the class attributes of models/siglip/image_processing_pil_siglip.py, models/clip/
+# image_processing_pil_clip.py and models/bit/image_processing_pil_bit.py (DINOv2 checkpoints name
+# BitImageProcessor). All three also default to bicubic resizing and rescale, normalize, RGB on.
+CLIP_DEFAULTS = {"size": {"shortest_edge": 224}, "do_center_crop": True,
+                 "crop_size": {"height": 224, "width": 224},
+                 "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD}
+IMAGE_PROCESSOR_DEFAULTS = {
+    "SiglipImageProcessor": {"size": {"height": 224, "width": 224}, "do_center_crop": False,
+                             "image_mean": IMAGENET_STANDARD_MEAN, "image_std": IMAGENET_STANDARD_STD},
+    "CLIPImageProcessor": CLIP_DEFAULTS,
+    "BitImageProcessor": CLIP_DEFAULTS,
+}
+SMOLVLM_IMAGE_PROCESSORS = ("SmolVLMImageProcessor", "Idefics3ImageProcessor")  # their defaults are the class's
+
+
+def load_image_processor(cls, name_or_path: str, smolvlm: bool = False):
+    """processing.ImageProcessor (or SmolVLMImageProcessor, with `smolvlm`) from a checkpoint's
+    preprocessor_config.json, in a local folder or a hub id (only that file is downloaded).
+
+    The class is named as transformers' AutoImageProcessor finds it: older files only name a feature
+    extractor, files saved by transformers 4's fast processors end in "Fast". The file's keys that
+    are fields of cls override the defaults (a null one is left out, so it takes the default, as in
+    transformers); a bad setting is a CheckpointError naming the file."""
     folder = checkpoint_folder(name_or_path, ["preprocessor_config.json"])
     path = os.path.join(folder, "preprocessor_config.json")
     config = read_json(path)
     kind = config.get("image_processor_type") or (config.get("feature_extractor_type") or "").replace(
         "FeatureExtractor", "ImageProcessor")
-    return path, config, kind.removesuffix("Fast")
-
-
-def build_processor(cls, path: str, config: dict, defaults: dict | None = None):
-    """cls(**settings) for an image processor dataclass: `defaults` overridden by the keys of
-    `config` that are fields of cls (one set to null is left out, so it takes the default, as in
-    transformers); a bad setting is a CheckpointError naming the file."""
+    kind = kind.removesuffix("Fast")
+    if smolvlm and kind not in SMOLVLM_IMAGE_PROCESSORS:
+        raise CheckpointError(f"{path}: image processor {kind!r} is not a SmolVLM one "
+                              f"{SMOLVLM_IMAGE_PROCESSORS}; use ImageProcessor")
+    if not smolvlm and kind not in IMAGE_PROCESSOR_DEFAULTS:
+        hint = "; use SmolVLMImageProcessor" if kind in SMOLVLM_IMAGE_PROCESSORS else ""
+        raise CheckpointError(f"{path}: image processor {kind!r} is not supported; "
+                              f"supported: {sorted(IMAGE_PROCESSOR_DEFAULTS)}{hint}")
     settings = {k: v for k, v in config.items() if k in cls.__dataclass_fields__ and v is not None}
     try:
-        return cls(**deepcopy({**(defaults or {}), **settings}))
+        return cls(**deepcopy({**IMAGE_PROCESSOR_DEFAULTS.get(kind, {}), **settings}))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def write_image_processor(processor, folder: str):
+    """A preprocessor_config.json for processing.ImageProcessor that load_image_processor reads back."""
+    kind = "SiglipImageProcessor" if "height" in processor.size else "CLIPImageProcessor"
+    config = {"image_processor_type": kind, **asdict(processor), "resample": int(processor.resample)}
+    write_json(config, os.path.join(folder, "preprocessor_config.json"))
 
 
 # ---------------------------------------------------------------------------------------------

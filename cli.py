@@ -30,7 +30,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 import data
 from checkpoints import TOKENIZER_FILES, CheckpointError, checkpoint_folder, read_json, write_json
 from lora import base_state_dict, save_adapter
-from model import LanguageModel, LMConfig
+from model import LanguageModel, LMConfig, quantize
 from processing import CHAT_TEMPLATES, ImageProcessor, SmolVLMImageProcessor, Tokenizer, load_image
 from qformer import QFormerConfig, similarity
 from siglip import VisionConfig, VisionTower
@@ -135,23 +135,42 @@ def resolve(path: str) -> str:
     return path
 
 
-def load(path: str, dtype, device):
+def load(path: str, dtype, device, quantize_to: str | None = None):
     """(model, tokenizer, image processor or None, chat template) for a .gguf LM, an LM folder or
     hub id (Llama, Qwen2), a SmolVLM checkpoint, or a checkpoint that train.py wrote (a run folder
-    means its latest)."""
+    means its latest); with `quantize_to` ("int8" or "int4") its LM in weight-only integers."""
     if os.path.isfile(path) and not path.endswith(".gguf"):
         raise CheckpointError(f"{path}: a file; pass a checkpoint folder, a hub id or a .gguf file")
     if path.endswith(".gguf"):
-        return LanguageModel.from_pretrained(path, dtype, device), Tokenizer.from_pretrained(path), None, "chatml"
-    folder = checkpoint_folder(latest_checkpoint(path) or path, ("*.json", "*.safetensors", *TOKENIZER_FILES))
-    kind = read_json(os.path.join(folder, "config.json")).get("model_type")
-    tok = Tokenizer.from_pretrained(folder)
-    if kind in ("smolvlm", "idefics3"):
-        return VLM.from_pretrained(folder, dtype, device), tok, SmolVLMImageProcessor.from_pretrained(folder), "smolvlm"
-    template = read_json(os.path.join(folder, "train_config.json"), {}).get("template", "chatml")
-    if kind == "glimpse_vlm":
-        return VLM.from_pretrained(folder, dtype, device), tok, ImageProcessor.from_pretrained(folder), template
-    return LanguageModel.from_pretrained(folder, dtype, device), tok, None, template
+        model, tok, processor, template = LanguageModel.from_pretrained(path, dtype, device), \
+            Tokenizer.from_pretrained(path), None, "chatml"
+    else:
+        folder = checkpoint_folder(latest_checkpoint(path) or path, ("*.json", "*.safetensors", *TOKENIZER_FILES))
+        kind = read_json(os.path.join(folder, "config.json")).get("model_type")
+        tok, processor = Tokenizer.from_pretrained(folder), None
+        template = read_json(os.path.join(folder, "train_config.json"), {}).get("template", "chatml")
+        if kind in ("smolvlm", "idefics3"):
+            processor, template = SmolVLMImageProcessor.from_pretrained(folder), "smolvlm"
+        elif kind == "glimpse_vlm":
+            processor = ImageProcessor.from_pretrained(folder)
+        model = (VLM if processor else LanguageModel).from_pretrained(folder, dtype, device)
+    if quantize_to:
+        quantize_lm(model.lm if isinstance(model, VLM) else model, quantize_to)
+    return model, tok, processor, template
+
+
+QUANTIZE_CHOICES = ("int8", "int4")
+
+
+def quantize_lm(lm: LanguageModel, mode: str):
+    """--quantize: model.quantize on the LM, saying in one line (stderr) what could not be done."""
+    if mode == "int4" and lm.embed.weight.device.type != "cpu":
+        print("note: int4 runs on PyTorch's CPU kernel only; int8 instead on this device", file=sys.stderr)
+        mode = "int8"
+    kept = quantize(lm, mode)
+    if kept:
+        print(f"note: int4 needs out % 16 == 0 and in % 32 == 0: {len(kept)} layer(s) keep float weights "
+              f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''})", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import CheckpointError
-from cli import ArgumentParser, check_device, fail, latest_checkpoint, load, print_table, retrieval_report
+from cli import (QUANTIZE_CHOICES, ArgumentParser, check_device, fail, latest_checkpoint, load, print_table,
+                 retrieval_report)
 from data import (EASY_VQA_COLORS, EASY_VQA_SHAPES, SOURCES, collate, count_image_parts, easy_vqa_captions,
                   easy_vqa_qa, easy_vqa_qa_balanced, load_source, pad, to_device)
 from dpo import token_logprobs
@@ -315,12 +316,12 @@ def easy_vqa_scores(predictions: list[str], answers: list[str]) -> dict:
 
 
 def evaluate_easy_vqa(path: str, limit: int | None, image: bool, batch_size: int, device: str,
-                      balanced: bool = False, baseline: bool = True) -> dict:
+                      balanced: bool = False, baseline: bool = True, quantize_to: str | None = None) -> dict:
     """easy-VQA test accuracy, overall and by question kind. balanced: the test questions with their
     yes/no answers redrawn half yes, half no (data.easy_vqa_qa_balanced), where answering yes/no from
     the wording alone scores 50%, not the official split's 82%. baseline: the same questions asked
     again without the image, under "no_image", so that the report shows what looking adds."""
-    model, tok, processor, template = load(path, torch.float32, device)
+    model, tok, processor, template = load(path, torch.float32, device, quantize_to)
     if image:
         require_vlm(path, processor, "easy-VQA evaluation", "; pass --no-image to evaluate a language model blind")
     samples = (easy_vqa_qa_balanced if balanced else easy_vqa_qa)("test", limit=limit)
@@ -358,10 +359,10 @@ def print_easy_vqa(result: dict):
           f"{result['seconds']:.0f} s")
 
 
-def evaluate_captions(path: str, limit: int | None, batch_size: int, device: str) -> dict:
+def evaluate_captions(path: str, limit: int | None, batch_size: int, device: str, quantize_to=None) -> dict:
     """A caption for each easy-VQA test image (the prompt of its caption samples, greedy), scored
     against all the reference captions of that image (easy-VQA has one)."""
-    model, tok, processor, template = load(path, torch.float32, device)
+    model, tok, processor, template = load(path, torch.float32, device, quantize_to)
     require_vlm(path, processor, "captioning")
     samples = easy_vqa_captions("test", limit=limit)
     by_image, references = {}, {}  # image -> its first sample, and all its captions
@@ -380,10 +381,11 @@ def evaluate_captions(path: str, limit: int | None, batch_size: int, device: str
     return result
 
 
-def evaluate_perplexity(path: str, source: str, limit: int | None, batch_size: int, device: str) -> dict:
+def evaluate_perplexity(path: str, source: str, limit: int | None, batch_size: int, device: str,
+                        quantize_to: str | None = None) -> dict:
     """Perplexity of the replies of easy-VQA's test questions (with their images), or of the label
     tokens of another data source (data.load_source: a text file or folder, a chat file, ...)."""
-    model, tok, processor, template = load(path, torch.float32, device)
+    model, tok, processor, template = load(path, torch.float32, device, quantize_to)
     samples = list(load_source(source, "test", limit=limit))
     if not samples:
         raise ValueError(f"{source}: no samples to score")
@@ -423,6 +425,8 @@ def main(argv=None):
                    f"{', '.join(SOURCES)} ('the-cauldron:SUBSET'), or a path (see data.load_source)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per forward (default 32)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="the LM's weights in int8 or int4 (CPU only), as generate.py --quantize")
     args = p.parse_args(argv)
     path = latest_checkpoint(args.checkpoint) or args.checkpoint
 
@@ -442,12 +446,13 @@ def main(argv=None):
                 raise ValueError(f"{path} has {what}; retrieval needs a Q-Former")
             result = retrieval_report(model, tok, processor, easy_vqa_captions("test", limit=args.limit or 500), path)
         elif args.task == "captions":
-            result = evaluate_captions(path, args.limit, args.batch_size, args.device)
+            result = evaluate_captions(path, args.limit, args.batch_size, args.device, args.quantize)
         elif args.task == "perplexity":
-            result = evaluate_perplexity(path, args.data or "easy-vqa-qa", args.limit, args.batch_size, args.device)
+            result = evaluate_perplexity(path, args.data or "easy-vqa-qa", args.limit, args.batch_size, args.device,
+                                         args.quantize)
         else:
             result = evaluate_easy_vqa(path, args.limit, not args.no_image, args.batch_size, args.device, args.balanced,
-                                       baseline=not args.no_baseline)
+                                       baseline=not args.no_baseline, quantize_to=args.quantize)
     except (CheckpointError, OSError, ValueError) as e:
         fail(e)
     name = f"eval-{args.task}{'-balanced' if args.balanced else ''}{'-noimage' if args.no_image else ''}.json"

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import CheckpointError
-from cli import ArgumentParser, check_device, check_paths, fail, load, resolve
+from cli import QUANTIZE_CHOICES, ArgumentParser, check_device, check_paths, fail, load, resolve
 from processing import (ImageError, Special, SmolVLMImageProcessor, build_prompt, end_of_turn,
                         smolvlm_image_tokens)
 from vlm import VLM
@@ -435,6 +435,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the weights' dtype (default float32)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="the LM's weights in int8 (per channel) or int4 (groups of 32; CPU only): fewer bytes per "
+                   "token; fastest with --dtype bfloat16 (bench.py decode)")
     p.add_argument("--attention", metavar="PNG", default=None,
                    help="also save a picture of the attention the answer paid to the image's patches (one --image)")
     args = p.parse_args(argv)
@@ -451,7 +454,7 @@ def main(argv=None):
             raise ValueError("--prompt is empty: say what to ask, or leave --prompt out for the default")
         if args.prompt is None:
             args.prompt = "Describe this image." if args.image else "What is the capital of France?"
-        model, tok, processor, template = load(resolve(args.model), getattr(torch, args.dtype), device)
+        model, tok, processor, template = load(resolve(args.model), getattr(torch, args.dtype), device, args.quantize)
         ids, prefill_kwargs = prompt_inputs(args, model, tok, processor, template, device)
     except (CheckpointError, ImageError, OSError, ValueError, RuntimeError) as e:
         fail(e)

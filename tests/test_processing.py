@@ -517,7 +517,7 @@ def test_image_processor_defaults_and_batches(tmp_path):
         write_config(tmp_path / "clip", {"image_processor_type": "CLIPImageProcessor"}))
     assert clip.size == {"shortest_edge": 224} and clip.do_center_crop
     assert clip.crop_size == {"height": 224, "width": 224}
-    assert clip.image_mean == processing.OPENAI_CLIP_MEAN
+    assert clip.image_mean == checkpoints.OPENAI_CLIP_MEAN
 
     no_crop = ImageProcessor(size=32)
     assert no_crop([Image.new("RGB", (64, 48))]).shape == (1, 3, 32, 42)
