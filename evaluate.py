@@ -285,7 +285,7 @@ def answer_questions(model, tok, processor, template, samples, batch_size=32, ma
         for s in samples[i: i + batch_size]:
             parts = [p for p in s["messages"][0]["content"] if image or p.get("type") != "image"]
             n_images = sum(p.get("type") == "image" for p in parts)
-            tokens = [[Special("<image>")] * model.config.tokens_per_image()] * n_images
+            tokens = [[Special("<image>")] * model.config.tokens_per_image()] * n_images if n_images else None
             rows.append(build_prompt(tok, [{"role": "user", "content": parts}], template=template, image_tokens=tokens))
             images += s["images"][:n_images]
         ids, mask = pad(rows, tok.pad_id if tok.pad_id is not None else 0, side="left")  # (B, T), (B, T)
@@ -316,12 +316,13 @@ def easy_vqa_scores(predictions: list[str], answers: list[str]) -> dict:
 
 
 def evaluate_easy_vqa(path: str, limit: int | None, image: bool, batch_size: int, device: str,
-                      balanced: bool = False, baseline: bool = True, quantize_to: str | None = None) -> dict:
+                      balanced: bool = False, baseline: bool = True, quantize_to: str | None = None,
+                      dtype=torch.float32) -> dict:
     """easy-VQA test accuracy, overall and by question kind. balanced: the test questions with their
     yes/no answers redrawn half yes, half no (data.easy_vqa_qa_balanced), where answering yes/no from
     the wording alone scores 50%, not the official split's 82%. baseline: the same questions asked
     again without the image, under "no_image", so that the report shows what looking adds."""
-    model, tok, processor, template = load(path, torch.float32, device, quantize_to)
+    model, tok, processor, template = load(path, dtype, device, quantize_to)
     if image:
         require_vlm(path, processor, "easy-VQA evaluation", "; pass --no-image to evaluate a language model blind")
     samples = (easy_vqa_qa_balanced if balanced else easy_vqa_qa)("test", limit=limit)
@@ -359,10 +360,11 @@ def print_easy_vqa(result: dict):
           f"{result['seconds']:.0f} s")
 
 
-def evaluate_captions(path: str, limit: int | None, batch_size: int, device: str, quantize_to=None) -> dict:
+def evaluate_captions(path: str, limit: int | None, batch_size: int, device: str, quantize_to=None,
+                      dtype=torch.float32) -> dict:
     """A caption for each easy-VQA test image (the prompt of its caption samples, greedy), scored
     against all the reference captions of that image (easy-VQA has one)."""
-    model, tok, processor, template = load(path, torch.float32, device, quantize_to)
+    model, tok, processor, template = load(path, dtype, device, quantize_to)
     require_vlm(path, processor, "captioning")
     samples = easy_vqa_captions("test", limit=limit)
     by_image, references = {}, {}  # image -> its first sample, and all its captions
@@ -382,10 +384,10 @@ def evaluate_captions(path: str, limit: int | None, batch_size: int, device: str
 
 
 def evaluate_perplexity(path: str, source: str, limit: int | None, batch_size: int, device: str,
-                        quantize_to: str | None = None) -> dict:
+                        quantize_to: str | None = None, dtype=torch.float32) -> dict:
     """Perplexity of the replies of easy-VQA's test questions (with their images), or of the label
     tokens of another data source (data.load_source: a text file or folder, a chat file, ...)."""
-    model, tok, processor, template = load(path, torch.float32, device, quantize_to)
+    model, tok, processor, template = load(path, dtype, device, quantize_to)
     samples = list(load_source(source, "test", limit=limit))
     if not samples:
         raise ValueError(f"{source}: no samples to score")
@@ -426,7 +428,10 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="samples per forward (default 32)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                   help="the LM's weights in int8 or int4 (CPU only), as generate.py --quantize")
+                   help="the LM's weights in int8 or int4 (CPU only), as generate.py --quantize; fast with "
+                   "--dtype bfloat16, slow with float32 activations")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the model's weights and activations (default float32)")
     args = p.parse_args(argv)
     path = latest_checkpoint(args.checkpoint) or args.checkpoint
 
@@ -437,7 +442,7 @@ def main(argv=None):
             raise ValueError("--no-image, --no-baseline and --balanced go with --task easy-vqa")
         if args.data and args.task != "perplexity":
             raise ValueError("--data goes with --task perplexity")
-        args.device = str(check_device(args.device))
+        args.device, dtype = str(check_device(args.device)), getattr(torch, args.dtype)
         if args.task == "retrieval":  # easy-VQA's held-out captions, through a Q-Former VLM
             model, tok, processor, _ = load(path, torch.float32, args.device)
             connector = getattr(model.config, "connector", None)  # None: a language model
@@ -446,13 +451,13 @@ def main(argv=None):
                 raise ValueError(f"{path} has {what}; retrieval needs a Q-Former")
             result = retrieval_report(model, tok, processor, easy_vqa_captions("test", limit=args.limit or 500), path)
         elif args.task == "captions":
-            result = evaluate_captions(path, args.limit, args.batch_size, args.device, args.quantize)
+            result = evaluate_captions(path, args.limit, args.batch_size, args.device, args.quantize, dtype)
         elif args.task == "perplexity":
             result = evaluate_perplexity(path, args.data or "easy-vqa-qa", args.limit, args.batch_size, args.device,
-                                         args.quantize)
+                                         args.quantize, dtype)
         else:
             result = evaluate_easy_vqa(path, args.limit, not args.no_image, args.batch_size, args.device, args.balanced,
-                                       baseline=not args.no_baseline, quantize_to=args.quantize)
+                                       baseline=not args.no_baseline, quantize_to=args.quantize, dtype=dtype)
     except (CheckpointError, OSError, ValueError) as e:
         fail(e)
     name = f"eval-{args.task}{'-balanced' if args.balanced else ''}{'-noimage' if args.no_image else ''}.json"

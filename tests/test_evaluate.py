@@ -341,3 +341,22 @@ def test_cli_retrieval_on_a_language_model_is_one_error_line(tiny_vlm, tmp_path,
     assert exit_.value.code != 0
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path} has no connector (a language model); retrieval needs a Q-Former\n"
+
+
+def test_a_language_model_answers_easy_vqa_blind_and_bf16_int8_scores_like_float32(tiny_vlm, tmp_path, one_thread,
+                                                                                     capsys):
+    """--no-image on a language model (the error for an LM suggests it) runs instead of crashing, and
+    --dtype bfloat16 --quantize int8 on the tiny VLM answers as float32 does on most questions."""
+    from cli import load
+    from model import LanguageModel, LMConfig
+
+    tok = load(tiny_vlm, torch.float32, "cpu")[1]
+    tok.save(str(tmp_path))
+    LanguageModel(LMConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                           hidden_dim=32)).save_pretrained(str(tmp_path))
+    main(["--checkpoint", str(tmp_path), "--limit", "8", "--no-image"])
+    assert "8 questions" in capsys.readouterr().out
+    main(["--checkpoint", tiny_vlm, "--limit", "32", "--no-baseline"])
+    full = read_report(tiny_vlm, "easy-vqa")["accuracy"]
+    main(["--checkpoint", tiny_vlm, "--limit", "32", "--no-baseline", "--dtype", "bfloat16", "--quantize", "int8"])
+    assert abs(read_report(tiny_vlm, "easy-vqa")["accuracy"] - full) <= 0.2
