@@ -71,17 +71,21 @@ def check_device(name: str) -> torch.device:
 
 
 def check_paths(args):
-    """generate.py's paths: raise ValueError for an --image that is a folder, or an --attention PNG that
-    cannot be written (checked before the model load, not after the answer)."""
+    """generate.py's paths: raise ValueError for an --image that is a folder or missing, or an
+    --attention PNG that cannot be written (checked before the model load, not after the answer)."""
     for image in args.image:
         if os.path.isdir(image):
             raise ValueError(f"--image {image}: a folder, not an image file")
+        if not os.path.isfile(image):
+            raise ValueError(f"--image {image}: no such file")
     if args.attention:
         if len(args.image) != 1:
             raise ValueError(f"--attention draws one image; pass exactly one --image (got {len(args.image)})")
         folder = os.path.dirname(os.path.abspath(args.attention))
         if os.path.isdir(args.attention):
             raise ValueError(f"--attention {args.attention}: a folder; name the PNG file to write")
+        if not args.attention.lower().endswith(".png"):
+            raise ValueError(f"--attention {args.attention}: the picture is written as PNG; name a .png file")
         if not os.path.isdir(folder):
             raise ValueError(f"--attention {args.attention}: no such folder {folder}")
         if not os.access(folder, os.W_OK):

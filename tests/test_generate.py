@@ -602,6 +602,8 @@ def test_cli_checks_paths_before_loading(tmp_path, monkeypatch, capsys):
     for argv, message in [(["--image", str(tmp_path)], "a folder, not an image file"),
                           ([*image, "--attention", str(tmp_path / "missing" / "a.png")], "no such folder"),
                           ([*image, "--attention", str(tmp_path)], "a folder; name the PNG file"),
+                          ([*image, "--attention", str(tmp_path / "a.txt")], "name a .png file"),
+                          (["--image", str(tmp_path / "gone.png")], "gone.png: no such file"),
                           (["--prompt", " "], "--prompt is empty")]:
         assert message in cli_error(["--model", "any", *argv], capsys)
     monkeypatch.undo()
