@@ -295,7 +295,7 @@ def read_toml(path: str, names: dict) -> dict:
     for k, v in settings.items():
         kind = names[k].type
         if not isinstance(v, kind) and not (kind is float and isinstance(v, int) and not isinstance(v, bool)):
-            fail(f"{path}: {k} must be a {kind.__name__}, got {v!r}")
+            fail(f"{path}: {k} must be of type {kind.__name__}, got {v!r}")
     return settings
 
 
