@@ -252,7 +252,7 @@ def load_state(model_cls, cfg, state: dict, key_map: dict | None, dtype, device,
             if t.shape != shape:
                 raise CheckpointError(f"{where}: {name}: checkpoint shape {tuple(t.shape)}, "
                                       f"model expects {tuple(shape)}")
-            ours[mine] = t.to(device=device, dtype=dtype)
+            ours[mine] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # BatchNorm counts stay ints
     if fresh:
         model.load_state_dict(ours, strict=False)
         return model.to(device=device, dtype=dtype).eval()

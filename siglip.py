@@ -38,10 +38,13 @@ class VisionConfig:
     pre_norm: bool = False  # CLIP: LayerNorm on the embeddings before the first layer
     post_norm: str = "all"  # "all": final LayerNorm on every token; "cls": only on the pooled class token (CLIP)
     layer_scale: bool = False  # DINOv2: learned per-channel scale on each residual branch
+    conv_stem: bool = False  # from-scratch towers: early convolutions (ConvStem) in place of the patch convolution
 
     def __post_init__(self):
         check_side("image_size", self.image_size)
         check_side("patch_size", self.patch_size)
+        if self.conv_stem and self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"conv_stem needs a power-of-two patch_size, not {self.patch_size}")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"act {self.act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
 
@@ -53,6 +56,22 @@ class VisionConfig:
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
+
+
+class ConvStem(nn.Sequential):
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): in
+    place of one p x p convolution, log2(p) 3x3 stride-2 convolutions, each with BatchNorm and ReLU,
+    then a 1x1 convolution to the width; the same patch grid comes out. A from-scratch tower trained
+    only through the LM's loss learns shapes with it in a few hundred steps, and at chance without
+    (the README's diagnosis of the tiny model)."""
+
+    def __init__(self, cfg: VisionConfig):
+        n = cfg.patch_size.bit_length() - 1
+        widths = [3] + [cfg.dim >> (n - 1 - i) for i in range(n)]  # 3 -> D/4 -> D/2 -> D for p = 8
+        layers = []
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        super().__init__(*layers, nn.Conv2d(widths[-1], cfg.dim, 1))
 
 
 class VisionAttention(nn.Module):
@@ -115,7 +134,8 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.config = cfg
-        self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        self.patch_embed = (ConvStem(cfg) if cfg.conv_stem else
+                            nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias))
         self.cls_token = nn.Parameter(torch.zeros(cfg.dim)) if cfg.cls_token else None  # (D,)
         self.pos_embed = nn.Parameter(torch.randn(cfg.grid**2 + cfg.cls_token, cfg.dim) * 0.02)  # (P, D)
         self.pre_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.pre_norm else None
@@ -134,7 +154,7 @@ class VisionTower(nn.Module):
         return torch.cat((cls_pos, grid_pos))  # (P, D)
 
     def embed(self, pixel_values):  # (B, 3, H, W) -> (B, P, D)
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (B, D, H/p, W/p)
+        x = self.patch_embed(pixel_values.to(self.pos_embed.dtype))  # (B, D, H/p, W/p)
         B, D, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
         if self.cls_token is not None:

@@ -103,7 +103,8 @@ class TrainConfig:
 
 
 # Presets name whole recipes: settings for every phase, then per phase.
-TINY_VISION = dict(family="siglip", image_size=64, patch_size=8, dim=128, n_layers=4, n_heads=4, hidden_dim=512)
+TINY_VISION = dict(family="siglip", image_size=64, patch_size=8, dim=128, n_layers=4, n_heads=4, hidden_dim=512,
+                   conv_stem=True)
 TINY_LM = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=768, max_seq_len=256, rope_theta=10000.0)
 SMALL_QFORMER = dict(dim=128, n_layers=2, n_heads=4, hidden_dim=256, n_queries=8, cross_attention_frequency=1,
                      proj_dim=64, itm_head=False, dropout=0.0, max_positions=64)
@@ -191,6 +192,15 @@ def set_trainable(model, cfg: TrainConfig):
     for part in parts:
         model.get_submodule(part).requires_grad_(True)
     return model
+
+
+def train_mode(model):
+    """model.train(), except BatchNorm layers that do not learn (a frozen ConvStem tower): they keep
+    their running statistics and normalise with them, as at inference."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.requires_grad:
+            m.eval()
 
 
 def param_groups(model, cfg: TrainConfig) -> list[dict]:
@@ -402,7 +412,7 @@ def validate(s: Setup, val_set: list) -> dict:
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v * n
             count += n
-    s.model.train()
+    train_mode(s.model)
     return {f"val_{k}": v / max(1, count) for k, v in totals.items()}
 
 
@@ -432,7 +442,7 @@ def train(cfg: TrainConfig, spec: dict):
     log = open_log(cfg.out, start) if is_main else None
     interrupted = catch_ctrl_c()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not is_main, desc=cfg.phase)
-    model.train()
+    train_mode(model)
     done, t0 = 0, time.perf_counter()
     for step in bar:
         if cfg.stop_after and step == start + cfg.stop_after:

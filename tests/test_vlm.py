@@ -65,6 +65,28 @@ def test_vlm_save_and_load_round_trip(tmp_path):
         assert max_diff(again(ids, pixel_values=pixels), ours(ids, pixel_values=pixels)) == 0
 
 
+def test_a_conv_stem_tower_saves_and_loads_with_its_batchnorm_statistics(tmp_path):
+    torch.manual_seed(0)
+    vision = VisionConfig(image_size=32, patch_size=8, dim=32, n_layers=1, n_heads=4, hidden_dim=64, conv_stem=True)
+    lm = LMConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
+    model = VLM(VLMConfig(vision=vision, lm=lm, connector="pixel_shuffle", image_token_id=49, scale_factor=2,
+                          image_size=32))
+    pixels = torch.randn(4, 3, 32, 32)
+    model.train()
+    model.vision(pixels)  # training moves the running statistics away from (0, 1)
+    model.eval()
+    model.save_pretrained(str(tmp_path))
+    again = VLM.from_pretrained(str(tmp_path))
+    stem = dict(again.vision.patch_embed.named_buffers())
+    assert stem["1.num_batches_tracked"].dtype == torch.long and stem["1.num_batches_tracked"].item() == 1
+    assert not torch.equal(stem["1.running_mean"], torch.zeros_like(stem["1.running_mean"]))
+    ids = torch.tensor([[1] + [49] * 4 + [2]])
+    with torch.no_grad():
+        assert max_diff(again(ids, pixel_values=pixels[:1]), model(ids, pixel_values=pixels[:1])) <= 1e-6
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        VisionConfig(image_size=36, patch_size=6, conv_stem=True)
+
+
 # --- connectors ----------------------------------------------------------------------------------
 
 def test_pixel_shuffle_equals_smolvlm_connector():
