@@ -47,6 +47,7 @@ check fails.
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -57,13 +58,12 @@ import time
 
 import torch
 
-from checkpoints import CheckpointError
-from cli import ArgumentParser, check_device, default_lm, fail
+from checkpoints import CheckpointError, ImageError, hf_lm_config
+from cli import ArgumentParser, check_device, default_lm, fail, quantize
 from dpo import token_logprobs
 from generate import generate
-from model import LanguageModel, hf_config, quantize
-from processing import (SMOLVLM_SPECIAL_TOKENS, ImageError, SmolVLMImageProcessor, Tokenizer, build_prompt,
-                        smolvlm_image_tokens)
+from model import LanguageModel
+from processing import SMOLVLM_SPECIAL_TOKENS, SmolVLMImageProcessor, Tokenizer, build_prompt, smolvlm_image_tokens
 from siglip import VisionTower
 from vlm import VLM
 
@@ -263,7 +263,8 @@ def bench_vlm(args, device, tmp):
     vocab = -(-tok.vocab_size // 128) * 128  # 49280 for SmolLM2's tokenizer, as SmolVLM-256M has
     vision = {**SIGLIP_B16_512, **(TINY if args.tiny else {})}
     cfg = transformers.SmolVLMConfig(
-        vision_config=vision, text_config={**hf_config(lm.config), "vocab_size": vocab, "tie_word_embeddings": False},
+        vision_config=vision, text_config={**hf_lm_config(dataclasses.asdict(lm.config)), "vocab_size": vocab,
+                                           "tie_word_embeddings": False},
         scale_factor=4, image_token_id=tok.token_to_id("<image>"), tie_word_embeddings=False)
     torch.manual_seed(0)
     hf = transformers.SmolVLMForConditionalGeneration(cfg).eval()

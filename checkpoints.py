@@ -1,12 +1,13 @@
 """Reference shelf (a first reading may skip this file): checkpoint I/O — the hub, JSON and safetensors
-in and out (atomic writes), config checks, GGUF, tokenizer and preprocessor files, PEFT adapter files,
-and `load_state`, the one loader that every model's `from_pretrained` calls.
+in and out (atomic writes), config checks, transformers' config.json fields as ours, GGUF, tokenizer,
+preprocessor and image files, PEFT adapter files, and `load_state`, the one loader that every
+model's `from_pretrained` calls.
 
-Nothing here knows a model. Each module of the reading path keeps its own config reading and key
-map (checkpoint tensor name -> its own name) and hands them to `load_state`, which builds the
-model, checks every name and shape, and names the missing and unexpected tensors in one
-`CheckpointError` line. This file imports nothing from the reading path: every other file may
-import it.
+Nothing here builds a model. Each module of the reading path builds its config from the fields read
+here (`lm_settings`, `vision_settings`, ...), keeps its own key map (checkpoint tensor name -> its
+own name) and hands both to `load_state`, which builds the model, checks every name and shape, and
+names the missing and unexpected tensors in one `CheckpointError` line. This file imports nothing
+from the reading path: every other file may import it.
 """
 
 import json
@@ -24,7 +25,7 @@ import tokenizers
 import torch
 import torch.nn.functional as F
 from huggingface_hub import snapshot_download
-from PIL import Image
+from PIL import Image, ImageOps
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +212,162 @@ def fits(value, kind) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# transformers' config.json files as the fields of our configs: model.py, siglip.py and qformer.py
+# build their config dataclasses from these dicts and keep their own key maps
+# ---------------------------------------------------------------------------------------------
+
+
+def lm_settings(hf: dict) -> dict:
+    """LMConfig's fields from a Llama or Qwen2 config.json (or the one read_gguf makes); an option
+    LanguageModel does not have is refused in one line."""
+    kind = hf.get("model_type")
+    if kind not in ("llama", "qwen2"):
+        raise CheckpointError(f"config.json describes a {kind!r} model ({hf.get('architectures')}); "
+                              "LanguageModel loads llama and qwen2 checkpoints")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only silu, SwiGLU)")
+    if hf.get("mlp_bias") or hf.get("use_sliding_window"):
+        raise CheckpointError("config.json: mlp_bias and use_sliding_window are not supported")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # transformers 5 / 4 layouts
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError("partial_rotary_factor (RoPE on part of each head) is not supported")
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        rope = None
+    try:
+        return dict(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or 0, hidden_dim=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6), max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_theta=theta, rope_scaling=rope, tie_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=kind == "qwen2" or hf.get("attention_bias", False),
+            o_bias=kind == "llama" and hf.get("attention_bias", False))
+    except KeyError as e:
+        raise CheckpointError(f"config.json lacks {e}") from None
+
+
+def hf_lm_config(cfg: dict) -> dict:
+    """The config.json that LanguageModel.save_pretrained writes for LMConfig's fields `cfg`: Llama's
+    or Qwen2's if they can express it, else ours (model_type "glimpse_lm")."""
+    if cfg["n_experts"] or cfg["nope_every"] or cfg["attention_chunk"] or (cfg["o_bias"] and not cfg["qkv_bias"]):
+        return {"model_type": "glimpse_lm", **cfg}
+    kind = "qwen2" if cfg["qkv_bias"] and not cfg["o_bias"] else "llama"
+    hf = {"architectures": ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"], "model_type": kind,
+          "vocab_size": cfg["vocab_size"], "hidden_size": cfg["dim"], "intermediate_size": cfg["hidden_dim"],
+          "num_hidden_layers": cfg["n_layers"], "num_attention_heads": cfg["n_heads"],
+          "num_key_value_heads": cfg["n_kv_heads"], "head_dim": cfg["head_dim"], "hidden_act": "silu",
+          "rms_norm_eps": cfg["norm_eps"], "max_position_embeddings": cfg["max_seq_len"],
+          "rope_theta": cfg["rope_theta"], "rope_scaling": cfg["rope_scaling"],
+          "tie_word_embeddings": cfg["tie_embeddings"]}
+    if kind == "llama":
+        hf["attention_bias"] = cfg["qkv_bias"]
+    return hf
+
+
+def vision_settings(hf: dict) -> dict:
+    """VisionConfig's fields from a SigLIP, CLIP (full model or vision-only) or DINOv2 config.json;
+    missing fields take the defaults of the HF config classes."""
+    kind = hf.get("model_type")
+    if kind in ("siglip", "clip"):
+        hf = hf.get("vision_config") or {}
+    elif kind in ("siglip_vision_model", "clip_vision_model"):
+        kind = kind.split("_")[0]
+    elif kind in ("smolvlm_vision", "idefics3_vision"):  # SmolVLM's tower is a SigLIP
+        kind = "siglip"
+    elif kind != "dinov2":
+        raise CheckpointError(f"config.json describes a {kind!r} model; VisionTower loads siglip, clip and dinov2")
+    act = activation_name(hf.get("hidden_act", {"siglip": "gelu_tanh", "clip": "quick_gelu", "dinov2": "gelu"}[kind]))
+    if kind == "dinov2":
+        if hf.get("use_swiglu_ffn"):
+            raise CheckpointError("DINOv2 with a SwiGLU MLP (giant) is not supported")
+        dim, ratio = hf.get("hidden_size", 768), hf.get("mlp_ratio", 4)
+        if not (fits(dim, int) and fits(ratio, float)):
+            raise CheckpointError(f"config.json: hidden_size and mlp_ratio must be numbers, not {dim!r} and {ratio!r}")
+        return dict(
+            family="dinov2", image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 14), dim=dim,
+            n_layers=hf.get("num_hidden_layers", 12), n_heads=hf.get("num_attention_heads", 12),
+            hidden_dim=int(dim * ratio), norm_eps=hf.get("layer_norm_eps", 1e-6),
+            act=act, cls_token=True, layer_scale=True)
+    clip = kind == "clip"
+    return dict(
+        family=kind, image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 32 if clip else 16),
+        dim=hf.get("hidden_size", 768), n_layers=hf.get("num_hidden_layers", 12),
+        n_heads=hf.get("num_attention_heads", 12), hidden_dim=hf.get("intermediate_size", 3072),
+        norm_eps=hf.get("layer_norm_eps", 1e-5 if clip else 1e-6), act=act, cls_token=clip,
+        patch_bias=not clip, pre_norm=clip, post_norm="cls" if clip else "all")
+
+
+def blip2_name(name: str) -> str:
+    """A BLIP-2 tensor name as transformers 5.24 and the hub's BLIP-2 checkpoints spell it. Also accepted: the
+    InstructBLIP-style layout with the text embeddings and their LayerNorm under `qformer.embeddings`."""
+    for old, new in (("qformer.embeddings.layernorm.", "qformer.layernorm."),
+                     ("qformer.embeddings.word_embeddings.", "embeddings.word_embeddings."),
+                     ("qformer.embeddings.position_embeddings.", "embeddings.position_embeddings."),
+                     ("qformer.embeddings.position_ids", "embeddings.position_ids")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def bert_sizes(c: dict) -> dict:
+    """QFormerConfig's sizes from a BERT-style config: BERT's own or BLIP-2's qformer_config (missing
+    fields take bert-base-uncased's values, which transformers' Blip2QFormerConfig shares)."""
+    return dict(dim=c.get("hidden_size", 768), n_layers=c.get("num_hidden_layers", 12),
+                n_heads=c.get("num_attention_heads", 12), hidden_dim=c.get("intermediate_size", 3072),
+                act=activation_name(c.get("hidden_act", "gelu")), norm_eps=c.get("layer_norm_eps", 1e-12),
+                dropout=c.get("hidden_dropout_prob", 0.1), vocab_size=c.get("vocab_size", 30522),
+                max_positions=c.get("max_position_embeddings", 512), pad_token_id=c.get("pad_token_id", 0) or 0)
+
+
+def blip2_qformer_settings(hf: dict, names: set) -> dict:
+    """QFormerConfig's fields from a BLIP-2 config.json (missing fields take the defaults of transformers' Blip2Config,
+    Blip2QFormerConfig, Blip2VisionConfig); which optional parts there are (text side, projections, ITM
+    head) from the checkpoint's tensor names, as the model classes differ in them, not the config."""
+    q, v = hf.get("qformer_config") or {}, hf.get("vision_config") or {}
+    has = lambda prefix: any(n.startswith(prefix) for n in names)
+    return dict(
+        **bert_sizes(q), n_queries=hf.get("num_query_tokens", 32),
+        encoder_dim=v.get("hidden_size", 1408),  # Blip2Config sets the Q-Former's encoder_hidden_size so
+        cross_attention_frequency=q.get("cross_attention_frequency", 2),
+        text=has("embeddings.word_embeddings.") or has("qformer.encoder.layer.0.intermediate."),
+        proj_dim=hf.get("image_text_hidden_size", 256) if has("vision_projection.") or has("text_projection.")
+        else None,
+        itm_head=has("itm_head."))
+
+
+def bert_qformer_settings(hf: dict) -> dict:
+    """QFormerConfig's fields, the text side's sizes, from a BERT or DistilBERT config.json (defaults:
+    bert-base-uncased)."""
+    if hf.get("model_type") not in ("bert", "distilbert"):
+        raise CheckpointError(f"config.json describes a {hf.get('model_type')!r} model; QFormer.from_bert loads "
+                              "bert and distilbert")
+    sizes = bert_sizes(hf)
+    if hf["model_type"] == "distilbert":  # most sizes under names of its own
+        if hf.get("sinusoidal_pos_embds"):  # the table is still stored, but say so rather than guess
+            raise CheckpointError("DistilBERT with sinusoidal position embeddings is not supported")
+        sizes |= dict(dim=hf.get("dim", 768), n_layers=hf.get("n_layers", 6), n_heads=hf.get("n_heads", 12),
+                      hidden_dim=hf.get("hidden_dim", 3072), act=activation_name(hf.get("activation", "gelu")),
+                      norm_eps=1e-12, dropout=hf.get("dropout", 0.1))
+    return dict(**sizes, text=True)
+
+
+def bert_state(state: dict, kind: str) -> dict:
+    """BERT's tensors as qformer.bert_key_map names them: no "bert." prefix (BertForPreTraining & co.), no
+    gamma/beta (the old TF-converted files), token-type row 0 folded into the positions (from_bert)."""
+    prefix = kind + "."
+    if any(k.startswith(prefix) for k in state):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    state = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+             for k, v in state.items()}
+    token_types = state.pop("embeddings.token_type_embeddings.weight", None)  # (2, D) in BERT
+    if token_types is not None and "embeddings.position_embeddings.weight" in state:
+        state["embeddings.position_embeddings.weight"] = state["embeddings.position_embeddings.weight"] \
+            + token_types[0]  # (P, D)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
 # The one loader
 # ---------------------------------------------------------------------------------------------
 
@@ -258,6 +415,17 @@ def load_state(model_cls, cfg, state: dict, key_map: dict | None, dtype, device,
         return model.to(device=device, dtype=dtype).eval()
     model.load_state_dict(ours, assign=True)
     return model.eval()
+
+
+def decoding_layout(model, device):
+    """On a CPU, the float32 2-D weights made column-major for decoding: a one-token step reads each
+    weight once, and a CPU's BLAS streams an (in, out) float32 matrix about 1.3x faster than an
+    (out, in) one; bfloat16 runs faster row-major (bench.py decode). train.py makes them row-major
+    again for training."""
+    if torch.device(device).type == "cpu":
+        for p in model.parameters():
+            if p.dim() == 2 and p.dtype == torch.float32:
+                p.data = p.data.t().contiguous().t()  # (out, in), stored column-major
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +658,44 @@ def write_image_processor(processor, folder: str):
 
 
 # ---------------------------------------------------------------------------------------------
+# Image files: decoded whole, upright and RGB, within a pixel limit (processing.load_image opens them)
+# ---------------------------------------------------------------------------------------------
+
+# A small file can claim a size that takes gigabytes to decode (a "decompression bomb"): images over
+# this many pixels are refused from their header. Pillow's Image.MAX_IMAGE_PIXELS is a second net.
+MAX_PIXELS = 50_000_000
+
+
+class ImageError(ValueError):
+    """An image that cannot be loaded; the message is one line naming the file and the problem."""
+
+
+def decode_image(image: Image.Image, name: str) -> Image.Image:
+    """Check the header's size, decode, apply the EXIF orientation, convert any mode to RGB, with
+    transparency on white (transformers' image_transforms.convert_to_rgb)."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{name}: {width}x{height} is {width * height:,} pixels, over the limit of "
+                         f"{MAX_PIXELS:,} (checkpoints.MAX_PIXELS)")
+    image.load()  # decode it all now: a truncated file fails here, not halfway through a batch
+    image = ImageOps.exif_transpose(image)  # always a new image, so the file can be closed
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # to 8 bits (Pillow's convert clips at 255)
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))  # (H, W)
+        if image.mode != "F":
+            pixels = pixels / 257  # 16-bit: 65535 -> 255
+        elif pixels.max(initial=0) <= 1:
+            pixels = pixels * 255  # floats in [0, 1]; else already 0..255
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))  # (H, W) mode L
+    try:
+        if image.has_transparency_data:  # RGBA, LA, PA, a palette's or a color's "transparency"
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(white, image.convert("RGBA"))
+        return image.convert("RGB")
+    except ValueError as e:  # e.g. "conversion from La to L not supported"
+        raise ImageError(f"{name}: unsupported image mode {image.mode} ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # PEFT's LoRA adapter files: adapter_config.json + adapter_model.safetensors
 # ---------------------------------------------------------------------------------------------
 
@@ -523,8 +729,13 @@ def read_adapter(folder: str) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt? ({e})") from None
 
 
-def write_adapter(folder: str, config: dict, state: dict):
-    """The two files of a PEFT adapter, each written to a temporary name and renamed into place."""
+def write_adapter(folder: str, state: dict, r: int, alpha: float, dropout: float, targets: list, base: str | None):
+    """The two files of a PEFT adapter, each written to a temporary name and renamed into place: the
+    weights, and a LoraConfig with these settings (PEFT's defaults for the rest)."""
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": r,
+              "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets, "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+              "modules_to_save": None, "inference_mode": True}
     os.makedirs(folder, exist_ok=True)
     write_safetensors(state, os.path.join(folder, ADAPTER_WEIGHTS))
     write_json(config, os.path.join(folder, ADAPTER_CONFIG))

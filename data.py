@@ -14,16 +14,14 @@ A sample is a plain dict in one of three shapes:
 where a content is a string or a list of parts, and `images` holds one path or PIL image for each
 {"type": "image"} part, in the order the parts appear.
 
-Sources (all take `limit`, the number of samples to keep): easy-VQA offline, built here
-(easy_vqa_captions, easy_vqa_qa, easy_vqa_qa_balanced, easy_vqa_curriculum, easy_vqa_text_curriculum,
-easy_vqa_preferences, easy_vqa_text); local files and Hugging Face hub sets, read by sources.py.
-`SOURCES` names them for train.py's presets and `--data` flag; `load_source(name_or_path, split)`
-also takes a local file or folder.
+Sources (all take `limit`, the number of samples to keep) are read by sources.py: easy-VQA offline,
+local files and Hugging Face hub sets. Here easy-VQA's questions are balanced and ordered into the tiny
+recipe's curriculum (easy_vqa_qa_balanced, easy_vqa_curriculum, easy_vqa_text_curriculum). `SOURCES`
+names them all for train.py's presets and `--data` flag; `load_source(name_or_path, split)` also
+takes a local file or folder.
 
-Batches: `collate` turns chats and texts into input_ids, attention_mask, labels (-100 on padding and,
-in chats, on everything but the assistant replies) and pixel_values; `collate_preferences` does the
-same for the chosen and the rejected side of preference pairs; `collate_captions` pairs images with
-their captions for a Q-Former's contrastive stage.
+Batches: `collate` (chats and texts), `collate_preferences` (both sides of preference pairs) and
+`collate_captions` (images and captions, for a Q-Former's contrastive stage) make padded tensors:
 
     samples = load_source("easy-vqa-qa", "train")
     batch = to_device(collate(samples[:32], tokenizer, image_processor, image_tokens=...), device)
@@ -33,18 +31,16 @@ their captions for a Q-Former's contrastive stage.
 import inspect
 import os
 import random
-import re
 
 import torch
 
 import sources
-from processing import IGNORE_INDEX, ImageError, Special, build_prompt, load_image
-from sources import (CAPTION_PROMPT, EASY_VQA_COLORS, EASY_VQA_SHAPES, IMAGE_MARKER, chat_sample, count_image_parts,
-                     easy_vqa_attributes, easy_vqa_split, is_negated, user_turn)
-from sources import DataError  # noqa: F401  what load_source raises for a bad file: callers catch data.DataError
+from processing import IGNORE_INDEX, Special, build_prompt, load_image
+from sources import (IMAGE_MARKER, balanced_yes_no, capitalized, chat_sample, count_image_parts, easy_vqa_attributes,
+                     easy_vqa_caption, easy_vqa_split, is_negated)
 
 # ---------------------------------------------------------------------------
-# Samples: their kind and their text (the chat builders, user_turn and chat_sample, are in sources.py)
+# Samples: their kind (the chat builders, user_turn and chat_sample, are in sources.py)
 # ---------------------------------------------------------------------------
 
 
@@ -59,73 +55,18 @@ def sample_kind(sample: dict) -> str:
     raise ValueError(f"not a sample: expected the keys messages, text, or prompt/chosen/rejected; got {sorted(sample)}")
 
 
-def sample_text(sample: dict) -> str:
-    """All the text a sample holds, one piece a line: to train a tokenizer on, or to count words."""
-    if "text" in sample:
-        return sample["text"]
-    messages = list(sample.get("messages", sample.get("prompt", [])))
-    pieces = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            pieces.append(content)
-        else:
-            pieces += [part["text"] for part in content or [] if part.get("type") == "text"]
-    pieces += [sample[side] for side in ("chosen", "rejected") if isinstance(sample.get(side), str)]
-    return "\n".join(pieces)
-
-
 # ---------------------------------------------------------------------------
-# easy-VQA: 64x64 images of one coloured shape, with questions about it (offline, PyPI `easy-vqa`;
-# sources.py reads its files)
+# easy-VQA balanced and ordered for learning (sources.py reads its files and makes its plain samples:
+# easy_vqa_captions, easy_vqa_qa, easy_vqa_preferences, easy_vqa_text)
 # ---------------------------------------------------------------------------
-
-
-def easy_vqa_caption(shape: str, color: str) -> str:
-    return f"A {color} {shape}."
-
-
-def easy_vqa_captions(split: str = "train", limit: int | None = None, prompt: str = CAPTION_PROMPT) -> list[dict]:
-    """One captioning chat per image, by image id: user = image + `prompt`, assistant = "A blue rectangle."."""
-    paths = easy_vqa_split(split)[3]
-    return [chat_sample([paths[i]], prompt, easy_vqa_caption(shape, color))
-            for i, (shape, color) in easy_vqa_attributes(split).items()][:limit]
-
-
-def _sentence(question: str) -> str:
-    return question[:1].upper() + question[1:]
-
-
-def easy_vqa_qa(split: str = "train", limit: int | None = None) -> list[dict]:
-    """One chat per question, in the dataset's order: user = image + question, assistant = answer
-    (one of the 13 answer words: a shape, a colour, yes or no)."""
-    questions, answers, image_ids, paths = easy_vqa_split(split)
-    return [chat_sample([paths[i]], _sentence(q), a) for q, a, i in zip(questions, answers, image_ids)][:limit]
-
-
-def balanced_yes_no(question: str, shape: str, color: str, rng: random.Random) -> tuple[str, str]:
-    """A yes/no question about an image showing a `color` `shape`, with the colour (or shape) it asks
-    about redrawn so that "yes" and "no" are equally likely, and its answer:
-
-        "is there a green shape?" (red circle) -> "is there a red shape?" "yes", or "... a blue ..." "no"
-    """
-    words = re.findall(r"[a-z]+", question.lower())
-    asked = [w for w in words if w in EASY_VQA_SHAPES or w in EASY_VQA_COLORS]
-    if len(asked) != 1:
-        raise ValueError(f"{question!r} does not ask about exactly one shape or colour")
-    values, truth = (EASY_VQA_SHAPES, shape) if asked[0] in EASY_VQA_SHAPES else (tuple(EASY_VQA_COLORS), color)
-    holds = rng.random() < 0.5
-    value = truth if holds else rng.choice([v for v in values if v != truth])
-    negated = is_negated(question)
-    return re.sub(rf"\b{asked[0]}\b", value, question), "yes" if holds != negated else "no"
 
 
 def easy_vqa_qa_balanced(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """easy_vqa_qa with "yes" and "no" equally likely for every yes/no wording. easy-VQA mostly asks
+    """sources.easy_vqa_qa with "yes" and "no" equally likely for every yes/no wording. easy-VQA mostly asks
     about a colour or shape the image lacks (88% of "is there a COLOR shape?" are "no"), so a model
     trained on it scores 82% on its yes/no questions without looking at the image, and learns to
     answer them from the wording. Here each yes/no question asks about the image's own value or
-    another by a coin flip (`balanced_yes_no`, drawn by `seed`); VQA v2 balanced its answers for the
+    another by a coin flip (sources.balanced_yes_no, drawn by `seed`); VQA v2 balanced its answers for the
     same reason (Goyal et al. 2017). Shape and colour questions are kept as they are."""
     rng = random.Random(seed)
     questions, answers, image_ids, paths = easy_vqa_split(split)
@@ -134,7 +75,7 @@ def easy_vqa_qa_balanced(split: str = "train", limit: int | None = None, seed: i
     for q, a, i in zip(questions[:limit], answers, image_ids):
         if a in ("yes", "no"):
             q, a = balanced_yes_no(q, *attributes[i], rng)
-        samples.append(chat_sample([paths[i]], _sentence(q), a))
+        samples.append(chat_sample([paths[i]], capitalized(q), a))
     return samples
 
 
@@ -163,52 +104,18 @@ def easy_vqa_text_curriculum(split: str = "train", limit: int | None = None, see
                         s["messages"][1]["content"]) for s in easy_vqa_curriculum(split, limit, seed)]
 
 
-def wrong_answer(answer: str, rng: random.Random) -> str:
-    """A wrong easy-VQA answer of the same kind: another shape, another colour, or the other of yes/no."""
-    if answer in ("yes", "no"):
-        return "no" if answer == "yes" else "yes"
-    if answer in EASY_VQA_SHAPES:
-        return rng.choice([s for s in EASY_VQA_SHAPES if s != answer])
-    if answer in EASY_VQA_COLORS:
-        return rng.choice([c for c in EASY_VQA_COLORS if c != answer])
-    raise ValueError(f"{answer!r} is not an easy-VQA answer")
-
-
-def easy_vqa_preferences(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """One preference pair per question: chosen = the right answer, rejected = a wrong one of the same
-    kind, drawn by `seed` (the same pairs every time)."""
-    rng = random.Random(seed)
-    questions, answers, image_ids, paths = easy_vqa_split(split)
-    samples = []
-    for q, a, i in zip(questions[:limit], answers, image_ids):
-        samples.append({"prompt": [user_turn(_sentence(q))], "images": [paths[i]],
-                        "chosen": a, "rejected": wrong_answer(a, rng)})
-    return samples
-
-
-def easy_vqa_text(split: str = "train", limit: int | None = None) -> list[dict]:
-    """Plain text for language-model pretraining, one document per image: its caption, then a
-    "Q: ... A: ..." line for each of its questions."""
-    questions, answers, image_ids, _ = easy_vqa_split(split)
-    lines = {i: [easy_vqa_caption(shape, color)] for i, (shape, color) in easy_vqa_attributes(split).items()}
-    for q, a, i in zip(questions, answers, image_ids):
-        lines[i].append(f"Q: {_sentence(q)} A: {a}")
-    return [{"text": "\n".join(document)} for document in lines.values()][:limit]
-
-
-
 # ---------------------------------------------------------------------------
 # The registry train.py's presets and --data flag name
 # ---------------------------------------------------------------------------
 
 SOURCES = {
-    "easy-vqa-captions": easy_vqa_captions,
-    "easy-vqa-qa": easy_vqa_qa,
+    "easy-vqa-captions": sources.easy_vqa_captions,
+    "easy-vqa-qa": sources.easy_vqa_qa,
     "easy-vqa-qa-balanced": easy_vqa_qa_balanced,
     "easy-vqa-curriculum": easy_vqa_curriculum,
     "easy-vqa-text-curriculum": easy_vqa_text_curriculum,
-    "easy-vqa-preferences": easy_vqa_preferences,
-    "easy-vqa-text": easy_vqa_text,
+    "easy-vqa-preferences": sources.easy_vqa_preferences,
+    "easy-vqa-text": sources.easy_vqa_text,
     "coco-captions": sources.coco_captions,
     "flickr30k": sources.flickr30k,
     "llava-instruct": sources.llava_instruct,
@@ -239,25 +146,6 @@ def load_source(name_or_path: str, split: str = "train", limit: int | None = Non
 # ---------------------------------------------------------------------------
 # Collation: samples -> padded tensors
 # ---------------------------------------------------------------------------
-
-
-def unreadable_images(samples: list[dict]) -> list[tuple[int, str]]:
-    """(sample index, "file: problem") for each sample with an image that cannot be decoded, every
-    file opened once: a bad image is found before training starts, not at step 900."""
-    problems, bad = {}, []
-    for i, sample in enumerate(samples):
-        for image in sample.get("images", []):
-            key = image if isinstance(image, str) else id(image)
-            if key not in problems:
-                try:
-                    load_image(image)
-                    problems[key] = None
-                except ImageError as e:
-                    problems[key] = str(e)
-            if problems[key]:
-                bad.append((i, problems[key]))
-                break
-    return bad
 
 
 def _takes_an_argument(fn) -> bool:

@@ -25,11 +25,11 @@ from tqdm import tqdm
 from checkpoints import CheckpointError
 from cli import (QUANTIZE_CHOICES, ArgumentParser, check_device, fail, latest_checkpoint, load, print_table,
                  resolve, retrieval_report)
-from data import (EASY_VQA_COLORS, EASY_VQA_SHAPES, SOURCES, collate, count_image_parts, easy_vqa_captions,
-                  easy_vqa_qa, easy_vqa_qa_balanced, load_source, pad, to_device)
+from data import SOURCES, collate, easy_vqa_qa_balanced, load_source, pad, to_device
 from dpo import token_logprobs
 from generate import banned_ids, generate, stop_ids
 from processing import ImageProcessor, Special, build_prompt
+from sources import EASY_VQA_COLORS, EASY_VQA_SHAPES, count_image_parts, easy_vqa_captions, easy_vqa_qa
 
 # ---------------------------------------------------------------------------------------------
 # Short answers: VQA accuracy as the official VQA evaluation (github.com/GT-Vision-Lab/VQA, vqaEval.py)

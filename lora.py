@@ -61,7 +61,7 @@ class Linear_LORA(nn.Module):
     @torch.no_grad()
     def merge(self):
         """W <- W + B A * scale, written into the existing weight tensor, so its layout (column-major
-        on CPU, see model.finish_loading) and any views of it stay as they were."""
+        on CPU, see checkpoints.decoding_layout) and any views of it stay as they were."""
         if not self.merged:
             self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
             self.merged = True
@@ -171,12 +171,6 @@ def merge_lora(model):
     return model
 
 
-def base_state_dict(model) -> dict:
-    """The model's weights without the adapters, under the names it has without LoRA
-    (…q_proj.base.weight -> …q_proj.weight): what save_pretrained writes beside the adapter files."""
-    return {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
-
-
 # ---------------------------------------------------------------------------------------------
 # PEFT's file format (adapter_config.json + adapter_model.safetensors: checkpoints.read_adapter)
 # ---------------------------------------------------------------------------------------------
@@ -201,20 +195,14 @@ def save_adapter(model, folder: str, base_model_name_or_path: str | None = None)
     if not layers:
         raise ValueError("the model has no LoRA layers to save (apply_lora first)")
     hf = _hf_module_names(lm)
-    first = next(iter(layers.values()))
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": getattr(first.dropout, "p", 0.0),
-        "target_modules": sorted(hf[name] for name in layers), "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
-        "inference_mode": True,
-    }
     state = {}
     for name, layer in layers.items():
         key = PEFT_PREFIX + hf[name]
         state[f"{key}.lora_A.weight"] = layer.lora_A.weight  # (r, in)
         state[f"{key}.lora_B.weight"] = layer.lora_B.weight  # (out, r)
-    write_adapter(folder, config, state)
+    first = next(iter(layers.values()))
+    write_adapter(folder, state, r=first.r, alpha=first.alpha, dropout=getattr(first.dropout, "p", 0.0),
+                  targets=sorted(hf[name] for name in layers), base=base_model_name_or_path)
 
 
 def load_adapter(model, folder: str):

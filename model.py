@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (WEIGHT_FILES, CheckpointError, build_config, checkpoint_folder, load_state, read_gguf,
-                         read_json, read_safetensors, write_checkpoint)
+from checkpoints import (WEIGHT_FILES, CheckpointError, build_config, checkpoint_folder, decoding_layout, hf_lm_config,
+                         lm_settings, load_state, read_gguf, read_json, read_safetensors, write_checkpoint)
 
 
 @dataclass
@@ -60,7 +60,6 @@ class LMConfig:
 
     def uses_rope(self, layer: int) -> bool:
         return not (self.nope_every > 0 and (layer + 1) % self.nope_every == 0)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,9 +391,9 @@ class LanguageModel(nn.Module):
 
     def save_pretrained(self, folder: str):
         """Write config.json + model.safetensors. A config that Llama or Qwen2 can express is written
-        in their HF layout (loads in `transformers.AutoModelForCausalLM`); MoE or NoPE models are
-        written with our own names and `model_type: glimpse_lm`."""
-        hf = hf_config(self.config)
+        in their HF layout (checkpoints.hf_lm_config; loads in `transformers.AutoModelForCausalLM`); MoE
+        or NoPE models are written with our own names and `model_type: glimpse_lm`."""
+        hf = hf_lm_config(asdict(self.config))
         state = self.state_dict()
         if hf["model_type"] != "glimpse_lm":
             names = self.hf_names()
@@ -403,21 +402,15 @@ class LanguageModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading and saving: what a checkpoint leaves to do, configs, the key map
+# Loading and saving: what a checkpoint leaves to do, the config, the key map
 # ---------------------------------------------------------------------------------------------
 
 
 def finish_loading(lm: LanguageModel, device) -> LanguageModel:
-    """What checkpoints.load_state leaves to do. The RoPE frequencies are a buffer, not in any
-    checkpoint: computed here. On a CPU, float32 2-D weights are made column-major for decoding: a
-    one-token step reads each weight once, and a CPU's BLAS streams an (in, out) float32 matrix
-    about 1.3x faster than an (out, in) one; bfloat16 runs faster row-major (bench.py decode).
-    train.py makes them row-major again for training."""
+    """What checkpoints.load_state leaves to do: the RoPE frequencies, a buffer in no checkpoint, and
+    the weights' layout for decoding (checkpoints.decoding_layout)."""
     lm.inv_freq = rope_inv_freq(lm.config).to(device)  # (hd/2,)
-    if torch.device(device).type == "cpu":
-        for p in lm.parameters():
-            if p.dim() == 2 and p.dtype == torch.float32:
-                p.data = p.data.t().contiguous().t()  # (out, in), stored column-major
+    decoding_layout(lm, device)
     return lm
 
 
@@ -445,129 +438,13 @@ def lm_key_map(cfg: LMConfig) -> dict[str, str]:
 
 
 def lm_config_from_hf(hf: dict) -> tuple[LMConfig, dict | None]:
-    """Our config from a Llama/Qwen2 config.json (or one our save_pretrained wrote), and the key map
-    to use (None: the names are already ours)."""
-    kind = hf.get("model_type")
-    if kind == "glimpse_lm":
+    """Our config from a Llama/Qwen2 config.json (its fields read by checkpoints.lm_settings) or one
+    our save_pretrained wrote, and the key map to use (None: the names are already ours)."""
+    if hf.get("model_type") == "glimpse_lm":
         return build_config(LMConfig, hf), None
-    if kind not in ("llama", "qwen2"):
-        raise CheckpointError(f"config.json describes a {kind!r} model ({hf.get('architectures')}); "
-                              "LanguageModel loads llama and qwen2 checkpoints")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only silu, SwiGLU)")
-    if hf.get("mlp_bias") or hf.get("use_sliding_window"):
-        raise CheckpointError("config.json: mlp_bias and use_sliding_window are not supported")
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # transformers 5 / 4 layouts
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    if rope.get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise CheckpointError("partial_rotary_factor (RoPE on part of each head) is not supported")
-    if rope.get("rope_type", rope.get("type", "default")) == "default":
-        rope = None
+    cfg = build_config(LMConfig, lm_settings(hf))
     try:
-        cfg = build_config(LMConfig, dict(
-            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim") or 0, hidden_dim=hf["intermediate_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6), max_seq_len=hf.get("max_position_embeddings", 2048),
-            rope_theta=theta, rope_scaling=rope, tie_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=kind == "qwen2" or hf.get("attention_bias", False),
-            o_bias=kind == "llama" and hf.get("attention_bias", False)))
         rope_inv_freq(cfg)  # an unsupported rope_type fails here, before any weight is read
-    except KeyError as e:
-        raise CheckpointError(f"config.json lacks {e}") from None
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     return cfg, lm_key_map(cfg)
-
-
-def hf_config(cfg: LMConfig) -> dict:
-    """The config.json that `save_pretrained` writes: Llama's or Qwen2's if they can express `cfg`."""
-    if cfg.n_experts or cfg.nope_every or cfg.attention_chunk or (cfg.o_bias and not cfg.qkv_bias):
-        return {"model_type": "glimpse_lm", **asdict(cfg)}
-    kind = "qwen2" if cfg.qkv_bias and not cfg.o_bias else "llama"
-    hf = {"architectures": ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"], "model_type": kind,
-          "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
-          "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-          "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-          "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
-          "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
-          "tie_word_embeddings": cfg.tie_embeddings}
-    if kind == "llama":
-        hf["attention_bias"] = cfg.qkv_bias
-    return hf
-
-
-# ---------------------------------------------------------------------------------------------
-# Weight-only quantization for decoding (gpt-fast's quantize.py, on PyTorch's CPU kernels)
-# ---------------------------------------------------------------------------------------------
-
-
-class Int8Linear(nn.Module):
-    """W ~= q * scale, q int8 in [-127, 127], one scale per output channel (symmetric). Decoding
-    reads every weight once per token, so a quarter of float32's bytes can run it ~4x faster."""
-
-    def __init__(self, weight, bias=None):  # weight (out, in)
-        super().__init__()
-        w = weight.detach().float().contiguous()  # (out, in), row-major for the kernel
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
-        self.register_buffer("q", torch.round(w / scale[:, None]).to(torch.int8))  # (out, in)
-        self.register_buffer("scale", scale.to(weight.dtype))  # (out,)
-        self.bias = bias
-
-    def forward(self, x):  # (..., in) -> (..., out)
-        flat, scale = x.reshape(-1, x.shape[-1]), self.scale.to(x.dtype)  # (N, in), (out,)
-        if x.device.type == "cpu":  # dequantizes inside the kernel, never the whole matrix
-            y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.q, scale)  # (N, out)
-        else:
-            y = F.linear(flat, self.q.to(x.dtype)) * scale  # (N, out)
-        y = y.view(*x.shape[:-1], -1)  # (..., out)
-        return y if self.bias is None else y + self.bias
-
-
-class Int4Linear(nn.Module):
-    """W ~= (q - 8) * scale + zero, q in [0, 15], a scale and zero per group of `group` inputs: the
-    layout of PyTorch's CPU int4 kernel (gpt-fast's WeightOnlyInt4Linear). llama.cpp's Q4_1 blocks
-    (W = d * q + m, 32 weights each) map to it exactly: scale = d, zero = m + 8 d."""
-
-    def __init__(self, q, scale, minimum, group: int, bias=None):  # q (out, in) in [0, 15]; scale, minimum (out, in/group)
-        super().__init__()
-        self.group, self.bias = group, bias
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
-        zero = minimum + 8 * scale  # (out, in/group)
-        self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
-
-    @classmethod
-    def round(cls, weight, group: int = 32, bias=None):  # weight (out, in): round to nearest per group
-        w = weight.detach().float().contiguous().view(weight.shape[0], -1, group)  # (out, in/group, group)
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (out, in/group)
-        scale = ((hi - lo) / 15).clamp(min=1e-12)
-        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).view(weight.shape)  # (out, in)
-        return cls(q, scale, lo, group, bias)
-
-    def forward(self, x):  # (..., in) -> (..., out)
-        flat = x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros.to(x.dtype))
-        y = y.view(*x.shape[:-1], -1)  # (..., out)
-        return y if self.bias is None else y + self.bias
-
-
-def quantize(lm: LanguageModel, mode: str, group: int = 32) -> list[str]:
-    """Swap the LM's linear layers for int8 or int4 ones, in place; the output head (tied or not)
-    becomes int8 either way, as llama.cpp's Q4 files keep their embeddings in 8 bits. int4 runs on
-    CPUs only and needs out % 16 == 0 and in % group == 0: the names of layers that keep their
-    float weights come back. Rounding llama.cpp's Q4_1 weights (W = d * q + m, min/max per block of
-    32) again with group 32 gives back their very grid: the GGUF's own 4-bit weights, repacked."""
-    if mode == "int4" and lm.embed.weight.device.type != "cpu":
-        raise ValueError("int4 runs on PyTorch's CPU kernel only; use int8 on this device")
-    kept = []
-    for name, linear in [(n, m) for n, m in lm.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"
-                         and not n.endswith("router")]:
-        if mode == "int4" and (linear.out_features % 16 or linear.in_features % group):
-            kept.append(name)
-            continue
-        new = Int8Linear(linear.weight, linear.bias) if mode == "int8" else \
-            Int4Linear.round(linear.weight, group, linear.bias)
-        parent, _, attr = name.rpartition(".")
-        setattr(lm.get_submodule(parent), attr, new)
-    lm.lm_head = Int8Linear(lm.lm_head.weight if lm.lm_head is not None else lm.embed.weight)  # (V, D)
-    return kept

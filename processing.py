@@ -22,28 +22,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import tokenizers
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tokenizers import AddedToken
 
-from checkpoints import (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, check_resample_and_normalize, check_sizes,
-                         load_image_processor, read_tokenizer, write_image_processor, write_tokenizer)
+from checkpoints import (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageError, check_resample_and_normalize,
+                         check_sizes, decode_image, load_image_processor, read_tokenizer, write_image_processor,
+                         write_tokenizer)
 
 # ---------------------------------------------------------------------------
 # Images: loading a file safely, then resize, crop and normalize as preprocessor_config.json says
 # ---------------------------------------------------------------------------
 
-# A small file can claim a size that takes gigabytes to decode (a "decompression bomb"): images over
-# this many pixels are refused from their header. Pillow's Image.MAX_IMAGE_PIXELS is a second net.
-MAX_PIXELS = 50_000_000
-
-
-class ImageError(ValueError):
-    """An image that cannot be loaded; the message is one line naming the file and the problem."""
-
 
 def load_image(image) -> Image.Image:
     """An upright RGB image, every pixel decoded, from a path, a binary file object or a PIL image
-    (as transformers' image_utils.load_image); any problem is one ImageError line."""
+    (as transformers' image_utils.load_image); any problem is one ImageError line. The decoding itself
+    (the pixel limit, the EXIF orientation, any mode to RGB) is checkpoints.decode_image."""
     if isinstance(image, Image.Image):
         name = getattr(image, "filename", "") or "<PIL image>"
     elif isinstance(image, (str, os.PathLike)):
@@ -58,7 +52,7 @@ def load_image(image) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with nullcontext(image) if isinstance(image, Image.Image) else Image.open(image) as opened:
-                return _upright_rgb(opened, name)  # Image.open reads the header only
+                return decode_image(opened, name)  # Image.open reads the header only
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -67,31 +61,6 @@ def load_image(image) -> Image.Image:
         raise ImageError(f"{name}: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # what Pillow's decoders raise on bad data
         raise ImageError(f"{name}: truncated or corrupt image ({e})") from None
-
-
-def _upright_rgb(image: Image.Image, name: str) -> Image.Image:
-    """Check the header's size, decode, apply the EXIF orientation, convert any mode to RGB, with
-    transparency on white (transformers' image_transforms.convert_to_rgb)."""
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise ImageError(f"{name}: {width}x{height} is {width * height:,} pixels, over the limit of "
-                         f"{MAX_PIXELS:,} (processing.MAX_PIXELS)")
-    image.load()  # decode it all now: a truncated file fails here, not halfway through a batch
-    image = ImageOps.exif_transpose(image)  # always a new image, so the file can be closed
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # to 8 bits (Pillow's convert clips at 255)
-        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))  # (H, W)
-        if image.mode != "F":
-            pixels = pixels / 257  # 16-bit: 65535 -> 255
-        elif pixels.max(initial=0) <= 1:
-            pixels = pixels * 255  # floats in [0, 1]; else already 0..255
-        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))  # (H, W) mode L
-    try:
-        if image.has_transparency_data:  # RGBA, LA, PA, a palette's or a color's "transparency"
-            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(white, image.convert("RGBA"))
-        return image.convert("RGB")
-    except ValueError as e:  # e.g. "conversion from La to L not supported"
-        raise ImageError(f"{name}: unsupported image mode {image.mode} ({e})") from None
 
 
 @dataclass
@@ -341,7 +310,6 @@ class Tokenizer:
 
 
 # --- chat prompts ---
-#
 # A chat template turns messages into a list of parts: "text" (tokenized), Special("<|im_end|>") (a
 # special token, by name), ImagePlaceholder() (where an image's tokens go) and Target(part) (a part
 # of a reply, which training learns). Only templates write Special parts, and placeholders come only

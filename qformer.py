@@ -15,10 +15,8 @@ BLIP-2 trains the queries in stage 1 (its third objective, ITG, needs an LM head
   ITM, image-text matching: one pass in which all see each other (`itm_logits`, `itm_loss` with hard
       negatives mined from the ITC similarities).
 
-Checkpoints (names as in transformers' modeling_blip_2.py): `from_pretrained` reads the Q-Former's
-shards of a BLIP-2 checkpoint (blip2-opt-2.7b: the query path only; Blip2ForImageTextRetrieval: also
-the text side and heads), a `Blip2QFormerModel` saved alone, or our own folders; `from_bert` starts
-as BLIP-2 does, from BERT (or DistilBERT) weights.
+Checkpoints (names as in transformers' modeling_blip_2.py): `from_pretrained` reads BLIP-2's, a
+`Blip2QFormerModel` saved alone or our own folders; `from_bert` starts as BLIP-2 does, from BERT.
 """
 
 from dataclasses import asdict, dataclass, replace
@@ -27,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (ACTIVATIONS, WEIGHT_FILES, CheckpointError, activation_name, build_config, checkpoint_folder,
-                         load_state, read_json, read_safetensors, write_checkpoint)
+from checkpoints import (ACTIVATIONS, WEIGHT_FILES, CheckpointError, bert_qformer_settings, bert_state, blip2_name,
+                         blip2_qformer_settings, build_config, checkpoint_folder, load_state, read_json,
+                         read_safetensors, write_checkpoint)
 
 
 @dataclass
@@ -275,18 +274,18 @@ class QFormer(nn.Module):
             cfg = build_config(QFormerConfig, hf)
             return load_state(cls, cfg, read_safetensors(folder), None, dtype, device, folder)
         if hf.get("model_type") == "blip_2_qformer":
-            state = {canonical_name("qformer." + k): v for k, v in read_safetensors(folder).items()}
+            state = {blip2_name("qformer." + k): v for k, v in read_safetensors(folder).items()}
             blip2 = {"qformer_config": hf, "num_query_tokens": n_queries,
                      "vision_config": {"hidden_size": hf.get("encoder_hidden_size", 1408)}}
-            cfg = config_from_blip2(blip2, set(state))
+            cfg = build_config(QFormerConfig, blip2_qformer_settings(blip2, set(state)))
             key_map = {k: v for k, v in blip2_key_map(cfg).items() if k not in BLIP2_QFORMER_INPUTS}
             return load_state(cls, cfg, state, key_map, dtype, device, folder, ignore=BLIP2_IGNORED, fresh=True)
         if hf.get("model_type") != "blip-2":
             raise CheckpointError(f"config.json describes a {hf.get('model_type')!r} model; QFormer.from_pretrained "
                                   "loads 'blip-2' and 'blip_2_qformer' checkpoints (from_bert: bert, distilbert)")
         state = read_safetensors(folder, keep=lambda k: k.startswith(BLIP2_PREFIXES))  # no tower, no LM
-        state = {canonical_name(k): v for k, v in state.items()}
-        cfg = config_from_blip2(hf, set(state))
+        state = {blip2_name(k): v for k, v in state.items()}
+        cfg = build_config(QFormerConfig, blip2_qformer_settings(hf, set(state)))
         state["temp"] = torch.tensor(cfg.temperature)  # HF keeps no ITC temperature: it starts at the config's
         key_map = {**blip2_key_map(cfg), "temp": "temp"}
         return load_state(cls, cfg, state, key_map, dtype, device, folder, ignore=BLIP2_IGNORED)
@@ -302,11 +301,8 @@ class QFormer(nn.Module):
         folder = checkpoint_folder(name_or_path, WEIGHT_FILES)
         hf = read_json(f"{folder}/config.json")
         kind = hf.get("model_type")
-        if kind not in ("bert", "distilbert"):
-            raise CheckpointError(f"config.json describes a {kind!r} model; QFormer.from_bert loads bert and "
-                                  "distilbert")
-        cfg = replace(config_from_bert(hf), encoder_dim=encoder_dim, n_queries=n_queries,
-                      cross_attention_frequency=cross_attention_frequency, proj_dim=proj_dim)
+        cfg = replace(build_config(QFormerConfig, bert_qformer_settings(hf)), encoder_dim=encoder_dim,
+                      n_queries=n_queries, cross_attention_frequency=cross_attention_frequency, proj_dim=proj_dim)
         state = bert_state(read_safetensors(folder, keep=lambda k: not k.startswith(BERT_HEADS)), kind)
         return load_state(cls, cfg, state, bert_key_map(cfg, kind), dtype, device, folder, ignore=BERT_IGNORED,
                           fresh=True)
@@ -359,7 +355,7 @@ def hard_negatives(sim, positives=None, generator=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading: BLIP-2 and BERT configs and key maps
+# Loading: BLIP-2 and BERT key maps (checkpoints.py reads their configs)
 # ---------------------------------------------------------------------------------------------
 
 GLIMPSE_TYPE = "glimpse-qformer"  # config.json's model_type in folders QFormer.save_pretrained writes
@@ -374,77 +370,12 @@ BERT_HEADS = ("cls.", "vocab_", "classifier.", "pre_classifier.", "qa_outputs.")
 BERT_IGNORED = ("pooler.", "embeddings.position_ids", "embeddings.token_type_ids")
 
 
-def canonical_name(name: str) -> str:
-    """Names as transformers 5.24 and the hub's BLIP-2 checkpoints spell them. Also accepted: the
-    InstructBLIP-style layout with the text embeddings and their LayerNorm under `qformer.embeddings`."""
-    for old, new in (("qformer.embeddings.layernorm.", "qformer.layernorm."),
-                     ("qformer.embeddings.word_embeddings.", "embeddings.word_embeddings."),
-                     ("qformer.embeddings.position_embeddings.", "embeddings.position_embeddings."),
-                     ("qformer.embeddings.position_ids", "embeddings.position_ids")):
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
-
-
-def bert_sizes(c: dict) -> dict:
-    """QFormerConfig's sizes from a BERT-style config: BERT's own or BLIP-2's qformer_config (missing
-    fields take bert-base-uncased's values, which transformers' Blip2QFormerConfig shares)."""
-    return dict(dim=c.get("hidden_size", 768), n_layers=c.get("num_hidden_layers", 12),
-                n_heads=c.get("num_attention_heads", 12), hidden_dim=c.get("intermediate_size", 3072),
-                act=activation_name(c.get("hidden_act", "gelu")), norm_eps=c.get("layer_norm_eps", 1e-12),
-                dropout=c.get("hidden_dropout_prob", 0.1), vocab_size=c.get("vocab_size", 30522),
-                max_positions=c.get("max_position_embeddings", 512), pad_token_id=c.get("pad_token_id", 0) or 0)
-
-
-def config_from_blip2(hf: dict, names: set) -> QFormerConfig:
-    """Sizes from a BLIP-2 config.json (missing fields take the defaults of transformers' Blip2Config,
-    Blip2QFormerConfig, Blip2VisionConfig); which optional parts there are (text side, projections, ITM
-    head) from the checkpoint's tensor names, as the model classes differ in them, not the config."""
-    q, v = hf.get("qformer_config") or {}, hf.get("vision_config") or {}
-    has = lambda prefix: any(n.startswith(prefix) for n in names)
-    return build_config(QFormerConfig, dict(
-        **bert_sizes(q), n_queries=hf.get("num_query_tokens", 32),
-        encoder_dim=v.get("hidden_size", 1408),  # Blip2Config sets the Q-Former's encoder_hidden_size so
-        cross_attention_frequency=q.get("cross_attention_frequency", 2),
-        text=has("embeddings.word_embeddings.") or has("qformer.encoder.layer.0.intermediate."),
-        proj_dim=hf.get("image_text_hidden_size", 256) if has("vision_projection.") or has("text_projection.")
-        else None,
-        itm_head=has("itm_head.")))
-
-
-def config_from_bert(hf: dict) -> QFormerConfig:
-    """The text side's sizes from a BERT or DistilBERT config.json (defaults: bert-base-uncased)."""
-    sizes = bert_sizes(hf)
-    if hf["model_type"] == "distilbert":  # most sizes under names of its own
-        if hf.get("sinusoidal_pos_embds"):  # the table is still stored, but say so rather than guess
-            raise CheckpointError("DistilBERT with sinusoidal position embeddings is not supported")
-        sizes |= dict(dim=hf.get("dim", 768), n_layers=hf.get("n_layers", 6), n_heads=hf.get("n_heads", 12),
-                      hidden_dim=hf.get("hidden_dim", 3072), act=activation_name(hf.get("activation", "gelu")),
-                      norm_eps=1e-12, dropout=hf.get("dropout", 0.1))
-    return build_config(QFormerConfig, dict(**sizes, text=True))
-
-
-def bert_state(state: dict, kind: str) -> dict:
-    """BERT's tensors as bert_key_map names them: no "bert." prefix (BertForPreTraining & co.), no
-    gamma/beta (the old TF-converted files), token-type row 0 folded into the positions (from_bert)."""
-    prefix = kind + "."
-    if any(k.startswith(prefix) for k in state):
-        state = {k.removeprefix(prefix): v for k, v in state.items()}
-    state = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
-             for k, v in state.items()}
-    token_types = state.pop("embeddings.token_type_embeddings.weight", None)  # (2, D) in BERT
-    if token_types is not None and "embeddings.position_embeddings.weight" in state:
-        state["embeddings.position_embeddings.weight"] = state["embeddings.position_embeddings.weight"] \
-            + token_types[0]  # (P, D)
-    return state
-
-
 def linear_and_norm_names(theirs: str, ours: str) -> dict:
     return {f"{theirs}.{p}": (f"{ours}.{p}",) for p in ("weight", "bias")}
 
 
 def blip2_key_map(cfg: QFormerConfig) -> dict[str, tuple[str, ...]]:
-    """Checkpoint tensor names (after `canonical_name`) -> ours."""
+    """Checkpoint tensor names (after checkpoints.blip2_name) -> ours."""
     m = {"query_tokens": ("query_tokens",)}
     m |= linear_and_norm_names("qformer.layernorm", "embed_norm")
     if cfg.text:
@@ -475,8 +406,8 @@ def blip2_key_map(cfg: QFormerConfig) -> dict[str, tuple[str, ...]]:
 
 
 def bert_key_map(cfg: QFormerConfig, kind: str) -> dict[str, tuple[str, ...]]:
-    """BERT / DistilBERT names (after the "bert."/"distilbert." prefix) -> ours; a feed-forward tensor
-    fills both the text and the query feed-forward, as BLIP-2 copies it."""
+    """BERT / DistilBERT names (after checkpoints.bert_state drops the "bert."/"distilbert." prefix) ->
+    ours; a feed-forward tensor fills both the text and the query feed-forward, as BLIP-2 copies it."""
     m = {"embeddings.word_embeddings.weight": ("word_embed.weight",),
          "embeddings.position_embeddings.weight": ("pos_embed.weight",)}
     m |= linear_and_norm_names("embeddings.LayerNorm", "embed_norm")

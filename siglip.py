@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (ACTIVATIONS, WEIGHT_FILES, CheckpointError, activation_name, build_config, check_side,
-                         checkpoint_folder, fits, load_state, read_json, read_safetensors)
+from checkpoints import (ACTIVATIONS, WEIGHT_FILES, build_config, check_side, checkpoint_folder, load_state, read_json,
+                         read_safetensors, vision_settings)
 
 
 @dataclass
@@ -184,7 +184,7 @@ class VisionTower(nn.Module):
         """The vision tower of a SigLIP or CLIP checkpoint (full or vision-only) or a DINOv2 one:
         a hub id or a local folder with config.json and safetensors."""
         folder = checkpoint_folder(name_or_path, WEIGHT_FILES)
-        cfg = vision_config_from_hf(read_json(f"{folder}/config.json"))
+        cfg = build_config(VisionConfig, vision_settings(read_json(f"{folder}/config.json")))
         state = read_safetensors(folder, keep=lambda k: not k.startswith(("text_model.", "logit_")))
         prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # the text half dropped
@@ -193,7 +193,7 @@ class VisionTower(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading: configs and key maps of the three families
+# Loading: the key maps of the three families (checkpoints.vision_settings reads their configs)
 # ---------------------------------------------------------------------------------------------
 
 IGNORED = {  # checkpoint tensors we do not use
@@ -202,39 +202,6 @@ IGNORED = {  # checkpoint tensors we do not use
     "dinov2": ("embeddings.mask_token",),  # used only in DINOv2's masked-image training
 }
 RESHAPED = {"embeddings.cls_token", "embeddings.position_embeddings"}  # DINOv2 stores (1, [1,] P, D)
-
-
-def vision_config_from_hf(hf: dict) -> VisionConfig:
-    """Our config from a SigLIP, CLIP (full model or vision-only) or DINOv2 config.json; missing
-    fields take the defaults of the HF config classes. A bad value is a CheckpointError naming our field."""
-    kind = hf.get("model_type")
-    if kind in ("siglip", "clip"):
-        hf = hf.get("vision_config") or {}
-    elif kind in ("siglip_vision_model", "clip_vision_model"):
-        kind = kind.split("_")[0]
-    elif kind in ("smolvlm_vision", "idefics3_vision"):  # SmolVLM's tower is a SigLIP
-        kind = "siglip"
-    elif kind != "dinov2":
-        raise CheckpointError(f"config.json describes a {kind!r} model; VisionTower loads siglip, clip and dinov2")
-    act = activation_name(hf.get("hidden_act", {"siglip": "gelu_tanh", "clip": "quick_gelu", "dinov2": "gelu"}[kind]))
-    if kind == "dinov2":
-        if hf.get("use_swiglu_ffn"):
-            raise CheckpointError("DINOv2 with a SwiGLU MLP (giant) is not supported")
-        dim, ratio = hf.get("hidden_size", 768), hf.get("mlp_ratio", 4)
-        if not (fits(dim, int) and fits(ratio, float)):
-            raise CheckpointError(f"config.json: hidden_size and mlp_ratio must be numbers, not {dim!r} and {ratio!r}")
-        return build_config(VisionConfig, dict(
-            family="dinov2", image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 14), dim=dim,
-            n_layers=hf.get("num_hidden_layers", 12), n_heads=hf.get("num_attention_heads", 12),
-            hidden_dim=int(dim * ratio), norm_eps=hf.get("layer_norm_eps", 1e-6),
-            act=act, cls_token=True, layer_scale=True))
-    clip = kind == "clip"
-    return build_config(VisionConfig, dict(
-        family=kind, image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 32 if clip else 16),
-        dim=hf.get("hidden_size", 768), n_layers=hf.get("num_hidden_layers", 12),
-        n_heads=hf.get("num_attention_heads", 12), hidden_dim=hf.get("intermediate_size", 3072),
-        norm_eps=hf.get("layer_norm_eps", 1e-5 if clip else 1e-6), act=act, cls_token=clip,
-        patch_bias=not clip, pre_norm=clip, post_norm="cls" if clip else "all"))
 
 
 def vision_key_map(cfg: VisionConfig) -> dict[str, str]:

@@ -4,7 +4,8 @@ local file formats, each read into the sample dicts data.py describes, and easy-
     local files        caption_folder, llava_json, text_files, preference_jsonl; local_source picks one
     Hugging Face hub   coco_captions, flickr30k, llava_instruct, the_cauldron, cosmopedia_text, rlaif_v
     easy-VQA           easy_vqa_split (the package's questions and images), easy_vqa_attributes
-                       (each image's shape and colour, from its questions and, where they are silent, its pixels)
+                       (each image's shape and colour, from its questions and, where they are silent, its pixels);
+                       easy_vqa_captions, easy_vqa_qa, easy_vqa_preferences, easy_vqa_text
 
 Local sources return lists. Hub sources return a `Stream`, which reads the dataset from the hub as
 it is iterated (`datasets` streaming mode, nothing downloaded up front) and starts again from the
@@ -14,6 +15,7 @@ beginning each time. Every malformed file or row is one `DataError` line naming 
 import functools
 import json
 import os
+import random
 import re
 
 import numpy as np
@@ -100,7 +102,8 @@ def llava_messages(turns, n_images: int, where: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------
 # easy-VQA's files: 64x64 images of one coloured shape, with questions about it (PyPI `easy-vqa`),
-# and each image's shape and colour, which the package does not list; data.py builds the samples
+# each image's shape and colour, which the package does not list, and the samples they make (data.py
+# balances the yes/no questions with balanced_yes_no and orders them into the tiny recipe's curriculum)
 # ---------------------------------------------------------------------------
 
 EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
@@ -175,6 +178,23 @@ def question_facts(question: str, answer: str) -> list[tuple[str, str, bool]]:
     return facts
 
 
+def balanced_yes_no(question: str, shape: str, color: str, rng: random.Random) -> tuple[str, str]:
+    """A yes/no question about an image showing a `color` `shape`, with the colour (or shape) it asks
+    about redrawn so that "yes" and "no" are equally likely, and its answer:
+
+        "is there a green shape?" (red circle) -> "is there a red shape?" "yes", or "... a blue ..." "no"
+    """
+    words = re.findall(r"[a-z]+", question.lower())
+    asked = [w for w in words if w in EASY_VQA_SHAPES or w in EASY_VQA_COLORS]
+    if len(asked) != 1:
+        raise ValueError(f"{question!r} does not ask about exactly one shape or colour")
+    values, truth = (EASY_VQA_SHAPES, shape) if asked[0] in EASY_VQA_SHAPES else (tuple(EASY_VQA_COLORS), color)
+    holds = rng.random() < 0.5
+    value = truth if holds else rng.choice([v for v in values if v != truth])
+    negated = is_negated(question)
+    return re.sub(rf"\b{asked[0]}\b", value, question), "yes" if holds != negated else "no"
+
+
 @functools.cache
 def easy_vqa_attributes(split: str) -> dict[int, tuple[str, str]]:
     """{image id: (shape, color)} for every image of the split. Each image's own questions and answers
@@ -200,6 +220,61 @@ def easy_vqa_attributes(split: str) -> dict[int, tuple[str, str]]:
             shapes, colors = {seen[0]}, {seen[1]}
         attributes[image_id] = (shapes.pop(), colors.pop())
     return attributes
+
+
+def easy_vqa_caption(shape: str, color: str) -> str:
+    return f"A {color} {shape}."
+
+
+def easy_vqa_captions(split: str = "train", limit: int | None = None, prompt: str = CAPTION_PROMPT) -> list[dict]:
+    """One captioning chat per image, by image id: user = image + `prompt`, assistant = "A blue rectangle."."""
+    paths = easy_vqa_split(split)[3]
+    return [chat_sample([paths[i]], prompt, easy_vqa_caption(shape, color))
+            for i, (shape, color) in easy_vqa_attributes(split).items()][:limit]
+
+
+def capitalized(question: str) -> str:
+    return question[:1].upper() + question[1:]
+
+
+def easy_vqa_qa(split: str = "train", limit: int | None = None) -> list[dict]:
+    """One chat per question, in the dataset's order: user = image + question, assistant = answer
+    (one of the 13 answer words: a shape, a colour, yes or no)."""
+    questions, answers, image_ids, paths = easy_vqa_split(split)
+    return [chat_sample([paths[i]], capitalized(q), a) for q, a, i in zip(questions, answers, image_ids)][:limit]
+
+
+def wrong_answer(answer: str, rng: random.Random) -> str:
+    """A wrong easy-VQA answer of the same kind: another shape, another colour, or the other of yes/no."""
+    if answer in ("yes", "no"):
+        return "no" if answer == "yes" else "yes"
+    if answer in EASY_VQA_SHAPES:
+        return rng.choice([s for s in EASY_VQA_SHAPES if s != answer])
+    if answer in EASY_VQA_COLORS:
+        return rng.choice([c for c in EASY_VQA_COLORS if c != answer])
+    raise ValueError(f"{answer!r} is not an easy-VQA answer")
+
+
+def easy_vqa_preferences(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+    """One preference pair per question: chosen = the right answer, rejected = a wrong one of the same
+    kind, drawn by `seed` (the same pairs every time)."""
+    rng = random.Random(seed)
+    questions, answers, image_ids, paths = easy_vqa_split(split)
+    samples = []
+    for q, a, i in zip(questions[:limit], answers, image_ids):
+        samples.append({"prompt": [user_turn(capitalized(q))], "images": [paths[i]],
+                        "chosen": a, "rejected": wrong_answer(a, rng)})
+    return samples
+
+
+def easy_vqa_text(split: str = "train", limit: int | None = None) -> list[dict]:
+    """Plain text for language-model pretraining, one document per image: its caption, then a
+    "Q: ... A: ..." line for each of its questions."""
+    questions, answers, image_ids, _ = easy_vqa_split(split)
+    lines = {i: [easy_vqa_caption(shape, color)] for i, (shape, color) in easy_vqa_attributes(split).items()}
+    for q, a, i in zip(questions, answers, image_ids):
+        lines[i].append(f"Q: {capitalized(q)} A: {a}")
+    return [{"text": "\n".join(document)} for document in lines.values()][:limit]
 
 
 # ---------------------------------------------------------------------------

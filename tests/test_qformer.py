@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import CheckpointError
-from qformer import QFormer, QFormerConfig, blip2_key_map, config_from_blip2, hard_negatives, itc_loss, similarity
+from checkpoints import CheckpointError, blip2_qformer_settings, build_config
+from qformer import QFormer, QFormerConfig, blip2_key_map, hard_negatives, itc_loss, similarity
 
 transformers = pytest.importorskip("transformers")
 
@@ -180,7 +180,7 @@ def test_blip2_opt_hub_config():
     assert "qformer.encoder.layer.10.crossattention.attention.query.weight" in names
     assert "qformer.encoder.layer.11.crossattention.attention.query.weight" not in names
     assert len(names) == 1 + 2 + 12 * 16 + 6 * 10  # query_tokens, layernorm, self-attn + query FFN, cross-attn
-    cfg = config_from_blip2(hub, names)
+    cfg = build_config(QFormerConfig, blip2_qformer_settings(hub, names))
     assert cfg == QFormerConfig(dim=768, n_layers=12, n_heads=12, hidden_dim=3072, n_queries=32, encoder_dim=1408,
                                 cross_attention_frequency=2, text=False, proj_dim=None, itm_head=False)
 

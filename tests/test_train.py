@@ -186,12 +186,13 @@ def test_a_short_run_learns_to_look_at_the_image(tmp_path, monkeypatch, one_thre
     the loss has fallen, and on held-out test images the answers with the image beat the same
     model's answers without it (which can only guess from the wording)."""
     import data
+    import sources
     import train
     from cli import load
     from evaluate import answer_questions
 
     def colour_questions(split="train", limit=None):
-        return [s for s in data.easy_vqa_qa(split) if s["messages"][1]["content"] in data.EASY_VQA_COLORS][:limit]
+        return [s for s in sources.easy_vqa_qa(split) if s["messages"][1]["content"] in sources.EASY_VQA_COLORS][:limit]
 
     monkeypatch.setitem(data.SOURCES, "colour-questions", colour_questions)
     cfg = train.TrainConfig(phase="instruct", preset="tiny", connector="pixel_shuffle", template="chatml-plain",
