@@ -14,11 +14,9 @@ A sample is a plain dict in one of three shapes:
 where a content is a string or a list of parts, and `images` holds one path or PIL image for each
 {"type": "image"} part, in the order the parts appear.
 
-Sources (all take `limit`, the number of samples to keep) are read by sources.py: easy-VQA offline,
-local files and Hugging Face hub sets. Here easy-VQA's questions are balanced and ordered into the tiny
-recipe's curriculum (easy_vqa_qa_balanced, easy_vqa_curriculum, easy_vqa_text_curriculum). `SOURCES`
-names them all for train.py's presets and `--data` flag; `load_source(name_or_path, split)` also
-takes a local file or folder.
+Sources (all take `limit`) are read by sources.py: easy-VQA offline, local files, hub sets. Here
+easy-VQA's questions are balanced and ordered for the tiny recipe. `SOURCES` names them all for
+train.py's presets and `--data`; `load_source(name_or_path, split)` also takes a local file or folder.
 
 Batches: `collate` (chats and texts), `collate_preferences` (both sides of preference pairs) and
 `collate_captions` (images and captions, for a Q-Former's contrastive stage) make padded tensors:
@@ -36,8 +34,8 @@ import torch
 
 import sources
 from processing import IGNORE_INDEX, Special, build_prompt, load_image
-from sources import (IMAGE_MARKER, balanced_yes_no, capitalized, chat_sample, count_image_parts, easy_vqa_attributes,
-                     easy_vqa_caption, easy_vqa_split, is_negated)
+from sources import (EASY_VQA_SHAPES, IMAGE_MARKER, balanced_yes_no, capitalized, chat_sample, count_image_parts,
+                     easy_vqa_attributes, easy_vqa_caption, easy_vqa_split, is_negated)
 
 # ---------------------------------------------------------------------------
 # Samples: their kind (the chat builders, user_turn and chat_sample, are in sources.py)
@@ -56,8 +54,7 @@ def sample_kind(sample: dict) -> str:
 
 
 # ---------------------------------------------------------------------------
-# easy-VQA balanced and ordered for learning (sources.py reads its files and makes its plain samples:
-# easy_vqa_captions, easy_vqa_qa, easy_vqa_preferences, easy_vqa_text)
+# easy-VQA balanced and ordered for learning (its files and plain samples: sources.py)
 # ---------------------------------------------------------------------------
 
 
@@ -80,12 +77,10 @@ def easy_vqa_qa_balanced(split: str = "train", limit: int | None = None, seed: i
 
 
 def easy_vqa_curriculum(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """The balanced questions in the order to learn them (train with shuffling off): first every
-    question but the negated yes/no ones, then all of them, each part shuffled by `seed`.
-    On balanced questions the answer of "is there not a red shape?" is (the colour matches) XOR
-    (negated): with both kinds mixed from the start, a match means "yes" as often as "no" and the
-    gradient toward comparing cancels (the README's diagnosis). Learnt first without negations, the
-    comparison is there for the negated questions to flip."""
+    """The balanced questions in the order to learn them (shuffling off): every question but the negated
+    yes/no ones, then all, each part shuffled by `seed`. "Is there not a red shape?" is (colour matches)
+    XOR (negated): mixed from the start, the gradient toward comparing cancels (README's diagnosis);
+    learnt first without negations, the comparison is there for the negated questions to flip."""
     rng = random.Random(seed)
     everything = easy_vqa_qa_balanced(split, seed=seed)
     plain = [s for s in everything if not is_negated(s["messages"][0]["content"][1]["text"])]
@@ -94,10 +89,21 @@ def easy_vqa_curriculum(split: str = "train", limit: int | None = None, seed: in
     return (plain + everything)[:limit]
 
 
+def easy_vqa_shapes_first(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+    """The tiny instruct data in order (shuffling off): the shape questions twice, then every balanced
+    question twice, each part shuffled by `seed`. A from-scratch tower learns shape through the LM's
+    loss while shape is all there is to learn, not as one question in eight (README's diagnosis)."""
+    rng = random.Random(seed)
+    everything = easy_vqa_qa_balanced(split, seed=seed)
+    shapes = [s for s in everything if s["messages"][1]["content"] in EASY_VQA_SHAPES] * 2
+    rng.shuffle(shapes)
+    rng.shuffle(everything)
+    return (shapes + everything + rng.sample(everything, len(everything)))[:limit]
+
+
 def easy_vqa_text_curriculum(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """easy_vqa_curriculum in words, for pretraining the LM: each image replaced by its caption, as
-    user: "A red circle. Is there a blue shape?", assistant: "no". The LM learns to compare the
-    question with what the picture shows while it is written out, before it must read it from pixels."""
+    """easy_vqa_curriculum in words, for pretraining the LM: user "A red circle. Is there a blue shape?",
+    assistant "no". The LM learns to compare while the picture is written out, before reading pixels."""
     paths = easy_vqa_split(split)[3]
     captions = {paths[i]: easy_vqa_caption(*shape_color) for i, shape_color in easy_vqa_attributes(split).items()}
     return [chat_sample([], f"{captions[s['images'][0]]} {s['messages'][0]['content'][1]['text']}",
@@ -113,6 +119,7 @@ SOURCES = {
     "easy-vqa-qa": sources.easy_vqa_qa,
     "easy-vqa-qa-balanced": easy_vqa_qa_balanced,
     "easy-vqa-curriculum": easy_vqa_curriculum,
+    "easy-vqa-shapes-first": easy_vqa_shapes_first,
     "easy-vqa-text-curriculum": easy_vqa_text_curriculum,
     "easy-vqa-preferences": sources.easy_vqa_preferences,
     "easy-vqa-text": sources.easy_vqa_text,

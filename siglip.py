@@ -59,11 +59,9 @@ class VisionConfig:
 
 
 class ConvStem(nn.Sequential):
-    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): in
-    place of one p x p convolution, log2(p) 3x3 stride-2 convolutions, each with BatchNorm and ReLU,
-    then a 1x1 convolution to the width; the same patch grid comes out. A from-scratch tower trained
-    only through the LM's loss learns shapes with it in a few hundred steps, and at chance without
-    (the README's diagnosis of the tiny model)."""
+    """Early convolutions (Xiao et al. 2021): log2(p) 3x3 stride-2 convolutions with BatchNorm and ReLU,
+    then a 1x1 to the width, in place of one p x p convolution: the same patch grid, and a from-scratch
+    tower that learns shapes through the LM's loss (the README's diagnosis of the tiny model)."""
 
     def __init__(self, cfg: VisionConfig):
         n = cfg.patch_size.bit_length() - 1

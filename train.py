@@ -116,8 +116,8 @@ PRESETS = {
             "pretrain": {"data": "easy-vqa-text-curriculum", "shuffle": False, "steps": 1500, "lr": 1e-3},
             "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 3e-3, "train_vision": True,
                       "lr_vision": 1e-3},
-            "instruct": {"data": "easy-vqa-curriculum", "shuffle": False, "steps": 2000, "lr": 1e-3,
-                         "lr_connector": 1e-3, "train_vision": True, "lr_vision": 1e-3},
+            "instruct": {"data": "easy-vqa-shapes-first", "shuffle": False, "steps": 2000, "lr": 3e-4,
+                         "lr_connector": 3e-4, "train_vision": True, "lr_vision": 3e-4},
             "dpo": {"data": "easy-vqa-preferences", "steps": 150, "lr": 1e-4, "warmup": 10, "beta": 0.5,
                     "rpo_alpha": 0.25},
             "qformer": {"data": "easy-vqa-captions", "steps": 200, "connector": "qformer", "lr": 1e-3},
@@ -190,8 +190,7 @@ def set_trainable(model, cfg: TrainConfig):
 
 
 def train_mode(model):
-    """model.train(), except BatchNorm layers that do not learn (a frozen ConvStem tower): they keep
-    their running statistics and normalise with them, as at inference."""
+    """model.train(), but BatchNorm that does not learn (a frozen ConvStem) keeps its running statistics."""
     model.train()
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.requires_grad:

@@ -3,9 +3,8 @@
     VLMConfig -> connectors (MLP, pixel shuffle, class-token gate, Q-Former) -> merge_image_embeddings
     -> VLM -> loading SmolVLM / Idefics3 checkpoints: config and key map
 
-The vision tower (siglip.py) turns an image into patch features; the connector turns those into
-LM-wide embeddings, which replace the `<image>` placeholder tokens of the prompt before the LM
-(model.py) reads it (LLaVA, Liu et al. 2023; SmolVLM, Marafioti et al. 2025; BLIP-2, Li et al. 2023).
+The tower (siglip.py) gives patch features; the connector makes them LM-wide embeddings for the prompt's
+`<image>` placeholders, read by the LM (model.py). LLaVA (Liu 2023), SmolVLM (Marafioti 2025), BLIP-2 (Li 2023).
 """
 
 import math
