@@ -89,16 +89,16 @@ def easy_vqa_curriculum(split: str = "train", limit: int | None = None, seed: in
     return (plain + everything)[:limit]
 
 
-def easy_vqa_shapes_first(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """The tiny instruct data in order (shuffling off): the shape questions twice, then every balanced
-    question twice, each part shuffled by `seed`. A from-scratch tower learns shape through the LM's
-    loss while shape is all there is to learn, not as one question in eight (README's diagnosis)."""
+def easy_vqa_open_first(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+    """The tiny instruct data in order (shuffling off): the colour and shape questions twice, then
+    every balanced question twice, each part shuffled by `seed`. The tower learns both attributes
+    while they are all there is to learn, before yes/no asks to compare them (README's diagnosis)."""
     rng = random.Random(seed)
     everything = easy_vqa_qa_balanced(split, seed=seed)
-    shapes = [s for s in everything if s["messages"][1]["content"] in EASY_VQA_SHAPES] * 2
-    rng.shuffle(shapes)
+    open_ended = [s for s in everything if s["messages"][1]["content"] not in ("yes", "no")] * 2
+    rng.shuffle(open_ended)
     rng.shuffle(everything)
-    return (shapes + everything + rng.sample(everything, len(everything)))[:limit]
+    return (open_ended + everything + rng.sample(everything, len(everything)))[:limit]
 
 
 def easy_vqa_text_curriculum(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
@@ -119,7 +119,7 @@ SOURCES = {
     "easy-vqa-qa": sources.easy_vqa_qa,
     "easy-vqa-qa-balanced": easy_vqa_qa_balanced,
     "easy-vqa-curriculum": easy_vqa_curriculum,
-    "easy-vqa-shapes-first": easy_vqa_shapes_first,
+    "easy-vqa-open-first": easy_vqa_open_first,
     "easy-vqa-text-curriculum": easy_vqa_text_curriculum,
     "easy-vqa-preferences": sources.easy_vqa_preferences,
     "easy-vqa-text": sources.easy_vqa_text,
