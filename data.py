@@ -34,7 +34,7 @@ import torch
 
 import sources
 from processing import IGNORE_INDEX, Special, build_prompt, load_image
-from sources import (EASY_VQA_SHAPES, IMAGE_MARKER, balanced_yes_no, capitalized, chat_sample, count_image_parts,
+from sources import (IMAGE_MARKER, balanced_yes_no, capitalized, chat_sample, count_image_parts,
                      easy_vqa_attributes, easy_vqa_caption, easy_vqa_split, is_negated)
 
 # ---------------------------------------------------------------------------
