@@ -551,7 +551,8 @@ def check_settings(cfg):
     for name in ("lr", "lr_connector", "lr_lora", "lr_vision", "beta", "lora_alpha"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
             fail(f"--{name.replace('_', '-')} must be a positive number, got {getattr(cfg, name)}")
-    for name in ("weight_decay", "grad_clip", "aux_loss_coef", "rpo_alpha", "warmup", "limit", "stop_after", "lora_r"):
+    for name in ("weight_decay", "grad_clip", "aux_loss_coef", "rpo_alpha", "warmup", "limit", "stop_after", "lora_r",
+                 "lora_layers"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
             fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     for name, high in (("min_lr_ratio", 1.0), ("lora_dropout", 0.99), ("label_smoothing", 0.49)):

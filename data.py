@@ -90,15 +90,17 @@ def easy_vqa_curriculum(split: str = "train", limit: int | None = None, seed: in
 
 
 def easy_vqa_open_first(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """The tiny instruct data in order (shuffling off): the colour and shape questions twice, then
-    every balanced question twice, each part shuffled by `seed`. The tower learns both attributes
-    while they are all there is to learn, before yes/no asks to compare them (README's diagnosis)."""
+    """The tiny instruct data in order (shuffling off): the shape questions once, the colour and shape
+    questions twice, then every balanced question twice, each part shuffled by `seed`. The tower learns
+    shape (the harder attribute) while nothing else pays, then colour beside it, before yes/no asks to
+    compare them (README's diagnosis)."""
     rng = random.Random(seed)
     everything = easy_vqa_qa_balanced(split, seed=seed)
+    shapes = [s for s in everything if s["messages"][1]["content"] in sources.EASY_VQA_SHAPES]
     open_ended = [s for s in everything if s["messages"][1]["content"] not in ("yes", "no")] * 2
-    rng.shuffle(open_ended)
-    rng.shuffle(everything)
-    return (open_ended + everything + rng.sample(everything, len(everything)))[:limit]
+    for part in (shapes, open_ended, everything):
+        rng.shuffle(part)
+    return (shapes + open_ended + everything + rng.sample(everything, len(everything)))[:limit]
 
 
 def easy_vqa_text_curriculum(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:

@@ -41,14 +41,22 @@ def response_mask(batch: dict) -> torch.Tensor:  # (B, T - 1) bool
     return batch["labels"][:, 1:] != IGNORE_INDEX
 
 
+def logit_positions(batch: dict) -> torch.Tensor:  # (B, T) bool
+    """response_mask padded to T: the positions whose logits a loss reads (the model's logits_at)."""
+    return F.pad(response_mask(batch), (0, 1), value=False)
+
+
 def token_logprobs(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:  # (n,) float32, (n,) long
     """log p(token) of every labelled token, and the row it is in: logits (B, T, V) at position t
-    predict token t + 1, labels (B, T) unshifted, -100 where nothing is learned (data.collate).
-    Training's next-token loss is minus their sum; perplexity is exp of minus their mean. Only the
-    labelled positions are turned into float32 log-probabilities, so no second (B, T, V) tensor is made."""
+    predict token t + 1, or (n, V) at the labelled positions only (forward's logits_at=logit_positions),
+    labels (B, T) unshifted, -100 where nothing is learned (data.collate). Training's next-token loss is
+    minus their sum; perplexity is exp of minus their mean. Only the labelled positions are turned into
+    float32 log-probabilities, so no second (B, T, V) tensor is made."""
     mask = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1)
     targets = labels[:, 1:][mask]  # (n,) the labelled tokens, row by row
-    logps = logits[:, :-1][mask].float().log_softmax(dim=-1)  # (n, V)
+    if logits.dim() == 3:
+        logits = logits[:, :-1][mask]  # (n, V)
+    logps = logits.float().log_softmax(dim=-1)  # (n, V)
     return logps.gather(-1, targets[:, None]).squeeze(-1), mask.nonzero()[:, 0]  # (n,), (n,)
 
 
@@ -58,9 +66,10 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:  # (B,) float32
     batch: input_ids, attention_mask, labels (B, T) as data.collate makes them (-100 everywhere but
     the reply), and pixel_values (N, 3, H, W) or None."""
     kwargs = {"pixel_values": batch["pixel_values"]} if batch.get("pixel_values") is not None else {}
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)  # (B, T, V)
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_at=logit_positions(batch),
+                   **kwargs)  # (n, V)
     logps, rows = token_logprobs(logits, batch["labels"])  # (n,), (n,)
-    return logps.new_zeros(logits.shape[0]).index_add(0, rows, logps)  # (B,)
+    return logps.new_zeros(len(batch["labels"])).index_add(0, rows, logps)  # (B,)
 
 
 def concat_pair(batch_pair: dict) -> dict:

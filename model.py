@@ -288,8 +288,10 @@ class LanguageModel(nn.Module):
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, w.device, w.dtype)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                inputs_embeds=None, last_only: bool = False, return_aux: bool = False):
-        """input_ids (B, T) or inputs_embeds (B, T, D) -> logits (B, T, V), or (B, 1, V) if last_only.
+                inputs_embeds=None, last_only: bool = False, return_aux: bool = False, logits_at=None):
+        """input_ids (B, T) or inputs_embeds (B, T, D) -> logits (B, T, V), or (B, 1, V) if last_only, or
+        (n, V) at the n True positions of logits_at (B, T) (training: where the loss looks; the LM head of
+        a 49k vocabulary costs a fifth of SmolLM2's forward pass at every position).
 
         attention_mask (B, T): 1 for real tokens, 0 for (left) padding, for the tokens given now;
         a cache remembers the earlier ones. Position ids default to the count of real tokens before
@@ -335,6 +337,8 @@ class LanguageModel(nn.Module):
             cache.length = start + T
         if last_only:
             x = x[:, -1:]  # (B, 1, D)
+        if logits_at is not None:
+            x = x[logits_at]  # (n, D)
         x = self.norm(x)  # (B, T, D)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)  # (B, T, V)
         if return_aux:

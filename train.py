@@ -18,6 +18,7 @@ written whole or not at all; `latest` names it and --resume continues from it ex
 """
 
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -36,7 +37,7 @@ from checkpoints import CheckpointError
 from cli import (all_sum, build_model, catch_ctrl_c, check_run, fail, latest_checkpoint, load_data, load_settings,
                  load_trainer_state, lock_run, log_step, open_log, plot_losses, print_table, retrieval_report,
                  save_checkpoint, setup_distributed)
-from dpo import dpo_step, reference_logprobs, token_logprobs
+from dpo import dpo_step, logit_positions, reference_logprobs, token_logprobs
 from lora import apply_lora, load_adapter
 from model import LanguageModel
 from processing import ImageProcessor, Special, Tokenizer
@@ -85,10 +86,13 @@ class TrainConfig:
     rpo_alpha: float = 0.0  # DPO: weight of the chosen replies' NLL added to the loss (RPO)
     itm: bool = False  # qformer phase: add BLIP-2's image-text matching loss with hard negatives
     train_vision: bool = False  # also train the vision tower (from-scratch towers need it)
+    keep_features: bool = True  # a frozen tower's output per image, kept in memory (DINOv2-S, 112 px: 100 kB)
     lora_r: int = 0  # 0: no LoRA; instruct trains the LM in full
     lora_alpha: int = 16
     lora_dropout: float = 0.1
     lora_targets: str = "q_proj,v_proj"  # comma-separated, or "all-linear"
+    lora_layers: int = 0  # LoRA in the top N LM layers only (0: all of them)
+    train_connector: bool = True  # false: align's connector stays; with --lora-layers, backward stops below them
     dtype: str = "auto"  # auto: bfloat16 autocast on GPUs that support it, else float32
     compile: bool = False
     device: str = "auto"
@@ -113,7 +117,7 @@ PRESETS = {
         "vision_config": TINY_VISION, "lm_config": TINY_LM, "tokenizer_vocab": 512, "tokenizer_data": "easy-vqa-qa",
         "batch_size": 32, "micro_batch": 32, "max_len": 96, "eval_every": 50, "save_every": 100,
         "phases": {
-            "pretrain": {"data": "easy-vqa-text-curriculum", "shuffle": False, "steps": 1500, "lr": 1e-3},
+            "pretrain": {"data": "easy-vqa-text-curriculum", "shuffle": False, "steps": 1500, "lr": 5e-4},
             "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 3e-3, "train_vision": True,
                       "lr_vision": 1e-3},
             "instruct": {"data": "easy-vqa-open-first", "shuffle": False, "steps": 2000, "lr": 5e-5,
@@ -175,13 +179,22 @@ PRESETS = {
 def set_trainable(model, cfg: TrainConfig):
     """The parts that the phase table names learn; --train-vision adds the vision tower (which learns
     through the LM's loss: not in the qformer phase); with --lora-r the LM learns through LoRA
-    adapters. A language model (pretrain) learns whole. Returns the model."""
+    adapters (--lora-layers: in the top layers only). A language model (pretrain) learns whole. With
+    nothing trainable below the lowest adapter (--train-connector false, the tower frozen), autograd
+    never runs the backward pass through the layers under it. Returns the model."""
     if isinstance(model, LanguageModel):
         return model.requires_grad_(True)
     parts = PHASES[cfg.phase].trains + (("vision",) if cfg.train_vision and cfg.phase != "qformer" else ())
+    parts = tuple(part for part in parts if cfg.train_connector or part != "connector")
     model.requires_grad_(False)
     if "lm" in parts and cfg.lora_r:  # the adapters, and the other parts whole
         targets = "all-linear" if cfg.lora_targets == "all-linear" else tuple(cfg.lora_targets.split(","))
+        n = model.lm.config.n_layers
+        if not 0 <= cfg.lora_layers <= n:
+            raise ValueError(f"--lora-layers {cfg.lora_layers}: the LM has {n} layers")
+        if cfg.lora_layers:  # the same linears, as a regex over the top layers' names (lora._matches)
+            linears = ".*" if targets == "all-linear" else "|".join(targets)
+            targets = rf"layers\.({'|'.join(map(str, range(n - cfg.lora_layers, n)))})\.(.*\.)?({linears})"
         return apply_lora(model, targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                           trainable=tuple(f"{part}." for part in parts if part != "lm"))
     for part in parts:
@@ -243,6 +256,24 @@ def global_batch(n_samples: int, step: int, cfg: TrainConfig) -> list[int]:
     return out
 
 
+class KeptFeatures:
+    """A frozen tower's output (vision_layer) per image, computed the first time the image comes and
+    kept in memory, so later epochs skip the tower. Keyed by the pixels the processor made; one image
+    at a time, so that a resumed run, its memory empty, computes the very same numbers."""
+
+    def __init__(self, model: VLM):
+        self.model, self.kept = model, {}
+
+    @torch.no_grad()
+    def __call__(self, pixel_values):  # (N, 3, H, W) -> (N, [1 +] P, Dv)
+        keys = [hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest() for image in pixel_values]
+        for image, key in zip(pixel_values, keys):
+            if key not in self.kept:
+                hidden = self.model.vision(image[None], layer=self.model.config.vision_layer)  # (1, [1 +] P, Dv)
+                self.kept[key] = hidden[0]
+        return torch.stack([self.kept[key] for key in keys])
+
+
 @dataclass
 class Setup:
     """What a phase's batches are made with, besides the samples."""
@@ -253,6 +284,7 @@ class Setup:
     reference: torch.nn.Module | None  # DPO's frozen reference; None: the policy with its LoRA adapters off
     device: torch.device
     bf16: bool  # autocast to bfloat16 (--dtype, or auto on GPUs that support it)
+    features: KeptFeatures | None = None  # chat batches carry image_features in place of pixel_values
 
     def autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
@@ -262,10 +294,14 @@ class Setup:
 
 
 def chat_batch(samples: list, s: Setup) -> dict:
-    """Chats or texts (data.collate): input_ids, attention_mask, labels (B, T), pixel_values or None."""
+    """Chats or texts (data.collate): input_ids, attention_mask, labels (B, T), pixel_values or None
+    (with a frozen tower: its image_features in their place)."""
     batch = data.collate(samples, s.tokenizer, s.processor, template=s.cfg.template,
                          image_tokens=s.image_tokens if s.processor else None, max_len=s.cfg.max_len)
-    return data.to_device(batch, s.device)
+    batch = data.to_device(batch, s.device)
+    if s.features is not None and batch["pixel_values"] is not None:
+        batch["image_features"] = s.features(batch.pop("pixel_values"))  # (N, [1 +] P, Dv)
+    return batch
 
 
 def caption_batch(samples: list, s: Setup) -> dict:
@@ -288,9 +324,9 @@ def preference_batch(samples: list, s: Setup) -> dict:
 def token_loss(model, batch: dict, cfg: TrainConfig):
     """Next-token cross-entropy summed over the labelled tokens (dpo.token_logprobs), plus aux_loss_coef
     x the MoE load-balancing loss for each of them (0 without experts); their count; no metrics."""
-    kwargs = {"pixel_values": batch["pixel_values"]} if batch.get("pixel_values") is not None else {}
+    kwargs = {k: batch[k] for k in ("pixel_values", "image_features") if batch.get(k) is not None}
     logits, aux = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_aux=True,
-                        **kwargs)  # (B, T, V), ()
+                        logits_at=logit_positions(batch), **kwargs)  # (n, V) where the loss looks, ()
     logps, _ = token_logprobs(logits, batch["labels"])  # (n,)
     return -logps.sum() + cfg.aux_loss_coef * aux * len(logps), len(logps), {}  # (), int
 
@@ -356,6 +392,8 @@ def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | No
     try:
         model, tokenizer, processor = build_model(replace(cfg, init=resume_from or cfg.init), spec, train_set)
         model = set_trainable(model, cfg)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"nothing trains in the {cfg.phase} phase with these settings (--train-connector false?)")
         if resume_from and any("lora_" in n for n, _ in model.named_parameters()):
             load_adapter(model, resume_from)
     except (CheckpointError, OSError, ValueError) as e:
@@ -369,7 +407,10 @@ def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | No
     if cfg.phase == "dpo" and not cfg.lora_r:
         reference = VLM.from_pretrained(latest_checkpoint(cfg.init) or cfg.init, device=device).requires_grad_(False)
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return Setup(cfg, model, tokenizer, processor, reference, device, bf16), optimizer, start
+    frozen_tower = isinstance(model, VLM) and not any(p.requires_grad for p in model.vision.parameters())
+    keep = cfg.keep_features and frozen_tower and cfg.phase in ("align", "instruct")
+    features = KeptFeatures(model) if keep else None
+    return Setup(cfg, model, tokenizer, processor, reference, device, bf16, features), optimizer, start
 
 
 def accumulate(step_model, ddp, batches: list, s: Setup) -> tuple[float, int, dict]:
@@ -426,7 +467,8 @@ def train(cfg: TrainConfig, spec: dict):
     if is_main:
         print(f"{cfg.phase} ({cfg.preset}): {sum(p.numel() for p in trainable):,} trainable of "
               f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(train_set):,} training samples, "
-              f"{world} process(es) on {device}" + (f"; {skipped} unreadable hub sample(s) skipped" if skipped else ""))
+              f"{world} process(es) on {device}" + (f"; {skipped} unreadable hub sample(s) skipped" if skipped else "")
+              + ("; the frozen tower's features kept per image" if s.features else ""))
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     step_model = torch.compile(ddp) if cfg.compile else ddp
     log = open_log(cfg.out, start) if is_main else None

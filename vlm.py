@@ -156,9 +156,11 @@ class VLM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         return self.lm.new_cache(batch_size, max_len)
 
-    def image_embeddings(self, pixel_values):  # (N, 3, H, W) -> (N, n, D)
-        """Each image (or tile) as the LM-wide embeddings that fill its placeholders."""
-        hidden = self.vision(pixel_values, layer=self.config.vision_layer)  # (N, [1 +] P, Dv)
+    def image_embeddings(self, pixel_values=None, hidden=None):  # (N, 3, H, W) -> (N, n, D)
+        """Each image (or tile) as the LM-wide embeddings that fill its placeholders; from the pixels,
+        or from the tower's output at vision_layer (hidden: a frozen tower's, computed once and kept)."""
+        if hidden is None:
+            hidden = self.vision(pixel_values, layer=self.config.vision_layer)  # (N, [1 +] P, Dv)
         if self.config.connector == "cls_gate":
             return self.connector(self.vision.pool(hidden))  # (N, 1, D)
         if self.vision.cls_token is not None and self.config.connector != "qformer":
@@ -166,18 +168,19 @@ class VLM(nn.Module):
         return self.connector(hidden)  # (N, n, D)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, cache: KVCache | None = None,
-                last_only: bool = False, return_aux: bool = False):
+                last_only: bool = False, return_aux: bool = False, logits_at=None, image_features=None):
         """input_ids (B, T) with <image> placeholders, pixel_values (N, 3, H, W) for the N images
-        they stand for, in order -> logits (B, T, V). With a cache, pass the images with the
-        prefill only; decoding steps feed text tokens."""
+        they stand for, in order (or their image_features, the tower's output) -> logits (B, T, V).
+        With a cache, pass the images with the prefill only; decoding steps feed text tokens."""
         placeholders = input_ids == self.config.image_token_id  # (B, T)
         embeds = self.lm.embed(input_ids.masked_fill(placeholders, 0))  # (B, T, D)
-        if pixel_values is not None:
-            embeds = merge_image_embeddings(embeds, placeholders, self.image_embeddings(pixel_values))  # (B, T, D)
+        if pixel_values is not None or image_features is not None:
+            image_embeds = self.image_embeddings(pixel_values, image_features)  # (N, n, D)
+            embeds = merge_image_embeddings(embeds, placeholders, image_embeds)  # (B, T, D)
         elif bool(placeholders.any()):
             raise ValueError("the prompt has <image> placeholders but no pixel_values were given")
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, last_only=last_only,
-                       return_aux=return_aux)
+                       return_aux=return_aux, logits_at=logits_at)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu", adapter: bool = True) -> "VLM":

@@ -132,21 +132,24 @@ def test_easy_vqa_curriculum_holds_back_the_negated_questions_then_gives_all_and
         assert words["messages"][0]["content"] == [{"type": "text", "text": text}]
 
 
-def test_easy_vqa_open_first_gives_the_colour_and_shape_questions_twice_then_all_twice():
+def test_easy_vqa_open_first_gives_the_shape_questions_then_colour_and_shape_twice_then_all_twice():
     def key(sample):
         return sample["messages"][0]["content"][-1]["text"], sample["messages"][1]["content"], tuple(sample["images"])
 
     balanced = data.easy_vqa_qa_balanced("train")
-    shapes = [s for s in balanced if s["messages"][1]["content"] not in ("yes", "no")]
-    assert {s["messages"][1]["content"] for s in shapes} == set(SHAPES) | set(COLORS)
+    shapes = [s for s in balanced if s["messages"][1]["content"] in SHAPES]
+    opens = [s for s in balanced if s["messages"][1]["content"] not in ("yes", "no")]
+    assert {s["messages"][1]["content"] for s in opens} == set(SHAPES) | set(COLORS)
     samples = data.easy_vqa_open_first("train")
-    assert len(samples) == 2 * len(shapes) + 2 * len(balanced)
-    first, rest = samples[:2 * len(shapes)], samples[2 * len(shapes):]
-    assert sorted(map(key, first)) == sorted(map(key, shapes * 2))  # the colour and shape questions, twice...
+    assert len(samples) == len(shapes) + 2 * len(opens) + 2 * len(balanced)
+    first, samples = samples[:len(shapes)], samples[len(shapes):]
+    assert sorted(map(key, first)) == sorted(map(key, shapes))  # the shape questions...
+    second, rest = samples[:2 * len(opens)], samples[2 * len(opens):]
+    assert sorted(map(key, second)) == sorted(map(key, opens * 2))  # ...the colour and shape questions, twice...
     once, twice = rest[:len(balanced)], rest[len(balanced):]
     assert sorted(map(key, once)) == sorted(map(key, twice)) == sorted(map(key, balanced))  # ...then all, twice
     assert [key(s) for s in once] != [key(s) for s in twice]  # each pass in its own order
-    assert data.load_source("easy-vqa-open-first", limit=5) == samples[:5]
+    assert data.load_source("easy-vqa-open-first", limit=5) == data.easy_vqa_open_first("train")[:5]
 
 
 def test_easy_vqa_preferences_reject_a_wrong_answer_of_the_same_kind():

@@ -12,8 +12,8 @@ import torch
 
 import data
 import sources
-from dpo import (concat_pair, dpo_loss, dpo_step, pair_logprobs, reference_logprobs,
-                 sequence_logprobs)
+from dpo import (concat_pair, dpo_loss, dpo_step, logit_positions, pair_logprobs, reference_logprobs,
+                 sequence_logprobs, token_logprobs)
 from lora import apply_lora, disable_adapters, lora_layers
 from model import LanguageModel, LMConfig
 from processing import IGNORE_INDEX, ImageProcessor, Special
@@ -175,6 +175,26 @@ def test_sequence_logprobs_carry_gradients(tokenizer, padded_pair):
     model = tiny_vlm(tokenizer)
     sequence_logprobs(model, padded_pair["chosen"]).sum().backward()
     assert model.lm.embed.weight.grad.abs().sum() > 0 and model.connector.proj.weight.grad.abs().sum() > 0
+
+
+def test_logits_at_the_labelled_positions_give_the_full_logits_loss_and_gradients(tokenizer, padded_pair):
+    """Training's LM head only where the loss looks (logits_at=logit_positions): the loss and every
+    gradient of the full (B, T, V) path, to float tolerance."""
+    batch = padded_pair["rejected"]
+    losses, grads = [], []
+    for at in (None, logit_positions(batch)):
+        model = tiny_vlm(tokenizer)
+        logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                       logits_at=at)  # (B, T, V), then (n, V)
+        loss = -token_logprobs(logits, batch["labels"])[0].sum()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad for p in model.parameters()])
+    n = int((batch["labels"] != IGNORE_INDEX).sum())
+    assert logits.shape == (n, tokenizer.vocab_size) and n < batch["input_ids"].numel() // 4
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-5)
+    for full, at_labels in zip(*grads):
+        torch.testing.assert_close(at_labels, full, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

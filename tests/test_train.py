@@ -218,6 +218,70 @@ def test_a_short_run_learns_to_look_at_the_image(tmp_path, monkeypatch, one_thre
     assert accuracy["image"] >= accuracy["no image"] + 0.25, accuracy  # seeds 0-2 here: +0.39, +0.56, +0.53
 
 
+def tiny_vlm(n_layers=1):
+    from model import LMConfig
+    from siglip import VisionConfig
+    from vlm import VLM, VLMConfig
+
+    torch.manual_seed(0)
+    return VLM(VLMConfig(  # one image token per image
+        vision=VisionConfig(image_size=16, patch_size=8, dim=16, n_layers=1, n_heads=2, hidden_dim=32),
+        lm=LMConfig(vocab_size=64, dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64),
+        connector="pixel_shuffle", image_token_id=63))
+
+
+def test_kept_features_run_a_frozen_tower_once_per_image_and_give_its_output():
+    import train
+
+    model = tiny_vlm().eval()
+    images = []  # how many images each pass of the tower gets: one at a time
+    model.vision.register_forward_hook(lambda module, args, out: images.append(len(args[0])))
+    kept = train.KeptFeatures(model)
+    a, b = torch.randn(2, 3, 16, 16), torch.randn(1, 3, 16, 16)
+    first = kept(a)
+    second = kept(torch.cat([b, a[1:], a[:1]]))  # one new image, then the two seen ones
+    assert images == [1, 1, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(first, model.vision(a))
+        torch.testing.assert_close(second, torch.cat([model.vision(b), model.vision(a)[[1, 0]]]))
+
+
+def test_kept_features_give_the_losses_of_a_tower_run_every_step(tmp_path):
+    common = ["--phase", "instruct", "--steps", "16", "--train-vision", "false", *FAST]  # 8 steps an epoch
+    kept, recomputed = str(tmp_path / "kept"), str(tmp_path / "recomputed")
+    assert "features kept per image" in run(*common, "--out", kept).stdout
+    assert "features kept" not in run(*common, "--out", recomputed, "--keep-features", "false").stdout
+    assert losses(kept) == pytest.approx(losses(recomputed), rel=0, abs=1e-5)
+
+
+def test_lora_in_the_top_layer_with_the_connector_frozen_stops_the_backward_below_it():
+    import train
+
+    ids = torch.tensor([[63, 5, 9, 12, 7, 30], [63, 8, 2, 41, 3, 11]])
+    pixels = torch.randn(2, 3, 16, 16)
+    grads = {}
+    for top, connector in ((0, True), (1, False)):
+        model = train.set_trainable(tiny_vlm(n_layers=3), train.TrainConfig(
+            phase="instruct", lora_r=4, lora_targets="all-linear", lora_dropout=0.0, lora_layers=top,
+            train_connector=connector))
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        g = torch.Generator().manual_seed(1)  # the top layer's lora_A alike in both models
+        for name, p in model.named_parameters():
+            if name.startswith("lm.layers.2.") and "lora_A" in name:
+                p.data.copy_(torch.randn(p.shape, generator=g))
+        outputs = {}  # each layer's output: does the backward pass reach it?
+        for i, layer in enumerate(model.lm.layers):
+            layer.register_forward_hook(lambda module, args, out, i=i: outputs.__setitem__(i, out[0]))
+        model(ids, pixel_values=pixels).logsumexp(-1).sum().backward()
+        grads[top] = {name: p.grad for name, p in model.named_parameters() if name.startswith("lm.layers.2.")
+                      and "lora_B" in name}
+    assert all(name.startswith("lm.layers.2.") and "lora_" in name for name in trainable)  # the top layer's LoRA
+    assert [outputs[i].requires_grad for i in range(3)] == [False, False, True]  # no backward below it
+    assert grads[1].keys() == grads[0].keys() and len(grads[1]) == 7  # q k v o gate up down
+    for name in grads[1]:  # lora_B starts at zero: the lower adapters change nothing, the gradients agree
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-6)
+
+
 def test_without_shuffling_batches_follow_the_data_order_epoch_after_epoch():
     import train
 
@@ -243,6 +307,8 @@ def one_error_line(result) -> str:
     (["--weight-decay", "nan"], "--weight-decay must be 0 or more"),
     (["--batch-size", "10", "--micro-batch", "4"], "--batch-size 10 must be a multiple of --micro-batch 4"),
     (["--stepz", "3"], "unrecognized arguments: --stepz"),
+    (["--lora-layers", "-1"], "--lora-layers must be 0 or more"),
+    (["--train-connector", "false", "--train-vision", "false"], "nothing trains in the align phase with these"),
 ])
 def test_bad_settings_are_refused_in_one_line(tmp_path, flags, message):
     result = run("--phase", "align", "--out", str(tmp_path / "x"), *flags, check=False)
