@@ -12,6 +12,7 @@ It may import the reading path; nothing in the reading path imports it but the s
 import argparse
 import dataclasses
 import fcntl
+import hashlib
 import importlib.util
 import json
 import math
@@ -444,6 +445,30 @@ def build_model(cfg, spec: dict, train_set: list):
     return vlm, tokenizer, processor
 
 
+class KeptFeatures:
+    """A frozen tower's output (vision_layer) per image, computed the first time the image comes and
+    kept in memory, so later epochs skip the tower. Keyed by the pixels the processor made; one image
+    at a time, so that a resumed run, its memory empty, computes the very same numbers."""
+
+    def __init__(self, model: VLM):
+        self.model, self.kept = model, {}
+
+    @torch.no_grad()
+    def __call__(self, pixel_values):  # (N, 3, H, W) -> (N, [1 +] P, Dv)
+        keys = [hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest() for image in pixel_values]
+        for image, key in zip(pixel_values, keys):
+            if key not in self.kept:
+                hidden = self.model.vision(image[None], layer=self.model.config.vision_layer)  # (1, [1 +] P, Dv)
+                self.kept[key] = hidden[0]
+        return torch.stack([self.kept[key] for key in keys])
+
+
+def kept_features(model, cfg) -> KeptFeatures | None:
+    """train.py's KeptFeatures where the tower is frozen in a phase that reads images (align, instruct)."""
+    frozen = isinstance(model, VLM) and not any(p.requires_grad for p in model.vision.parameters())
+    return KeptFeatures(model) if cfg.keep_features and frozen and cfg.phase in ("align", "instruct") else None
+
+
 def processor_size(processor) -> int:
     """Pixels per side of the square images the processor makes."""
     size = processor.crop_size if processor.do_center_crop else processor.size
@@ -566,6 +591,8 @@ def check_settings(cfg):
         fail(f"unknown --template {cfg.template!r}; choose one of {', '.join(CHAT_TEMPLATES)}")
     if cfg.dpo_loss not in ("sigmoid", "ipo"):
         fail(f"--dpo-loss must be sigmoid or ipo, got {cfg.dpo_loss!r}")
+    if cfg.phase == "align" and not (cfg.train_connector or cfg.train_vision):
+        fail("align trains the connector (and, with --train-vision, the tower): nothing would train")
     if cfg.phase == "dpo" and cfg.lora_r and cfg.train_vision:
         fail("DPO with LoRA uses the model with its adapters off as the reference: --train-vision would move it")
 

@@ -112,14 +112,18 @@ def _set_module(root: nn.Module, name: str, module: nn.Module):
 
 
 def apply_lora(model, targets=("q_proj", "v_proj"), r: int = 8, alpha: float = 16, dropout: float = 0.1,
-               trainable=()):
+               trainable=(), layers=None):
     """Wrap the LM's linears that `targets` names (see _matches: suffixes, "all-linear" or a regex) in
-    Linear_LORA, freeze every other parameter of `model` except those whose names start with one of
-    the `trainable` prefixes (e.g. ("connector.",)). Returns the model, changed in place."""
+    Linear_LORA, in the blocks whose index is in `layers` (PEFT's layers_to_transform; None: all),
+    freeze every other parameter of `model` except those whose names start with one of the `trainable`
+    prefixes (e.g. ("connector.",)). Returns the model, changed in place."""
     lm = _lm(model)
     if lora_layers(lm):
         raise ValueError("the model already has LoRA layers (merge_lora it, or load_adapter into it)")
-    names = [name for name in _linears(lm) if _matches(name, targets)]
+    if layers is not None and not set(layers) <= set(range(len(lm.layers))):
+        raise ValueError(f"LoRA layers {min(layers)}..{max(layers)}: the LM's are 0..{len(lm.layers) - 1}")
+    names = [name for name in _linears(lm) if _matches(name, targets) and (
+        layers is None or name.startswith("layers.") and int(name.split(".")[1]) in layers)]  # layers.3.attn.q_proj
     if not names:
         raise ValueError(f"no linear layer of the LM matches the LoRA targets {targets!r}")
     for name in names:

@@ -5,20 +5,14 @@
     python train.py --phase dpo      --preset tiny --init runs/tiny-instruct   # preference tuning
     torchrun --nproc_per_node 2 train.py --phase instruct ...           # the same under DDP
 
-In reading order: the settings (TrainConfig, PRESETS), what trains and how fast (`set_trainable`,
-`param_groups`, `lr_factor`), batches and objectives, the phase table (PHASES: each phase's batches,
-objective and trained parts), and the loop (`train`).
-
-Settings come, later ones winning, from: TrainConfig's defaults, the preset, the preset's phase,
-a --config FILE.toml, and the command line (every setting is a flag: --steps 100 --lr 3e-4).
-
-A run folder holds log.jsonl (one line per step), loss.png and the newest checkpoint, ckpt-STEP/,
-written whole or not at all; `latest` names it and --resume continues from it exactly. The plumbing
-(the starting model, settings, data checks, DDP set-up, run folder) is in cli.py.
+In reading order: the settings (TrainConfig, PRESETS), what trains and how fast, batches and objectives,
+the phase table (PHASES), and the loop (`train`). Settings come, later ones winning, from TrainConfig's
+defaults, the preset, the preset's phase, a --config FILE.toml and the command line (--steps 100).
+A run folder holds log.jsonl, loss.png and the newest checkpoint, ckpt-STEP/, written whole or not at
+all; `latest` names it and --resume continues exactly. The plumbing (the starting model, settings, data
+checks, DDP set-up, run folder) is in cli.py.
 """
-
 import contextlib
-import hashlib
 import math
 import os
 import random
@@ -34,9 +28,9 @@ from tqdm import tqdm
 
 import data
 from checkpoints import CheckpointError
-from cli import (all_sum, build_model, catch_ctrl_c, check_run, fail, latest_checkpoint, load_data, load_settings,
-                 load_trainer_state, lock_run, log_step, open_log, plot_losses, print_table, retrieval_report,
-                 save_checkpoint, setup_distributed)
+from cli import (KeptFeatures, all_sum, build_model, catch_ctrl_c, check_run, fail, kept_features, latest_checkpoint,
+                 load_data, load_settings, load_trainer_state, lock_run, log_step, open_log, plot_losses, print_table,
+                 retrieval_report, save_checkpoint, setup_distributed)
 from dpo import dpo_step, logit_positions, reference_logprobs, token_logprobs
 from lora import apply_lora, load_adapter
 from model import LanguageModel
@@ -91,7 +85,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.1
     lora_targets: str = "q_proj,v_proj"  # comma-separated, or "all-linear"
-    lora_layers: int = 0  # LoRA in the top N LM layers only (0: all of them)
+    lora_layers: int = 0  # LoRA in the top N LM layers only (0, or N above the LM's: all of them)
     train_connector: bool = True  # false: align's connector stays; with --lora-layers, backward stops below them
     dtype: str = "auto"  # auto: bfloat16 autocast on GPUs that support it, else float32
     compile: bool = False
@@ -178,10 +172,8 @@ PRESETS = {
 
 def set_trainable(model, cfg: TrainConfig):
     """The parts that the phase table names learn; --train-vision adds the vision tower (which learns
-    through the LM's loss: not in the qformer phase); with --lora-r the LM learns through LoRA
-    adapters (--lora-layers: in the top layers only). A language model (pretrain) learns whole. With
-    nothing trainable below the lowest adapter (--train-connector false, the tower frozen), autograd
-    never runs the backward pass through the layers under it. Returns the model."""
+    through the LM's loss: not in the qformer phase); with --lora-r the LM learns through LoRA adapters
+    (--lora-layers: the top ones; backward stops there). A language model learns whole. Returns the model."""
     if isinstance(model, LanguageModel):
         return model.requires_grad_(True)
     parts = PHASES[cfg.phase].trains + (("vision",) if cfg.train_vision and cfg.phase != "qformer" else ())
@@ -189,14 +181,9 @@ def set_trainable(model, cfg: TrainConfig):
     model.requires_grad_(False)
     if "lm" in parts and cfg.lora_r:  # the adapters, and the other parts whole
         targets = "all-linear" if cfg.lora_targets == "all-linear" else tuple(cfg.lora_targets.split(","))
-        n = model.lm.config.n_layers
-        if not 0 <= cfg.lora_layers <= n:
-            raise ValueError(f"--lora-layers {cfg.lora_layers}: the LM has {n} layers")
-        if cfg.lora_layers:  # the same linears, as a regex over the top layers' names (lora._matches)
-            linears = ".*" if targets == "all-linear" else "|".join(targets)
-            targets = rf"layers\.({'|'.join(map(str, range(n - cfg.lora_layers, n)))})\.(.*\.)?({linears})"
         return apply_lora(model, targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                          trainable=tuple(f"{part}." for part in parts if part != "lm"))
+                          trainable=tuple(f"{part}." for part in parts if part != "lm"),
+                          layers=range(model.lm.config.n_layers)[-cfg.lora_layers:] if cfg.lora_layers else None)
     for part in parts:
         model.get_submodule(part).requires_grad_(True)
     return model
@@ -243,35 +230,15 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def global_batch(n_samples: int, step: int, cfg: TrainConfig) -> list[int]:
-    """Sample indices of optimizer step `step`: epochs are seeded permutations (or, without shuffling,
-    the data's own order) laid end to end, so any step's batch is known without replaying the ones
-    before (exact resume)."""
-    out = []
-    start = step * cfg.batch_size
+    """Sample indices of optimizer step `step`: epochs are seeded permutations (or, without shuffling, the
+    data's own order) end to end, so any step's batch is known without replaying the ones before."""
+    out, start = [], step * cfg.batch_size
     while len(out) < cfg.batch_size:
         epoch, offset = divmod(start + len(out), n_samples)
         seeded = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
         order = torch.randperm(n_samples, generator=seeded) if cfg.shuffle else torch.arange(n_samples)
         out.extend(order[offset: offset + cfg.batch_size - len(out)].tolist())
     return out
-
-
-class KeptFeatures:
-    """A frozen tower's output (vision_layer) per image, computed the first time the image comes and
-    kept in memory, so later epochs skip the tower. Keyed by the pixels the processor made; one image
-    at a time, so that a resumed run, its memory empty, computes the very same numbers."""
-
-    def __init__(self, model: VLM):
-        self.model, self.kept = model, {}
-
-    @torch.no_grad()
-    def __call__(self, pixel_values):  # (N, 3, H, W) -> (N, [1 +] P, Dv)
-        keys = [hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest() for image in pixel_values]
-        for image, key in zip(pixel_values, keys):
-            if key not in self.kept:
-                hidden = self.model.vision(image[None], layer=self.model.config.vision_layer)  # (1, [1 +] P, Dv)
-                self.kept[key] = hidden[0]
-        return torch.stack([self.kept[key] for key in keys])
 
 
 @dataclass
@@ -294,8 +261,7 @@ class Setup:
 
 
 def chat_batch(samples: list, s: Setup) -> dict:
-    """Chats or texts (data.collate): input_ids, attention_mask, labels (B, T), pixel_values or None
-    (with a frozen tower: its image_features in their place)."""
+    """Chats or texts (data.collate): input_ids, attention_mask, labels (B, T), pixel_values (or image_features)."""
     batch = data.collate(samples, s.tokenizer, s.processor, template=s.cfg.template,
                          image_tokens=s.image_tokens if s.processor else None, max_len=s.cfg.max_len)
     batch = data.to_device(batch, s.device)
@@ -386,14 +352,11 @@ PHASES = {
 
 
 def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | None, device) -> tuple:
-    """(Setup, optimizer, first step): the model (resuming: the run's own checkpoint) with its trainable
-    parts, row-major on the device; AdamW, with its state and the RNG put back when resuming; DPO's
-    frozen reference when there is no LoRA."""
+    """(Setup, optimizer, first step): the model (resuming: the run's own) with its trainable parts, row-major
+    on the device; AdamW, its state and the RNG put back when resuming; DPO's frozen reference without LoRA."""
     try:
         model, tokenizer, processor = build_model(replace(cfg, init=resume_from or cfg.init), spec, train_set)
         model = set_trainable(model, cfg)
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError(f"nothing trains in the {cfg.phase} phase with these settings (--train-connector false?)")
         if resume_from and any("lora_" in n for n, _ in model.named_parameters()):
             load_adapter(model, resume_from)
     except (CheckpointError, OSError, ValueError) as e:
@@ -407,17 +370,14 @@ def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | No
     if cfg.phase == "dpo" and not cfg.lora_r:
         reference = VLM.from_pretrained(latest_checkpoint(cfg.init) or cfg.init, device=device).requires_grad_(False)
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    frozen_tower = isinstance(model, VLM) and not any(p.requires_grad for p in model.vision.parameters())
-    keep = cfg.keep_features and frozen_tower and cfg.phase in ("align", "instruct")
-    features = KeptFeatures(model) if keep else None
+    features = kept_features(model, cfg)  # a frozen tower's output, once per image
     return Setup(cfg, model, tokenizer, processor, reference, device, bf16, features), optimizer, start
 
 
 def accumulate(step_model, ddp, batches: list, s: Setup) -> tuple[float, int, dict]:
-    """One step's gradients: each micro batch's summed loss backpropagated through `step_model` (the
-    model, or its DDP wrapper `ddp`, compiled with --compile). DDP averages the gradients over the
-    processes once, after the last micro batch. Returns the summed loss, the count it sums over, and
-    the metrics summed weighted by count."""
+    """One step's gradients: each micro batch's summed loss backpropagated through `step_model` (the model,
+    or its DDP wrapper `ddp`, compiled with --compile); DDP averages over the processes once, after the
+    last micro batch. Returns the summed loss, the count it sums over, the metrics summed by count."""
     phase, loss_sum, count, metrics = PHASES[s.cfg.phase], 0.0, 0, {}
     for i, batch in enumerate(batches):
         hold = ddp is not s.model and i < len(batches) - 1  # under DDP: no gradient exchange yet
@@ -448,9 +408,8 @@ def validate(s: Setup, val_set: list) -> dict:
 
 
 def train(cfg: TrainConfig, spec: dict):
-    """One phase: per step, the micro batches' summed losses backpropagated, the gradients divided by
-    the count over all micro batches and processes, clipped, one AdamW step; validation every
-    eval_every steps, a checkpoint every save_every, and at the end, at --stop-after or on Ctrl-C."""
+    """One phase: per step, the micro batches' summed losses backpropagated, divided by the count over all micro
+    batches and processes, clipped, one AdamW step; validation and checkpoints as set, at the end, on Ctrl-C."""
     rank, world, device = setup_distributed(cfg)
     is_main = rank == 0
     lock = lock_run(cfg.out) if is_main else None  # noqa: F841  held until this process ends
@@ -468,7 +427,7 @@ def train(cfg: TrainConfig, spec: dict):
         print(f"{cfg.phase} ({cfg.preset}): {sum(p.numel() for p in trainable):,} trainable of "
               f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(train_set):,} training samples, "
               f"{world} process(es) on {device}" + (f"; {skipped} unreadable hub sample(s) skipped" if skipped else "")
-              + ("; the frozen tower's features kept per image" if s.features else ""))
+              + ("; a frozen tower: features kept per image" if s.features else ""))
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     step_model = torch.compile(ddp) if cfg.compile else ddp
     log = open_log(cfg.out, start) if is_main else None

@@ -111,6 +111,26 @@ def test_same_adapter_weights_give_peft_logits(llama, targets, capsys):
 
 
 @pytest.mark.parametrize("targets", [QV, "all-linear"])
+def test_lora_in_chosen_layers_is_peft_layers_to_transform(llama, targets):
+    lm = apply_lora(ours(llama), targets, r=4, alpha=8, dropout=0.0, layers=[1])
+    randomize_b(lm)
+    every_linear = [f"{p}_proj" for p in ("q", "k", "v", "o", "gate", "up", "down")]  # PEFT takes no string here
+    pm = peft.get_peft_model(theirs(llama), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=every_linear if targets == "all-linear" else targets,
+        layers_to_transform=[1], task_type="CAUSAL_LM"))
+    theirs_layers = peft_lora(pm)
+    assert lora_layers(lm) and all(name.startswith("layers.1.") for name in lora_layers(lm))
+    assert set(theirs_layers) == {hf_module(n) for n in lora_layers(lm)}
+    with torch.no_grad():
+        for name, layer in lora_layers(lm).items():
+            theirs_layers[hf_module(name)].lora_A["default"].weight.copy_(layer.lora_A.weight)
+            theirs_layers[hf_module(name)].lora_B["default"].weight.copy_(layer.lora_B.weight)
+    assert max_diff(logits(lm), logits(pm.eval())) <= 1e-5
+    with pytest.raises(ValueError, match="LoRA layers 2..2: the LM's are 0..1"):
+        apply_lora(ours(llama), targets, layers=[2])
+
+
+@pytest.mark.parametrize("targets", [QV, "all-linear"])
 def test_our_adapter_loads_in_peft(llama, targets, tmp_path):
     lm = apply_lora(ours(llama), targets, r=4, alpha=8, dropout=0.05)
     randomize_b(lm)

@@ -308,7 +308,7 @@ def one_error_line(result) -> str:
     (["--batch-size", "10", "--micro-batch", "4"], "--batch-size 10 must be a multiple of --micro-batch 4"),
     (["--stepz", "3"], "unrecognized arguments: --stepz"),
     (["--lora-layers", "-1"], "--lora-layers must be 0 or more"),
-    (["--train-connector", "false", "--train-vision", "false"], "nothing trains in the align phase with these"),
+    (["--train-connector", "false", "--train-vision", "false"], "align trains the connector (and, with"),
 ])
 def test_bad_settings_are_refused_in_one_line(tmp_path, flags, message):
     result = run("--phase", "align", "--out", str(tmp_path / "x"), *flags, check=False)
