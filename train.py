@@ -114,7 +114,7 @@ PRESETS = {
             "pretrain": {"data": "easy-vqa-text-curriculum", "shuffle": False, "steps": 1500, "lr": 5e-4},
             "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 3e-3, "train_vision": True,
                       "lr_vision": 1e-3},
-            "instruct": {"data": "easy-vqa-open-first", "shuffle": False, "steps": 2000, "lr": 5e-5,
+            "instruct": {"data": "easy-vqa-open-first", "shuffle": False, "steps": 1700, "lr": 5e-5,
                          "lr_connector": 3e-4, "train_vision": True, "lr_vision": 3e-4},
             "dpo": {"data": "easy-vqa-preferences", "steps": 150, "lr": 1e-4, "warmup": 10, "beta": 0.5,
                     "rpo_alpha": 0.25},
