@@ -103,13 +103,35 @@ def easy_vqa_open_first(split: str = "train", limit: int | None = None, seed: in
     return (shapes + open_ended + everything + rng.sample(everything, len(everything)))[:limit]
 
 
-def easy_vqa_text_curriculum(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """easy_vqa_curriculum in words, for pretraining the LM: user "A red circle. Is there a blue shape?",
-    assistant "no". The LM learns to compare while the picture is written out, before reading pixels."""
+def in_words(samples: list[dict], split: str = "train") -> list[dict]:
+    """easy-VQA questions with their image written out instead of shown: user "A red circle. Is there a
+    blue shape?", assistant "no" (no image)."""
     paths = easy_vqa_split(split)[3]
     captions = {paths[i]: easy_vqa_caption(*shape_color) for i, shape_color in easy_vqa_attributes(split).items()}
     return [chat_sample([], f"{captions[s['images'][0]]} {s['messages'][0]['content'][1]['text']}",
-                        s["messages"][1]["content"]) for s in easy_vqa_curriculum(split, limit, seed)]
+                        s["messages"][1]["content"]) for s in samples]
+
+
+def easy_vqa_text_curriculum(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+    """easy_vqa_curriculum in words, for pretraining the LM: it learns to compare while the picture is
+    written out, before reading pixels."""
+    return in_words(easy_vqa_curriculum(split, limit, seed), split)
+
+
+def easy_vqa_words_first(split: str = "train", limit: int | None = None, seed: int = 0,
+                         words: int = 4800, open_ended: int = 1600) -> list[dict]:
+    """The offline instruct data in order (shuffling off): `words` balanced questions in words, then
+    `open_ended` colour and shape questions about images, then every balanced question (each part
+    shuffled by `seed`). SmolLM2-135M answers "A red circle. Is there a blue shape?" at chance: taught
+    the comparison in words first (300 steps of 16), it learns to read the image's colour and shape
+    (100 steps) into the words it already compares (README, "The words first")."""
+    rng = random.Random(seed)
+    everything = easy_vqa_qa_balanced(split, seed=seed)
+    words_part = in_words(rng.sample(everything, min(words, len(everything))), split)
+    open_part = [s for s in everything if s["messages"][1]["content"] not in ("yes", "no")]
+    open_part = rng.sample(open_part, min(open_ended, len(open_part)))
+    rng.shuffle(everything)
+    return (words_part + open_part + everything)[:limit]
 
 
 # ---------------------------------------------------------------------------
@@ -123,6 +145,7 @@ SOURCES = {
     "easy-vqa-curriculum": easy_vqa_curriculum,
     "easy-vqa-open-first": easy_vqa_open_first,
     "easy-vqa-text-curriculum": easy_vqa_text_curriculum,
+    "easy-vqa-words-first": easy_vqa_words_first,
     "easy-vqa-preferences": sources.easy_vqa_preferences,
     "easy-vqa-text": sources.easy_vqa_text,
     "coco-captions": sources.coco_captions,

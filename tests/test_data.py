@@ -152,6 +152,24 @@ def test_easy_vqa_open_first_gives_the_shape_questions_then_colour_and_shape_twi
     assert data.load_source("easy-vqa-open-first", limit=5) == data.easy_vqa_open_first("train")[:5]
 
 
+def test_easy_vqa_words_first_gives_questions_in_words_then_colour_and_shape_then_all_with_images():
+    def key(sample):
+        return sample["messages"][0]["content"][-1]["text"], sample["messages"][1]["content"], tuple(sample["images"])
+
+    balanced = data.easy_vqa_qa_balanced("train")
+    captions = {s["images"][0]: s["messages"][1]["content"] for s in sources.easy_vqa_captions("train")}
+    written = {(f"{captions[s['images'][0]]} {key(s)[0]}", key(s)[1], ()) for s in balanced}
+    samples = data.easy_vqa_words_first("train", words=300, open_ended=200)
+    assert len(samples) == 300 + 200 + len(balanced)
+    words, opens, rest = samples[:300], samples[300:500], samples[500:]
+    assert all(s["images"] == [] for s in words) and {key(s) for s in words} <= written  # in words, no image
+    assert all(len(s["images"]) == 1 and s["messages"][1]["content"] in (*SHAPES, *COLORS) for s in opens)
+    assert sorted(map(key, rest)) == sorted(map(key, balanced))  # then every balanced question...
+    assert [key(s) for s in rest] != [key(s) for s in balanced]  # ...shuffled
+    assert data.load_source("easy-vqa-words-first", limit=5) == data.easy_vqa_words_first("train")[:5]
+    assert len(data.easy_vqa_words_first("train")) == 4800 + 1600 + len(balanced)
+
+
 def test_easy_vqa_preferences_reject_a_wrong_answer_of_the_same_kind():
     samples = sources.easy_vqa_preferences("train")
     _, answers, _ = easy_vqa.get_train_questions()
