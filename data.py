@@ -134,6 +134,15 @@ def easy_vqa_words_first(split: str = "train", limit: int | None = None, seed: i
     return (words_part + open_part + everything)[:limit]
 
 
+def easy_vqa_preferences_balanced(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
+    """sources.easy_vqa_preferences on the balanced questions (easy_vqa_qa_balanced): preferring "no" to
+    "yes" 88% of the time would teach DPO the wording's answer, not the image's."""
+    rng = random.Random(seed)
+    return [{"prompt": s["messages"][:1], "images": s["images"], "chosen": s["messages"][1]["content"],
+             "rejected": sources.wrong_answer(s["messages"][1]["content"], rng)}
+            for s in easy_vqa_qa_balanced(split, limit, seed)]
+
+
 # ---------------------------------------------------------------------------
 # The registry train.py's presets and --data flag name
 # ---------------------------------------------------------------------------
@@ -147,6 +156,7 @@ SOURCES = {
     "easy-vqa-text-curriculum": easy_vqa_text_curriculum,
     "easy-vqa-words-first": easy_vqa_words_first,
     "easy-vqa-preferences": sources.easy_vqa_preferences,
+    "easy-vqa-preferences-balanced": easy_vqa_preferences_balanced,
     "easy-vqa-text": sources.easy_vqa_text,
     "coco-captions": sources.coco_captions,
     "flickr30k": sources.flickr30k,

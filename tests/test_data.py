@@ -184,6 +184,20 @@ def test_easy_vqa_preferences_reject_a_wrong_answer_of_the_same_kind():
         [s["rejected"] for s in samples[:500]]
 
 
+def test_easy_vqa_preferences_balanced_pair_the_balanced_answers_with_a_wrong_one():
+    balanced = data.easy_vqa_qa_balanced("test")
+    samples = data.easy_vqa_preferences_balanced("test")
+    assert len(samples) == len(balanced)
+    for sample, question in zip(samples, balanced):
+        assert sample["prompt"] == question["messages"][:1] and sample["images"] == question["images"]
+        assert sample["chosen"] == question["messages"][1]["content"] != sample["rejected"]
+        assert any(sample["chosen"] in kind and sample["rejected"] in kind
+                   for kind in (set(SHAPES), set(COLORS), {"yes", "no"}))  # a wrong answer of the same kind
+    yes_no = [s["chosen"] for s in samples if s["chosen"] in ("yes", "no")]
+    assert abs(yes_no.count("yes") / len(yes_no) - 0.5) < 0.02  # the wording no longer tells
+    assert data.load_source("easy-vqa-preferences-balanced", "test", limit=3) == samples[:3]
+
+
 def test_easy_vqa_text_documents():
     questions, answers, image_ids = easy_vqa.get_test_questions()
     docs = sources.easy_vqa_text("test")
