@@ -62,7 +62,7 @@ from checkpoints import CheckpointError, ImageError, hf_lm_config
 from cli import ArgumentParser, check_device, default_lm, fail, quantize
 from dpo import token_logprobs
 from generate import generate
-from model import LanguageModel
+from model import LanguageModel, linear
 from processing import SMOLVLM_SPECIAL_TOKENS, SmolVLMImageProcessor, Tokenizer, build_prompt, smolvlm_image_tokens
 from siglip import VisionTower
 from vlm import VLM
@@ -377,6 +377,26 @@ def weight_bytes(lm: LanguageModel) -> int:
     return total
 
 
+def matmul_bandwidth(lm: LanguageModel, device, repeats: int) -> float:
+    """GB/s of the weight format's matrix-vector products alone: every linear layer of the LM and its
+    output head applied once to one token, nothing else in between. A decoding step in this format
+    cannot read its weights faster than its kernels do: the ceiling below the copy bandwidth."""
+    products = [(m, m.in_features, [*m.parameters(), *m.buffers()]) for m in lm.modules()
+                if hasattr(m, "in_features")]  # (layer, its inputs, its tensors), the head if it has its own
+    if lm.lm_head is None:  # tied: the embedding table is the head's weight
+        products.append((lambda x: linear(x, lm.embed.weight), lm.config.dim, [lm.embed.weight]))
+    nbytes, sync = sum(t.nbytes for *_, tensors in products for t in tensors), synchronizer(device)
+    inputs = [torch.randn(1, 1, n, device=device, dtype=lm.embed.weight.dtype) for _, n, _ in products]  # (1, 1, in)
+
+    @torch.inference_mode()
+    def run():
+        for (product, _, _), x in zip(products, inputs):
+            product(x)
+        sync()
+
+    return nbytes / timed(run, max(3, repeats)) / 1e9
+
+
 DECODE_FORMATS = (("float32", torch.float32, None), ("bfloat16", torch.bfloat16, None),
                   ("int8", torch.bfloat16, "int8"), ("int4", torch.bfloat16, "int4"))
 
@@ -405,12 +425,13 @@ def bench_decode(args, device, tmp):
                                                             args.repeats, device)
             del theirs
         reference = tokens if reference is None else reference  # float32's greedy tokens
-        gigabytes = weight_bytes(ours) / 1e9
+        gigabytes, kernels = weight_bytes(ours) / 1e9, matmul_bandwidth(ours, device, args.repeats)
         label = name if mode is None else f"{name} (bf16 act.) vs tf fp32"
         rows += [(f"decode {label} (tokens/s)", rate, theirs_rate[name if mode is None else "float32"], "higher"),
                  (f"  {name} weights read/token (MB)", gigabytes * 1e3, None, "lower"),
                  (f"  {name} achieved (GB/s)", gigabytes * rate, None, "higher"),
-                 (f"  {name} share of copy bandwidth", gigabytes * rate / bandwidth, None, "higher")]
+                 (f"  {name} share of copy bandwidth", gigabytes * rate / bandwidth, None, "higher"),
+                 (f"  {name} matrix products alone (GB/s)", kernels, None, "higher")]
         agree = int((tokens == reference).cumprod(dim=1).sum())
         checks.append((True, f"decode {name}: {agree} of the first {n} greedy tokens are float32's"))
         del ours

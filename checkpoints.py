@@ -417,17 +417,6 @@ def load_state(model_cls, cfg, state: dict, key_map: dict | None, dtype, device,
     return model.eval()
 
 
-def decoding_layout(model, device):
-    """On a CPU, the float32 2-D weights made column-major for decoding: a one-token step reads each
-    weight once, and a CPU's BLAS streams an (in, out) float32 matrix about 1.3x faster than an
-    (out, in) one; bfloat16 runs faster row-major (bench.py decode). train.py makes them row-major
-    again for training."""
-    if torch.device(device).type == "cpu":
-        for p in model.parameters():
-            if p.dim() == 2 and p.dtype == torch.float32:
-                p.data = p.data.t().contiguous().t()  # (out, in), stored column-major
-
-
 # ---------------------------------------------------------------------------------------------
 # llama.cpp's GGUF files: a Llama or Qwen2 LM as a transformers checkpoint, and its tokenizer
 # ---------------------------------------------------------------------------------------------

@@ -206,7 +206,7 @@ class Int8Linear(nn.Module):
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
         self.register_buffer("q", torch.round(w / scale[:, None]).to(torch.int8))  # (out, in)
         self.register_buffer("scale", scale.to(weight.dtype))  # (out,)
-        self.bias = bias
+        self.bias, self.in_features = bias, w.shape[1]
 
     def forward(self, x):  # (..., in) -> (..., out)
         flat, scale = x.reshape(-1, x.shape[-1]), self.scale.to(x.dtype)  # (N, in), (out,)
@@ -225,7 +225,7 @@ class Int4Linear(nn.Module):
 
     def __init__(self, q, scale, minimum, group: int, bias=None):  # q (out, in) in [0, 15]; scale, minimum (out, in/group)
         super().__init__()
-        self.group, self.bias = group, bias
+        self.group, self.bias, self.in_features = group, bias, q.shape[1]
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
         zero = minimum + 8 * scale  # (out, in/group)
         self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())

@@ -60,8 +60,8 @@ class Linear_LORA(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """W <- W + B A * scale, written into the existing weight tensor, so its layout (column-major
-        on CPU, see checkpoints.decoding_layout) and any views of it stay as they were."""
+        """W <- W + B A * scale, written into the existing weight tensor, so its layout and any views of
+        it stay as they were."""
         if not self.merged:
             self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
             self.merged = True

@@ -353,8 +353,8 @@ PHASES = {
 
 
 def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | None, device) -> tuple:
-    """(Setup, optimizer, first step): the model (resuming: the run's own) with its trainable parts, row-major
-    on the device; AdamW, its state and the RNG put back when resuming; DPO's frozen reference without LoRA."""
+    """(Setup, optimizer, first step): the model (resuming: the run's own) with its trainable parts on the
+    device; AdamW, its state and the RNG put back when resuming; DPO's frozen reference without LoRA."""
     try:
         model, tokenizer, processor = build_model(replace(cfg, init=resume_from or cfg.init), spec, train_set)
         model = set_trainable(model, cfg)
@@ -362,8 +362,6 @@ def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | No
             load_adapter(model, resume_from)
     except (CheckpointError, OSError, ValueError) as e:
         fail(e)
-    for p in model.parameters():  # row-major, whatever layout a loader chose for decoding: resumed == uninterrupted
-        p.data = p.data.contiguous()
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.95))
     start = load_trainer_state(resume_from, optimizer) if resume_from else 0

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lora import (Linear_LORA, apply_lora, disable_adapters, load_adapter, lora_layers, merge_lora,
                   print_trainable_parameters, save_adapter)
-from model import LanguageModel, LMConfig
+from model import LanguageModel, Linear, LMConfig
 from siglip import VisionConfig
 from vlm import VLM, VLMConfig
 
@@ -172,7 +172,7 @@ def test_merge_unmerge_and_merge_lora(llama):
     for layer in layers.values():
         layer.merge()
     assert max_diff(logits(lm), adapted) <= 1e-5
-    for name, layer in layers.items():  # merged into the same tensor, layout kept (column-major on CPU)
+    for name, layer in layers.items():  # merged into the same tensor, layout kept
         w, _, stride = weights[name]
         assert layer.base.weight is w and w.stride() == stride
     for layer in layers.values():
@@ -185,7 +185,7 @@ def test_merge_unmerge_and_merge_lora(llama):
 
     merged = merge_lora(lm)
     assert merged is lm and not lora_layers(lm)
-    assert all(type(lm.get_submodule(name)) is nn.Linear for name in layers)
+    assert all(type(lm.get_submodule(name)) is Linear for name in layers)  # the LM's own linear, back
     assert not any(isinstance(m, Linear_LORA) for m in lm.modules())
     assert max_diff(logits(lm), adapted) <= 1e-5
 

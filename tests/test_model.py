@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from generate import generate
 from checkpoints import CheckpointError
@@ -525,3 +526,25 @@ def test_smollm2_perplexity_bf16_int8_int4_within_one_percent(smollm2_gguf):
     for dtype, mode in ((torch.bfloat16, None), (torch.float32, "int8"), (torch.bfloat16, "int8"),
                         (torch.float32, "int4"), (torch.bfloat16, "int4")):
         assert abs(perplexity(dtype, mode) / base - 1) <= 0.01, (dtype, mode)
+
+
+def test_linear_cuts_the_rows_of_decoding_into_one_block_per_thread():
+    """model.linear: the float32 rows of CPU decoding as torch.bmm over blocks of weight rows (one per
+    thread, at least two), the same numbers as F.linear; anything else is F.linear itself."""
+    from model import linear
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 40), torch.randn(96)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread still gets two blocks: bmm's kernel beats MKL's matrix-vector one
+    try:
+        for shape in [(1, 40), (1, 1, 40), (2, 2, 40), (3, 1, 40), (8, 40)]:
+            x = torch.randn(shape)
+            assert torch.allclose(linear(x, w, b), F.linear(x, w, b), atol=1e-5)
+        for x, weight, splits in [(torch.randn(1, 1, 40), w, True), (torch.randn(8, 40), w, False),
+                                  (torch.randn(1, 40), w.t().contiguous().t(), False),
+                                  (torch.randn(1, 40).bfloat16(), w.bfloat16(), False)]:
+            with torch.profiler.profile() as prof:
+                linear(x, weight)
+            assert any(e.name == "aten::bmm" for e in prof.events()) == splits
+    finally:
+        torch.set_num_threads(threads)
