@@ -88,7 +88,7 @@ def linear(x, weight, bias=None):  # x (..., in), weight (out, in) -> (..., out)
     this reads 30-39 GB/s on one thread and 40-60 on two (bench.py decode). bfloat16 keeps oneDNN's
     kernel, which already uses every thread."""
     rows, blocks = x.numel() // x.shape[-1], max(2, torch.get_num_threads())
-    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > 4 or weight.shape[0] % blocks or \
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < rows <= 4 or weight.shape[0] % blocks or \
             not weight.is_contiguous():
         return F.linear(x, weight, bias)
     y = torch.bmm(weight.view(blocks, -1, weight.shape[1]),  # (P, out/P, in)

@@ -17,7 +17,8 @@ METRICS = ["LM prefill (s)", "LM decode (tokens/s)", "LM generate peak (MiB)", "
            "train step (tokens/s)", "train step peak (MiB)", "copy bandwidth (GB/s)"]
 for name in ("float32", "bfloat16", "int8", "int4"):  # the decode roofline
     METRICS += [f"decode {name}" + (" (bf16 act.) vs tf fp32" if name.startswith("int") else "") + " (tokens/s)",
-                f"  {name} weights read/token (MB)", f"  {name} achieved (GB/s)", f"  {name} share of copy bandwidth"]
+                f"  {name} weights read/token (MB)", f"  {name} achieved (GB/s)", f"  {name} share of copy bandwidth",
+                f"  {name} matrix products alone (GB/s)"]
 
 
 def test_tiny_bench_prints_every_row_and_agrees(tmp_path, capsys):
@@ -37,5 +38,6 @@ def test_tiny_bench_prints_every_row_and_agrees(tmp_path, capsys):
     roofline = {row["metric"]: row["glimpse"] for row in data["rows"] if row["metric"].startswith("  ")}
     assert roofline["  int8 weights read/token (MB)"] < roofline["  bfloat16 weights read/token (MB)"] \
         < roofline["  float32 weights read/token (MB)"]
-    assert all(0 < roofline[f"  {name} share of copy bandwidth"] for name in ("float32", "bfloat16", "int8", "int4"))
+    assert all(0 < roofline[f"  {name} share of copy bandwidth"] and 0 < roofline[f"  {name} matrix products alone (GB/s)"]
+               for name in ("float32", "bfloat16", "int8", "int4"))
     assert all(metric in printed for metric in METRICS) and "✗" not in printed

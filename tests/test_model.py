@@ -537,7 +537,7 @@ def test_linear_cuts_the_rows_of_decoding_into_one_block_per_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread still gets two blocks: bmm's kernel beats MKL's matrix-vector one
     try:
-        for shape in [(1, 40), (1, 1, 40), (2, 2, 40), (3, 1, 40), (8, 40)]:
+        for shape in [(1, 40), (1, 1, 40), (2, 2, 40), (3, 1, 40), (8, 40), (0, 40)]:  # none: F.linear's empty
             x = torch.randn(shape)
             assert torch.allclose(linear(x, w, b), F.linear(x, w, b), atol=1e-5)
         for x, weight, splits in [(torch.randn(1, 1, 40), w, True), (torch.randn(8, 40), w, False),
