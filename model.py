@@ -1,6 +1,6 @@
 """The language model of glimpse: a LLaMA-style decoder, read top to bottom.
 
-    LMConfig -> RMSNorm, RoPE, KVCache, Attention (GQA, chunked/NoPE), MLP (SwiGLU), MoE -> Block
+    LMConfig -> linear (decoding's), RMSNorm, RoPE, KVCache, Attention (GQA, chunked/NoPE), MLP (SwiGLU), MoE -> Block
     -> LanguageModel -> loading (HF Llama/Qwen2 safetensors, GGUF) and saving, its key map
 
 Mirrors `transformers/models/llama/modeling_llama.py` (Touvron et al. 2023, "LLaMA"), with the
@@ -91,8 +91,9 @@ def linear(x, weight, bias=None):  # x (..., in), weight (out, in) -> (..., out)
     if x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < rows <= 4 or weight.shape[0] % blocks or \
             not weight.is_contiguous():
         return F.linear(x, weight, bias)
-    y = torch.bmm(weight.view(blocks, -1, weight.shape[1]),  # (P, out/P, in)
-                  x.reshape(rows, -1).T.expand(blocks, -1, -1))  # (P, out/P, rows)
+    row_blocks = weight.view(blocks, -1, weight.shape[1])  # (P, out/P, in)
+    columns = x.reshape(rows, -1).T.expand(blocks, -1, -1)  # (P, in, rows), one copy shared
+    y = torch.bmm(row_blocks, columns)  # (P, out/P, rows)
     y = y.permute(2, 0, 1).reshape(*x.shape[:-1], -1)  # (..., out)
     return y if bias is None else y + bias
 
