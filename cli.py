@@ -223,12 +223,14 @@ class Int4Linear(nn.Module):
     layout of PyTorch's CPU int4 kernel (gpt-fast's WeightOnlyInt4Linear). llama.cpp's Q4_1 blocks
     (W = d * q + m, 32 weights each) map to it exactly: scale = d, zero = m + 8 d."""
 
-    def __init__(self, q, scale, minimum, group: int, bias=None):  # q (out, in) in [0, 15]; scale, minimum (out, in/group)
+    def __init__(self, q, scale, minimum, group: int, bias=None, dtype=torch.float32):
+        # q (out, in) in [0, 15]; scale, minimum (out, in/group); dtype: of the activations it will see
         super().__init__()
         self.group, self.bias, self.in_features = group, bias, q.shape[1]
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
         zero = minimum + 8 * scale  # (out, in/group)
-        self.register_buffer("scales_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
+        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # (in/group, out, 2)
+        self.register_buffer("scales_zeros", scales_zeros.to(dtype).contiguous())  # not converted at every step
 
     @classmethod
     def round(cls, weight, group: int = 32, bias=None):  # weight (out, in): round to nearest per group
@@ -236,7 +238,7 @@ class Int4Linear(nn.Module):
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (out, in/group)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
         q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).view(weight.shape)  # (out, in)
-        return cls(q, scale, lo, group, bias)
+        return cls(q, scale, lo, group, bias, weight.dtype)
 
     def forward(self, x):  # (..., in) -> (..., out)
         flat = x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
