@@ -1,6 +1,6 @@
 """The language model of glimpse: a LLaMA-style decoder, read top to bottom.
 
-    LMConfig -> linear (decoding's), RMSNorm, RoPE, KVCache, Attention (GQA, chunked/NoPE), MLP (SwiGLU), MoE -> Block
+    LMConfig -> RMSNorm, linear (decoding's), RoPE, KVCache, Attention (GQA, chunked/NoPE), MLP (SwiGLU), MoE -> Block
     -> LanguageModel -> loading (HF Llama/Qwen2 safetensors, GGUF) and saving, its key map
 
 Mirrors `transformers/models/llama/modeling_llama.py` (Touvron et al. 2023, "LLaMA"), with the
@@ -89,7 +89,7 @@ def linear(x, weight, bias=None):  # x (..., in), weight (out, in) -> (..., out)
     kernel, which already uses every thread."""
     rows, blocks = x.numel() // x.shape[-1], max(2, torch.get_num_threads())
     if x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < rows <= 4 or weight.shape[0] % blocks or \
-            not weight.is_contiguous():
+            not weight.is_contiguous() or torch.is_autocast_enabled("cpu"):  # autocast: F.linear's bfloat16
         return F.linear(x, weight, bias)
     row_blocks = weight.view(blocks, -1, weight.shape[1])  # (P, out/P, in)
     columns = x.reshape(rows, -1).T.expand(blocks, -1, -1)  # (P, in, rows), one copy shared

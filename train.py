@@ -129,7 +129,8 @@ PRESETS = {
         "phases": {
             "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 1e-3},
             "instruct": {"data": "easy-vqa-words-first", "shuffle": False, "steps": 1600, "lora_r": 8,
-                         "lora_targets": "all-linear", "lr_lora": 5e-4, "lr_connector": 5e-4},
+                         "lora_targets": "all-linear", "lr_lora": 5e-4, "lr_connector": 5e-4,
+                         "val_data": "easy-vqa-qa-balanced"},  # the data's own test split starts in words
             "dpo": {"data": "easy-vqa-preferences-balanced", "steps": 100, "lora_r": 8, "lora_targets": "all-linear",
                     "lr_lora": 5e-5, "beta": 0.1, "eval_batches": 16},  # reward accuracy on 256 held-out pairs
             "qformer": {"data": "easy-vqa-captions", "steps": 150, "connector": "qformer", "lr": 1e-3,

@@ -546,5 +546,7 @@ def test_linear_cuts_the_rows_of_decoding_into_one_block_per_thread():
             with torch.profiler.profile() as prof:
                 linear(x, weight)
             assert any(e.name == "aten::bmm" for e in prof.events()) == splits
+        with torch.autocast("cpu", torch.bfloat16):  # F.linear's own bfloat16 product, as autocast asks
+            assert linear(torch.randn(1, 40), w, b).dtype == F.linear(torch.randn(1, 40), w, b).dtype == torch.bfloat16
     finally:
         torch.set_num_threads(threads)
