@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 import data
 from checkpoints import TOKENIZER_FILES, CheckpointError, ImageError, checkpoint_folder, read_json, write_json
@@ -374,10 +374,13 @@ def sample_text(sample: dict) -> str:
     return "\n".join(pieces)
 
 
-def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
+def train_tokenizer(texts, vocab_size: int, lowercase: bool = False) -> Tokenizer:
     """A byte-level BPE tokenizer learned from `texts`, with ChatML's special tokens: what a
-    from-scratch preset speaks (the `tokenizers` library's BpeTrainer)."""
+    from-scratch preset speaks (the `tokenizers` library's BpeTrainer). lowercase: text is lower-cased
+    before it is split (as BERT's uncased tokenizers do), so letter case alone never changes a token."""
     backend = tokenizers.Tokenizer(models.BPE())
+    if lowercase:
+        backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_TOKENS, show_progress=False,
@@ -408,7 +411,8 @@ def build_model(cfg, spec: dict, train_set: list):
             tokenizer = Tokenizer.from_pretrained(spec["tokenizer"])
         else:  # learned from the preset's tokenizer_data, else from the training samples
             texts = data.load_source(spec["tokenizer_data"], "train") if "tokenizer_data" in spec else train_set
-            tokenizer = train_tokenizer((sample_text(s) for s in texts), spec.get("tokenizer_vocab", 512))
+            tokenizer = train_tokenizer((sample_text(s) for s in texts), spec.get("tokenizer_vocab", 512),
+                                        spec.get("tokenizer_lowercase", False))
         torch.manual_seed(cfg.seed)
         lm = LanguageModel(LMConfig(vocab_size=tokenizer.vocab_size, **spec["lm_config"]))
     if cfg.phase == "pretrain":

@@ -32,6 +32,7 @@ import random
 
 import torch
 
+import questions
 import sources
 from processing import IGNORE_INDEX, Special, build_prompt, load_image
 from sources import (IMAGE_MARKER, balanced_yes_no, capitalized, chat_sample, count_image_parts,
@@ -76,31 +77,58 @@ def easy_vqa_qa_balanced(split: str = "train", limit: int | None = None, seed: i
     return samples
 
 
+KEEP_OWN_WORDS = 0.3  # the share of training questions asked in easy-VQA's own words (its 24 templates)
+
+
+def reworded(samples: list[dict], seed: int = 0) -> list[dict]:
+    """easy-VQA chats with each question asked again in a training phrasing (questions.reword: synonyms,
+    word orders, contractions, letter case, a polite opening), KEEP_OWN_WORDS of them in the data set's
+    own words, and now and then a filler word put in (questions.insert_filler), drawn by `seed`. The
+    held-out phrasings stay for evaluate.py --reworded."""
+    rng = random.Random(f"reworded-{seed}")
+    out = []
+    for s in samples:
+        question, answer = s["messages"][0]["content"][-1]["text"], s["messages"][1]["content"]
+        text = questions.insert_filler(questions.reword(question, answer, rng, "train", KEEP_OWN_WORDS), rng)
+        out.append(chat_sample(s["images"], text, answer))
+    return out
+
+
+def easy_vqa_wide_text(split: str = "train", limit: int | None = None) -> list[dict]:
+    """What a from-scratch tokenizer learns from: the training questions in training phrasings with their
+    answers and captions, and English prose (questions.prose) wide enough that a word no question uses
+    splits into pieces the LM sees, not into single bytes."""
+    samples = easy_vqa_text_curriculum(split)
+    texts = [{"text": f"{s['messages'][0]['content'][-1]['text']} {s['messages'][1]['content']}"} for s in samples]
+    return (texts + [{"text": p} for p in questions.prose()])[:limit]
+
+
 def easy_vqa_curriculum(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
     """The balanced questions in the order to learn them (shuffling off): every question but the negated
     yes/no ones, then all, each part shuffled by `seed`. "Is there not a red shape?" is (colour matches)
     XOR (negated): mixed from the start, the gradient toward comparing cancels (README's diagnosis);
-    learnt first without negations, the comparison is there for the negated questions to flip."""
+    learnt first without negations, the comparison is there for the negated questions to flip. Each
+    question is then asked in a training phrasing (`reworded`)."""
     rng = random.Random(seed)
     everything = easy_vqa_qa_balanced(split, seed=seed)
     plain = [s for s in everything if not is_negated(s["messages"][0]["content"][1]["text"])]
     rng.shuffle(plain)
     rng.shuffle(everything)
-    return (plain + everything)[:limit]
+    return reworded((plain + everything)[:limit], seed)
 
 
 def easy_vqa_open_first(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
     """The tiny instruct data in order (shuffling off): the shape questions once, the colour and shape
     questions twice, then every balanced question twice, each part shuffled by `seed`. The tower learns
     shape (the harder attribute) while nothing else pays, then colour beside it, before yes/no asks to
-    compare them (README's diagnosis)."""
+    compare them (README's diagnosis). Each question is asked in a training phrasing (`reworded`)."""
     rng = random.Random(seed)
     everything = easy_vqa_qa_balanced(split, seed=seed)
     shapes = [s for s in everything if s["messages"][1]["content"] in sources.EASY_VQA_SHAPES]
     open_ended = [s for s in everything if s["messages"][1]["content"] not in ("yes", "no")] * 2
     for part in (shapes, open_ended, everything):
         rng.shuffle(part)
-    return (shapes + open_ended + everything + rng.sample(everything, len(everything)))[:limit]
+    return reworded((shapes + open_ended + everything + rng.sample(everything, len(everything)))[:limit], seed)
 
 
 def in_words(samples: list[dict], split: str = "train") -> list[dict]:
@@ -124,23 +152,25 @@ def easy_vqa_words_first(split: str = "train", limit: int | None = None, seed: i
     `open_ended` colour and shape questions about images, then every balanced question (each part
     shuffled by `seed`). SmolLM2-135M answers "A red circle. Is there a blue shape?" at chance: taught
     the comparison in words first (300 steps of 16), it learns to read the image's colour and shape
-    (100 steps) into the words it already compares (README, "The words first")."""
+    (100 steps) into the words it already compares (README, "The words first"). Each question is asked in
+    a training phrasing (`reworded`)."""
     rng = random.Random(seed)
     everything = easy_vqa_qa_balanced(split, seed=seed)
-    words_part = in_words(rng.sample(everything, min(words, len(everything))), split)
+    words_part = rng.sample(everything, min(words, len(everything)))
     open_part = [s for s in everything if s["messages"][1]["content"] not in ("yes", "no")]
     open_part = rng.sample(open_part, min(open_ended, len(open_part)))
     rng.shuffle(everything)
-    return (words_part + open_part + everything)[:limit]
+    ordered = reworded(words_part + open_part + everything, seed)
+    return (in_words(ordered[:len(words_part)], split) + ordered[len(words_part):])[:limit]
 
 
 def easy_vqa_preferences_balanced(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """sources.easy_vqa_preferences on the balanced questions (easy_vqa_qa_balanced): preferring "no" to
-    "yes" 88% of the time would teach DPO the wording's answer, not the image's."""
+    """sources.easy_vqa_preferences on the balanced questions (easy_vqa_qa_balanced), in training
+    phrasings: preferring "no" to "yes" 88% of the time would teach DPO the wording's answer, not the image's."""
     rng = random.Random(seed)
     return [{"prompt": s["messages"][:1], "images": s["images"], "chosen": s["messages"][1]["content"],
              "rejected": sources.wrong_answer(s["messages"][1]["content"], rng)}
-            for s in easy_vqa_qa_balanced(split, limit, seed)]
+            for s in reworded(easy_vqa_qa_balanced(split, limit, seed), seed)]
 
 
 # ---------------------------------------------------------------------------
@@ -158,6 +188,7 @@ SOURCES = {
     "easy-vqa-preferences": sources.easy_vqa_preferences,
     "easy-vqa-preferences-balanced": easy_vqa_preferences_balanced,
     "easy-vqa-text": sources.easy_vqa_text,
+    "easy-vqa-wide-text": easy_vqa_wide_text,
     "coco-captions": sources.coco_captions,
     "flickr30k": sources.flickr30k,
     "llava-instruct": sources.llava_instruct,

@@ -2,6 +2,7 @@
 
     python evaluate.py --checkpoint runs/tiny-instruct --task easy-vqa           # test accuracy, and without the image
     python evaluate.py --checkpoint runs/tiny-instruct --task easy-vqa --balanced  # yes/no half and half
+    python evaluate.py --checkpoint runs/tiny-instruct --reworded   # also in held-out phrasings, and in lower case
     python evaluate.py --checkpoint runs/tiny-instruct --task easy-vqa --no-image  # a blind model (an LM) alone
     python evaluate.py --checkpoint runs/tiny-align --task captions              # BLEU, ROUGE-L, CIDEr-D
     python evaluate.py --checkpoint runs/tiny-instruct --task perplexity         # on the test answers
@@ -14,6 +15,7 @@ qformer phase prints too, are in cli.py.
 import json
 import math
 import os
+import random
 import re
 import string
 import time
@@ -29,6 +31,7 @@ from data import SOURCES, collate, easy_vqa_qa_balanced, load_source, pad, to_de
 from dpo import token_logprobs
 from generate import banned_ids, generate, stop_ids
 from processing import ImageProcessor, Special, build_prompt
+from questions import question_kind, read_question, reword
 from sources import EASY_VQA_COLORS, EASY_VQA_SHAPES, count_image_parts, easy_vqa_captions, easy_vqa_qa
 
 # ---------------------------------------------------------------------------------------------
@@ -305,59 +308,98 @@ def require_vlm(path: str, processor, task: str, hint: str = ""):
     raise ValueError(f"{path} is not a VLM that train.py wrote ({task} asks one <image> per embedding){hint}")
 
 
-def easy_vqa_scores(predictions: list[str], answers: list[str]) -> dict:
-    """Exact-match accuracy (official VQA normalisation) overall, by question kind, and token F1."""
+def easy_vqa_scores(predictions: list[str], answers: list[str], questions: list[str]) -> dict:
+    """Exact-match accuracy (official VQA normalisation) overall, by question kind (told by the answer),
+    by finer kind (questions.question_kind: yes/no about a colour, about a shape, negated), and token F1.
+    `questions` are in easy-VQA's own words, which the finer kinds are read from."""
     kinds = [question_type(a) for a in answers]
+    fine = [question_kind(read_question(q, a)) for q, a in zip(questions, answers)]
     scores = {"accuracy": vqa_accuracy(predictions, answers), "token_f1": token_f1(predictions, answers)}
-    for kind in sorted(set(kinds)):
-        idx = [i for i, k in enumerate(kinds) if k == kind]
-        scores[f"accuracy_{kind}"] = vqa_accuracy([predictions[i] for i in idx], [answers[i] for i in idx])
+    for labels in (kinds, fine):
+        for kind in sorted(set(labels) - {"color", "shape"} if labels is fine else set(labels)):
+            idx = [i for i, k in enumerate(labels) if k == kind]
+            scores[f"accuracy_{kind}"] = vqa_accuracy([predictions[i] for i in idx], [answers[i] for i in idx])
     return scores
+
+
+def asked_as(samples: list[dict], texts: list[str]) -> list[dict]:
+    """The same image questions with their text replaced by `texts`."""
+    return [{**s, "messages": [{"role": "user", "content": s["messages"][0]["content"][:-1] + [{"type": "text", "text": t}]},
+                               *s["messages"][1:]]} for s, t in zip(samples, texts)]
 
 
 def evaluate_easy_vqa(path: str, limit: int | None, image: bool, batch_size: int, device: str,
                       balanced: bool = False, baseline: bool = True, quantize_to: str | None = None,
-                      dtype=torch.float32) -> dict:
+                      dtype=torch.float32, reworded: bool = False, seed: int = 0) -> dict:
     """easy-VQA test accuracy, overall and by question kind. balanced: the test questions with their
     yes/no answers redrawn half yes, half no (data.easy_vqa_qa_balanced), where answering yes/no from
     the wording alone scores 50%, not the official split's 82%. baseline: the same questions asked
-    again without the image, under "no_image", so that the report shows what looking adds."""
+    again without the image, under "no_image", so that the report shows what looking adds. reworded:
+    each question also asked in a held-out phrasing drawn by `seed` (questions.HELD_OUT, never trained
+    on; under "reworded", with its own no-image baseline), and in the data set's own lower case
+    ("own_lower_case"); "case_changed" counts the answers that letter case alone changed."""
     model, tok, processor, template = load(path, dtype, device, quantize_to)
     if image:
         require_vlm(path, processor, "easy-VQA evaluation", "; pass --no-image to evaluate a language model blind")
     samples = (easy_vqa_qa_balanced if balanced else easy_vqa_qa)("test", limit=limit)
     answers = [s["messages"][1]["content"] for s in samples]
-    questions = [next(p["text"] for p in s["messages"][0]["content"] if p.get("type") == "text") for s in samples]
+    questions = [s["messages"][0]["content"][-1]["text"] for s in samples]
+    asks = {"template": samples}
+    if reworded:
+        rng = random.Random(seed)
+        asks["reworded"] = asked_as(samples, [reword(q, a, rng, "held_out") for q, a in zip(questions, answers)])
+        asks["own_lower_case"] = asked_as(samples, [q.lower() for q in questions])
     t0 = time.perf_counter()
-    predictions = answer_questions(model, tok, processor, template, samples, batch_size, image=image, device=device)
-    result = {"task": "easy-vqa", "checkpoint": path, "image": image, "balanced": balanced, "samples": len(samples),
-              **easy_vqa_scores(predictions, answers)}
-    examples = [{"question": q, "answer": a, "prediction": p} for q, a, p in zip(questions, answers, predictions)]
-    if image and baseline:
-        blind = answer_questions(model, tok, processor, template, samples, batch_size, image=False, device=device)
-        result["no_image"] = easy_vqa_scores(blind, answers)
+    result = {"task": "easy-vqa", "checkpoint": path, "image": image, "balanced": balanced, "samples": len(samples)}
+    examples = [{"question": q, "answer": a} for q, a in zip(questions, answers)]
+    predicted = {}
+    for name, asked in asks.items():
+        blind_too = image and baseline and name != "own_lower_case"
+        for seen in (image, False) if blind_too else (image,):
+            key = name if seen == image else f"no_image_{name}"
+            predicted[key] = answer_questions(model, tok, processor, template, asked, batch_size, image=seen,
+                                              device=device)
+            scores = easy_vqa_scores(predicted[key], answers, questions)
+            if key == "template":
+                result.update(scores)
+            else:
+                result[key.replace("_template", "")] = scores
+            for example, text, p in zip(examples, asked, predicted[key]):
+                if name != "template":
+                    example[f"{name}_question"] = text["messages"][0]["content"][-1]["text"]
+                example["prediction" + f"_{key}".replace("_template", "")] = p  # prediction, prediction_no_image, ...
+    if "no_image" in result:
         result["image_adds"] = result["accuracy"] - result["no_image"]["accuracy"]
-        for example, p in zip(examples, blind):
-            example["prediction_no_image"] = p
+    if reworded:
+        changed = sum(a.strip().lower() != b.strip().lower()
+                      for a, b in zip(predicted["template"], predicted["own_lower_case"]))
+        result["case_changed"] = changed
     result["seconds"] = time.perf_counter() - t0
     result["examples"] = examples[:10]
     return result
 
 
 def print_easy_vqa(result: dict):
-    """Accuracy by question kind, with the no-image baseline and what the image adds beside it."""
+    """Accuracy by question kind, in each way the questions were asked, with the no-image baselines
+    and what the image adds beside them."""
+    columns = [("image" if result["image"] else "no image", result)]
+    for key, name in (("reworded", "reworded"), ("own_lower_case", "lower case"), ("no_image", "no image"),
+                      ("no_image_reworded", "no img rew.")):
+        if key in result:
+            columns.append((name, result[key]))
     rows = [k for k in result if k.startswith("accuracy")] + ["token_f1"]
-    blind = result.get("no_image")
-    header = f"{'':<20}{'image' if result['image'] else 'no image':>10}"
-    print(header + (f"{'no image':>10}{'image adds':>12}" if blind else ""))
+    print(f"{'':<20}" + "".join(f"{name:>13}" for name, _ in columns) +
+          (f"{'image adds':>12}" if "no_image" in result else ""))
     for k in rows:
-        name = k.replace("accuracy_", "  ")
-        line = f"{name:<20}{result[k]:>10.4f}"
-        if blind:
-            line += f"{blind[k]:>10.4f}{result[k] - blind[k]:>+12.4f}"
+        line = f"{k.replace('accuracy_', '  '):<20}" + "".join(f"{scores[k]:>13.4f}" for _, scores in columns)
+        if "no_image" in result:
+            line += f"{result[k] - result['no_image'][k]:>+12.4f}"
         print(line)
     print(f"{result['samples']} questions{' (balanced yes/no)' if result['balanced'] else ''}, "
           f"{result['seconds']:.0f} s")
+    if "case_changed" in result:
+        print(f"letter case alone (capitalised or lower case) changed {result['case_changed']} of "
+              f"{result['samples']} answers")
 
 
 def evaluate_captions(path: str, limit: int | None, batch_size: int, device: str, quantize_to=None,
@@ -423,6 +465,10 @@ def main(argv=None):
                    "otherwise reported beside the result (the same questions asked without the image)")
     p.add_argument("--balanced", action="store_true", help="easy-vqa: the test questions with yes/no answers "
                    "redrawn half and half (data.easy_vqa_qa_balanced), so that the wording alone scores 50%%")
+    p.add_argument("--reworded", action="store_true", help="easy-vqa: also ask each question in a held-out "
+                   "phrasing (questions.HELD_OUT, never trained on) drawn by --seed, and in the data set's own lower "
+                   "case; reported per kind beside the template score")
+    p.add_argument("--seed", type=int, default=0, help="easy-vqa --reworded: which held-out phrasings are drawn")
     p.add_argument("--data", default=None, help="perplexity: a data source instead of easy-VQA's test questions: "
                    f"{', '.join(SOURCES)} ('the-cauldron:SUBSET'), or a path (see data.load_source)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per forward (default 32)")
@@ -437,8 +483,8 @@ def main(argv=None):
     try:
         if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
             raise ValueError("--limit and --batch-size must be at least 1")
-        if (args.no_image or args.balanced or args.no_baseline) and args.task != "easy-vqa":
-            raise ValueError("--no-image, --no-baseline and --balanced go with --task easy-vqa")
+        if (args.no_image or args.balanced or args.no_baseline or args.reworded) and args.task != "easy-vqa":
+            raise ValueError("--no-image, --no-baseline, --balanced and --reworded go with --task easy-vqa")
         if args.data and args.task != "perplexity":
             raise ValueError("--data goes with --task perplexity")
         args.device, dtype = str(check_device(args.device)), getattr(torch, args.dtype)
@@ -457,10 +503,12 @@ def main(argv=None):
                                          args.quantize, dtype)
         else:
             result = evaluate_easy_vqa(path, args.limit, not args.no_image, args.batch_size, args.device, args.balanced,
-                                       baseline=not args.no_baseline, quantize_to=args.quantize, dtype=dtype)
+                                       baseline=not args.no_baseline, quantize_to=args.quantize, dtype=dtype,
+                                       reworded=args.reworded, seed=args.seed)
     except (CheckpointError, OSError, ValueError) as e:
         fail(e)
-    name = f"eval-{args.task}{'-balanced' if args.balanced else ''}{'-noimage' if args.no_image else ''}.json"
+    name = (f"eval-{args.task}{'-balanced' if args.balanced else ''}{'-reworded' if args.reworded else ''}"
+            f"{'-noimage' if args.no_image else ''}.json")
     if os.path.isdir(path) and args.task != "retrieval":  # retrieval_report wrote retrieval.json itself
         with open(os.path.join(path, name), "w") as f:
             json.dump(result, f, indent=2)

@@ -108,7 +108,8 @@ SMALL_QFORMER = dict(dim=128, n_layers=2, n_heads=4, hidden_dim=256, n_queries=8
 PRESETS = {
     "tiny": {  # a few million parameters from scratch on easy-VQA: minutes on a CPU
         "vision": "tiny", "lm": "tiny", "connector": "pixel_shuffle", "scale_factor": 2, "template": "chatml-plain",
-        "vision_config": TINY_VISION, "lm_config": TINY_LM, "tokenizer_vocab": 512, "tokenizer_data": "easy-vqa-qa",
+        "vision_config": TINY_VISION, "lm_config": TINY_LM, "tokenizer_vocab": 1024,
+        "tokenizer_data": "easy-vqa-wide-text", "tokenizer_lowercase": True,
         "batch_size": 32, "micro_batch": 32, "max_len": 96, "eval_every": 50, "save_every": 100,
         "phases": {
             "pretrain": {"data": "easy-vqa-text-curriculum", "shuffle": False, "steps": 1500, "lr": 5e-4},

@@ -43,7 +43,16 @@ def test_settings_come_from_defaults_preset_phase_and_flags():
                                   ["--phase", "align", "--steps", "7", "--shuffle", "false"])
     assert (cfg.steps, cfg.shuffle, cfg.data, cfg.connector) == (7, False, "easy-vqa-captions", "pixel_shuffle")
     assert cfg.out == os.path.join("runs", "tiny-align")
-    assert set(spec) == {"vision_config", "lm_config", "qformer_config", "tokenizer_vocab", "tokenizer_data"}
+    assert set(spec) == {"vision_config", "lm_config", "qformer_config", "tokenizer_vocab", "tokenizer_data",
+                         "tokenizer_lowercase"}
+
+
+def test_a_lowercase_tokenizer_gives_the_same_tokens_whatever_the_letter_case():
+    tok = cli.train_tokenizer(["what color is the shape?", "is there a red circle?"] * 20, 300, lowercase=True)
+    assert tok.encode("WHAT Color is the SHAPE?") == tok.encode("what color is the shape?")
+    assert tok.encode("<IMAGE>") != [tok.token_to_id("<image>")]  # typed text still never forges a special token
+    cased = cli.train_tokenizer(["what color is the shape?"] * 20, 300)
+    assert cased.encode("WHAT") != cased.encode("what")
 
 
 def test_recall_at_k_on_a_hand_made_ranking():

@@ -111,15 +111,17 @@ def test_easy_vqa_qa_balanced_says_yes_and_no_equally_often_and_truly():
     assert data.load_source("easy-vqa-qa-balanced", "test", limit=3) == data.easy_vqa_qa_balanced("test", limit=3)
 
 
-def test_easy_vqa_curriculum_holds_back_the_negated_questions_then_gives_all_and_says_it_in_words():
-    def key(sample):
-        return sample["messages"][0]["content"][-1]["text"], sample["messages"][1]["content"], tuple(sample["images"])
+def key(sample):
+    """A sample as (answer, images): the curricula reword each question (tests/test_questions.py checks the words)."""
+    return sample["messages"][1]["content"], tuple(sample["images"])
 
+
+def test_easy_vqa_curriculum_holds_back_the_negated_questions_then_gives_all_and_says_it_in_words():
     balanced = data.easy_vqa_qa_balanced("train")
-    plain = [s for s in balanced if not sources.is_negated(key(s)[0])]
+    plain = [s for s in balanced if not sources.is_negated(s["messages"][0]["content"][-1]["text"])]
     samples = data.easy_vqa_curriculum("train")
     first, then = samples[:len(plain)], samples[len(plain):]
-    negated = [s for s in balanced if sources.is_negated(key(s)[0])]
+    negated = [s for s in balanced if sources.is_negated(s["messages"][0]["content"][-1]["text"])]
     assert len(negated) > 10_000 and all(s["messages"][1]["content"] in ("yes", "no") for s in negated)
     assert sorted(map(key, first)) == sorted(map(key, plain))  # every question but the negated ones...
     assert sorted(map(key, then)) == sorted(map(key, balanced))  # ...then all of them
@@ -128,14 +130,11 @@ def test_easy_vqa_curriculum_holds_back_the_negated_questions_then_gives_all_and
     captions = {s["images"][0]: s["messages"][1]["content"] for s in sources.easy_vqa_captions("train")}
     for picture, words in zip(samples, in_words):  # the same questions, the image given as its caption
         assert words["images"] == [] and words["messages"][1] == picture["messages"][1]
-        text = f"{captions[picture['images'][0]]} {key(picture)[0]}"
+        text = f"{captions[picture['images'][0]]} {picture['messages'][0]['content'][-1]['text']}"
         assert words["messages"][0]["content"] == [{"type": "text", "text": text}]
 
 
 def test_easy_vqa_open_first_gives_the_shape_questions_then_colour_and_shape_twice_then_all_twice():
-    def key(sample):
-        return sample["messages"][0]["content"][-1]["text"], sample["messages"][1]["content"], tuple(sample["images"])
-
     balanced = data.easy_vqa_qa_balanced("train")
     shapes = [s for s in balanced if s["messages"][1]["content"] in SHAPES]
     opens = [s for s in balanced if s["messages"][1]["content"] not in ("yes", "no")]
@@ -153,16 +152,15 @@ def test_easy_vqa_open_first_gives_the_shape_questions_then_colour_and_shape_twi
 
 
 def test_easy_vqa_words_first_gives_questions_in_words_then_colour_and_shape_then_all_with_images():
-    def key(sample):
-        return sample["messages"][0]["content"][-1]["text"], sample["messages"][1]["content"], tuple(sample["images"])
-
     balanced = data.easy_vqa_qa_balanced("train")
     captions = {s["images"][0]: s["messages"][1]["content"] for s in sources.easy_vqa_captions("train")}
-    written = {(f"{captions[s['images'][0]]} {key(s)[0]}", key(s)[1], ()) for s in balanced}
+    told = {(s["messages"][1]["content"], captions[s["images"][0]]) for s in balanced}
     samples = data.easy_vqa_words_first("train", words=300, open_ended=200)
     assert len(samples) == 300 + 200 + len(balanced)
     words, opens, rest = samples[:300], samples[300:500], samples[500:]
-    assert all(s["images"] == [] for s in words) and {key(s) for s in words} <= written  # in words, no image
+    assert all(s["images"] == [] for s in words)  # in words, no image: the caption, then the question
+    assert {(s["messages"][1]["content"], s["messages"][0]["content"][-1]["text"].split(". ")[0] + ".")
+            for s in words} <= told
     assert all(len(s["images"]) == 1 and s["messages"][1]["content"] in (*SHAPES, *COLORS) for s in opens)
     assert sorted(map(key, rest)) == sorted(map(key, balanced))  # then every balanced question...
     assert [key(s) for s in rest] != [key(s) for s in balanced]  # ...shuffled
@@ -188,7 +186,7 @@ def test_easy_vqa_preferences_balanced_pair_the_balanced_answers_with_a_wrong_on
     balanced = data.easy_vqa_qa_balanced("test")
     samples = data.easy_vqa_preferences_balanced("test")
     assert len(samples) == len(balanced)
-    for sample, question in zip(samples, balanced):
+    for sample, question in zip(samples, data.reworded(balanced)):  # in training phrasings
         assert sample["prompt"] == question["messages"][:1] and sample["images"] == question["images"]
         assert sample["chosen"] == question["messages"][1]["content"] != sample["rejected"]
         assert any(sample["chosen"] in kind and sample["rejected"] in kind

@@ -277,11 +277,32 @@ def test_cli_easy_vqa_reports_the_no_image_baseline_beside_the_result(tiny_vlm, 
     assert "no_image" not in read_report(tiny_vlm, "easy-vqa")
 
 
+def test_cli_easy_vqa_reworded_asks_held_out_phrasings_and_the_own_lower_case(tiny_vlm, one_thread, capsys):
+    import random
+
+    from questions import reword
+
+    main(["--checkpoint", tiny_vlm, "--limit", "12", "--batch-size", "4", "--balanced", "--reworded", "--seed", "3"])
+    report = read_report(tiny_vlm, "easy-vqa-balanced-reworded")
+    examples, answers = report["examples"], [e["answer"] for e in report["examples"]]
+    rng = random.Random(3)  # the held-out phrasings --seed 3 draws
+    assert [e["reworded_question"] for e in examples] == [reword(e["question"], e["answer"], rng, "held_out")
+                                                           for e in examples]
+    assert [e["own_lower_case_question"] for e in examples] == [e["question"].lower() for e in examples]
+    for key in ("reworded", "own_lower_case", "no_image_reworded"):
+        assert report[key]["accuracy"] == vqa_accuracy([e[f"prediction_{key}"] for e in examples], answers)
+    assert report["case_changed"] == sum(e["prediction"] != e["prediction_own_lower_case"] for e in examples)
+    out = capsys.readouterr().out
+    assert "reworded" in out.splitlines()[0] and "lower case" in out and "yes/no negated" in out
+    assert "letter case alone" in out
+
+
 @pytest.mark.parametrize("args", [["--task", "perplexity", "--data", "no/such/file.txt"],
                                   ["--task", "captions", "--limit", "0"],
                                   ["--task", "captions", "--no-image"],
                                   ["--task", "captions", "--balanced"],
                                   ["--task", "captions", "--no-baseline"],
+                                  ["--task", "captions", "--reworded"],
                                   ["--task", "fly"]])
 def test_cli_bad_input_is_one_error_line(tiny_vlm, capsys, args):
     with pytest.raises(SystemExit) as exit_:
