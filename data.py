@@ -96,11 +96,10 @@ def reworded(samples: list[dict], seed: int = 0) -> list[dict]:
 
 def easy_vqa_wide_text(split: str = "train", limit: int | None = None) -> list[dict]:
     """What a from-scratch tokenizer learns from: the training questions in training phrasings with their
-    answers and captions, and English prose (questions.prose) wide enough that a word no question uses
-    splits into pieces the LM sees, not into single bytes."""
-    samples = easy_vqa_text_curriculum(split)
-    texts = [{"text": f"{s['messages'][0]['content'][-1]['text']} {s['messages'][1]['content']}"} for s in samples]
-    return (texts + [{"text": p} for p in questions.prose()])[:limit]
+    captions and answers, as chats (each answer starts its own line, as a reply does, so that it becomes
+    one token there), and English prose (questions.prose) wide enough that a word no question uses splits
+    into pieces the LM sees, not into single bytes."""
+    return (easy_vqa_text_curriculum(split) + [{"text": p} for p in questions.prose()])[:limit]
 
 
 def easy_vqa_curriculum(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:

@@ -168,6 +168,21 @@ def test_easy_vqa_words_first_gives_questions_in_words_then_colour_and_shape_the
     assert len(data.easy_vqa_words_first("train")) == 4800 + 1600 + len(balanced)
 
 
+def test_the_tiny_tokenizer_makes_every_answer_one_token_and_unseen_words_pieces_not_bytes():
+    """The tiny preset's tokenizer (lower-cased, learned from easy_vqa_wide_text): a reply's first word is
+    one token (learned from "rectangle" after a space only, a reply once began "re"+"ct"+..., sharing "re"
+    with "red"), and words no training phrasing uses split into pieces of several letters."""
+    import train
+
+    texts = data.easy_vqa_wide_text("train")
+    assert any("text" in s for s in texts) and any("messages" in s for s in texts)
+    tok = cli.train_tokenizer((cli.sample_text(s) for s in texts), train.PRESETS["tiny"]["tokenizer_vocab"], True)
+    for answer in ("yes", "no", *SHAPES, *COLORS):
+        assert len(tok.encode(answer)) == 1, answer
+    for word in (" depicted", " anywhere", " painted", " appears", " include"):  # held-out words only
+        assert len(tok.encode(word)) <= len(word) // 2, [tok.decode([i]) for i in tok.encode(word)]
+
+
 def test_easy_vqa_preferences_reject_a_wrong_answer_of_the_same_kind():
     samples = sources.easy_vqa_preferences("train")
     _, answers, _ = easy_vqa.get_train_questions()
