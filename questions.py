@@ -75,6 +75,7 @@ TRAIN = {
         "which {c} does the {o} in the {p} have?", "identify the {c} of the {o}.", "what {c} is this {o}?",
         "what {c} is the {o} in this {p}?", "can you tell me what {c} the {o} is?", "what {c} is shown?",
         "say the {c} of the {o}.", "describe the {c} of the {o}.", "{c}?", "what {c} is the {o} shown?",
+        "the {c} of the {o}?", "{o} {c}?", "{o}, what {c}?", "i need the {c} of the {o}.",
     ],
     "shape": [
         "what shape is in the image?", "what shape does the image contain?", "what shape is present?",
@@ -84,7 +85,8 @@ TRAIN = {
         "what is the shape of the {o}?", "identify the shape.", "the {o} is what shape?",
         "what type of shape is in the {p}?", "what shape is this?", "which shape is the {o}?",
         "what shape is the {o} in the {p}?", "can you tell me what shape the {o} is?", "what shape is it?",
-        "what is the {o} in the {p}?", "describe the shape.", "shape?",
+        "what is the {o} in the {p}?", "describe the shape.", "shape?", "the shape of the {o}?",
+        "{o}, what shape?", "i need the shape of the {o}.",
     ],
     "has": [
         "is there {t}?", "is there {t} in the image?", "is {t} present?", "does the image contain {t}?",
@@ -92,7 +94,7 @@ TRAIN = {
         "does the {p} show {t}?", "do you see {t}?", "can you see {t}?", "is there {t} in this {p}?",
         "is {t} visible?", "is {t} shown in the {p}?", "does {t} appear in the {p}?", "are there any {ts}?",
         "{t} in the {p}?", "is it true that there is {t}?", "is {t} in the {p}?", "can you see {t} in the {p}?",
-        "is there any {n}?",
+        "is there any {n}?", "you see {t}?", "i think there is {t}, right?", "true or false: there is {t}.",
     ],
     "has_color": ["is the {o} {x}?", "is it {x}?", "is the {c} {x}?", "is the {c} of the {o} {x}?",
                   "is there any {x} in the {p}?", "is the {o} colored {x}?", "is the {o} {x} in color?",
@@ -106,6 +108,7 @@ TRAIN = {
         "does the {p} lack {t}?", "is the {p} without {t}?", "is it true that there is no {n}?",
         "is {t} not present?", "does the {p} not show {t}?", "are there no {ts}?", "do you not see {t}?",
         "is {t} absent from the {p}?", "is there not any {n}?", "can you not see {t}?",
+        "i think there is no {n}, right?", "true or false: there is no {n}.", "you see no {n}?",
     ],
     "not_color": ["is the {o} not {x}?", "is it not {x}?", "is the {c} not {x}?", "is the {o} not colored {x}?",
                   "is this {o} not {x}?"],
@@ -141,9 +144,11 @@ HELD_OUT = {
 
 # Openings and closings said around a question, now and then.
 OPENINGS = {"train": ["please, ", "please ", "can you tell me, ", "tell me: ", "hey, ", "quick question: ", "hi! ",
-                      "ok, ", "i'd like to know: ", "could you tell me: ", "look at the image. "],
+                      "ok, ", "i'd like to know: ", "could you tell me: ", "look at the image. ", "now, ",
+                      "i want to know, ", "here is my question: ", "hello. ", "well, ", "answer this: "],
             "held_out": ["excuse me, ", "so, ", "one question: ", "i wonder, ", "would you tell me: "]}
-CLOSINGS = {"train": [" please", ", please", " thanks", " thank you"], "held_out": [" if you can", ", thanks a lot"]}
+CLOSINGS = {"train": [" please", ", please", " thanks", " thank you", ", if possible", " in one word",
+                       ", please answer", " for me"], "held_out": [" if you can", ", thanks a lot"]}
 
 COLOR_NOUNS = ("color", "colour")
 PICTURE_NOUNS = ("image", "picture", "photo")
@@ -244,11 +249,11 @@ def filler_words(n: int = 2000) -> list[str]:
     return [w for w in sorted(counts, key=lambda w: (-counts[w], w)) if w not in MEANINGFUL][:n]
 
 
-def insert_filler(text: str, rng: random.Random, p: float = 0.2) -> str:
-    """`text` with, with probability `p`, one or two filler words put in between its words."""
+def insert_filler(text: str, rng: random.Random, p: float = 0.3) -> str:
+    """`text` with, with probability `p`, one to three filler words put in between its words."""
     if rng.random() >= p:
         return text
     words = text.split(" ")
-    for _ in range(rng.choice((1, 1, 2))):
+    for _ in range(rng.choice((1, 1, 2, 3))):
         words.insert(rng.randint(0, len(words)), rng.choice(filler_words()))
     return " ".join(words)

@@ -112,7 +112,7 @@ PRESETS = {
         "tokenizer_data": "easy-vqa-wide-text", "tokenizer_lowercase": True,
         "batch_size": 32, "micro_batch": 32, "max_len": 96, "eval_every": 50, "save_every": 100,
         "phases": {
-            "pretrain": {"data": "easy-vqa-text-curriculum", "shuffle": False, "steps": 1500, "lr": 5e-4},
+            "pretrain": {"data": "easy-vqa-text-curriculum", "shuffle": False, "steps": 1800, "lr": 5e-4},
             "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 3e-3, "train_vision": True,
                       "lr_vision": 1e-3},
             "instruct": {"data": "easy-vqa-open-first", "shuffle": False, "steps": 1700, "lr": 5e-5,
