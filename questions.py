@@ -14,7 +14,7 @@ opening or closing, contractions, letter case and end punctuation. `TRAIN` holds
 phrasings (the data set's own 24 among them) and `HELD_OUT` the others; held-out templates and
 openings are never trained on, not even in words (the tests check that no held-out template can
 come out of `say(..., "train")`). Answers keep easy-VQA's convention: "is there not a red shape?" is
-answered "yes" when there is no red shape, and so are "isn't there ...", "is ... absent?" and the like.
+answered "yes" when there is no red shape, and so is "isn't there a red shape?".
 """
 import functools
 import random
@@ -94,7 +94,7 @@ TRAIN = {
         "does the {p} show {t}?", "do you see {t}?", "can you see {t}?", "is there {t} in this {p}?",
         "is {t} visible?", "is {t} shown in the {p}?", "does {t} appear in the {p}?", "are there any {ts}?",
         "{t} in the {p}?", "is it true that there is {t}?", "is {t} in the {p}?", "can you see {t} in the {p}?",
-        "is there any {n}?", "you see {t}?", "i think there is {t}, right?", "true or false: there is {t}.",
+        "is there any {n}?", "you see {t}?", "i think there is {t}, right?",
     ],
     "has_color": ["is the {o} {x}?", "is it {x}?", "is the {c} {x}?", "is the {c} of the {o} {x}?",
                   "is there any {x} in the {p}?", "is the {o} colored {x}?", "is the {o} {x} in color?",
@@ -104,11 +104,9 @@ TRAIN = {
     "not": [
         "is there not {t}?", "is there not {t} in the image?", "does the image not contain {t}?",
         "is no {n} present?", "is there no {n}?", "is there no {n} in the {p}?", "does the {p} not contain {t}?",
-        "is there not {t} in the {p}?", "is {t} absent?", "is {t} missing from the {p}?",
-        "does the {p} lack {t}?", "is the {p} without {t}?", "is it true that there is no {n}?",
-        "is {t} not present?", "does the {p} not show {t}?", "are there no {ts}?", "do you not see {t}?",
-        "is {t} absent from the {p}?", "is there not any {n}?", "can you not see {t}?",
-        "i think there is no {n}, right?", "true or false: there is no {n}.", "you see no {n}?",
+        "is there not {t} in the {p}?", "is it true that there is no {n}?", "is {t} not present?",
+        "does the {p} not show {t}?", "are there no {ts}?", "do you not see {t}?", "is there not any {n}?",
+        "can you not see {t}?", "i think there is no {n}, right?", "you see no {n}?",
     ],
     "not_color": ["is the {o} not {x}?", "is it not {x}?", "is the {c} not {x}?", "is the {o} not colored {x}?",
                   "is this {o} not {x}?"],
@@ -249,11 +247,11 @@ def filler_words(n: int = 2000) -> list[str]:
     return [w for w in sorted(counts, key=lambda w: (-counts[w], w)) if w not in MEANINGFUL][:n]
 
 
-def insert_filler(text: str, rng: random.Random, p: float = 0.3) -> str:
-    """`text` with, with probability `p`, one to three filler words put in between its words."""
+def insert_filler(text: str, rng: random.Random, p: float = 0.2) -> str:
+    """`text` with, with probability `p`, one or two filler words put in between its words."""
     if rng.random() >= p:
         return text
     words = text.split(" ")
-    for _ in range(rng.choice((1, 1, 2, 3))):
+    for _ in range(rng.choice((1, 1, 2))):
         words.insert(rng.randint(0, len(words)), rng.choice(filler_words()))
     return " ".join(words)
