@@ -5,12 +5,10 @@
     python train.py --phase dpo      --preset tiny --init runs/tiny-instruct   # preference tuning
     torchrun --nproc_per_node 2 train.py --phase instruct ...           # the same under DDP
 
-In reading order: the settings (TrainConfig, PRESETS), what trains and how fast, batches and objectives,
-the phase table (PHASES), and the loop (`train`). Settings come, later ones winning, from TrainConfig's
-defaults, the preset, the preset's phase, a --config FILE.toml and the command line (--steps 100).
-A run folder holds log.jsonl, loss.png and the newest checkpoint, ckpt-STEP/, written whole or not at
-all; `latest` names it and --resume continues exactly. The plumbing (the starting model, settings, data
-checks, DDP set-up, run folder) is in cli.py.
+In reading order: settings (TrainConfig, PRESETS), what trains and how fast, batches and objectives, the
+phase table (PHASES), the loop (`train`). Settings, later ones winning: TrainConfig's defaults, the preset,
+its phase, --config FILE.toml, the command line. A run folder holds log.jsonl, loss.png and ckpt-STEP/
+(whole or not at all; `latest` names it; --resume continues exactly); the plumbing is in cli.py.
 """
 import contextlib
 import math
@@ -107,10 +105,9 @@ SMALL_QFORMER = dict(dim=128, n_layers=2, n_heads=4, hidden_dim=256, n_queries=8
                      proj_dim=64, itm_head=False, dropout=0.0, max_positions=64)
 PRESETS = {
     "tiny": {  # a few million parameters from scratch on easy-VQA: minutes on a CPU
-        "vision": "tiny", "lm": "tiny", "connector": "pixel_shuffle", "scale_factor": 2, "template": "chatml-plain",
-        "vision_config": TINY_VISION, "lm_config": TINY_LM, "tokenizer_vocab": 1024,
-        "tokenizer_data": "easy-vqa-wide-text", "tokenizer_lowercase": True,
-        "batch_size": 32, "micro_batch": 32, "max_len": 96, "eval_every": 50, "save_every": 100,
+        "vision": "tiny", "lm": "tiny", "connector": "pixel_shuffle", "template": "chatml-plain", "save_every": 100,
+        "vision_config": TINY_VISION, "lm_config": TINY_LM, "batch_size": 32, "micro_batch": 32, "max_len": 96,
+        "tokenizer_vocab": 1024, "tokenizer_data": "easy-vqa-wide-text", "tokenizer_lowercase": True, "eval_every": 50,
         "phases": {
             "pretrain": {"data": "easy-vqa-text-curriculum", "shuffle": False, "steps": 1800, "lr": 5e-4},
             "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 3e-3, "train_vision": True,
@@ -495,6 +492,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # before the first step: nothing to save
         print("\ninterrupted before training started", file=sys.stderr)
         sys.exit(130)
+    except ValueError as e:  # e.g. a sample that --max-len cannot hold (its image's placeholders past it)
+        fail(e)
 
 
 if __name__ == "__main__":
