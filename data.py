@@ -83,13 +83,13 @@ KEEP_OWN_WORDS = 0.3  # the share of training questions asked in easy-VQA's own 
 def reworded(samples: list[dict], seed: int = 0) -> list[dict]:
     """easy-VQA chats with each question asked again in a training phrasing (questions.reword: synonyms,
     word orders, contractions, letter case, a polite opening), KEEP_OWN_WORDS of them in the data set's
-    own words, and now and then a filler word put in (questions.insert_filler), drawn by `seed`. The
+    own words, and half of them with a word put in, swapped or left out (questions.add_noise), drawn by `seed`. The
     held-out phrasings stay for evaluate.py --reworded."""
     rng = random.Random(f"reworded-{seed}")
     out = []
     for s in samples:
         question, answer = s["messages"][0]["content"][-1]["text"], s["messages"][1]["content"]
-        text = questions.insert_filler(questions.reword(question, answer, rng, "train", KEEP_OWN_WORDS), rng)
+        text = questions.add_noise(questions.reword(question, answer, rng, "train", KEEP_OWN_WORDS), rng)
         out.append(chat_sample(s["images"], text, answer))
     return out
 
