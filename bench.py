@@ -58,12 +58,14 @@ import time
 
 import torch
 
-from checkpoints import CheckpointError, ImageError, hf_lm_config
-from cli import ArgumentParser, check_device, default_lm, fail, quantize
+from checkpoints import CheckpointError, ImageError
+from configs import hf_lm_config
+from cli import ArgumentParser, check_device, default_lm, fail
 from dpo import token_logprobs
 from generate import generate
 from model import LanguageModel, linear
 from processing import SMOLVLM_SPECIAL_TOKENS, SmolVLMImageProcessor, Tokenizer, build_prompt, smolvlm_image_tokens
+from quantize import quantize
 from siglip import VisionTower
 from vlm import VLM
 

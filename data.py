@@ -14,9 +14,9 @@ A sample is a plain dict in one of three shapes:
 where a content is a string or a list of parts, and `images` holds one path or PIL image for each
 {"type": "image"} part, in the order the parts appear.
 
-Sources (all take `limit`) are read by sources.py: easy-VQA offline, local files, hub sets. Here
-easy-VQA's questions are balanced and ordered for the tiny recipe. `SOURCES` names them all for
-train.py's presets and `--data`; `load_source(name_or_path, split)` also takes a local file or folder.
+Sources (all take `limit`) are read by easyvqa.py (easy-VQA offline, balanced and ordered for the
+tiny recipe) and sources.py (local files, hub sets). `SOURCES` names them all for train.py's presets
+and `--data`; `load_source(name_or_path, split)` also takes a local file or folder.
 
 Batches: `collate` (chats and texts), `collate_preferences` (both sides of preference pairs) and
 `collate_captions` (images and captions, for a Q-Former's contrastive stage) make padded tensors:
@@ -28,18 +28,18 @@ Batches: `collate` (chats and texts), `collate_preferences` (both sides of prefe
 
 import inspect
 import os
-import random
 
+import tokenizers
 import torch
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-import questions
+import easyvqa
 import sources
-from processing import IGNORE_INDEX, Special, build_prompt, load_image
-from sources import (IMAGE_MARKER, balanced_yes_no, capitalized, chat_sample, count_image_parts,
-                     easy_vqa_attributes, easy_vqa_caption, easy_vqa_split, is_negated)
+from processing import IGNORE_INDEX, Special, Tokenizer, build_prompt, load_image
+from sources import IMAGE_MARKER, count_image_parts
 
 # ---------------------------------------------------------------------------
-# Samples: their kind (the chat builders, user_turn and chat_sample, are in sources.py)
+# Samples: their kind, their text, a tokenizer learned from it (sources.py builds chats: chat_sample)
 # ---------------------------------------------------------------------------
 
 
@@ -54,122 +54,64 @@ def sample_kind(sample: dict) -> str:
     raise ValueError(f"not a sample: expected the keys messages, text, or prompt/chosen/rejected; got {sorted(sample)}")
 
 
+def sample_text(sample: dict) -> str:
+    """All the text a sample holds, one piece a line: to train a tokenizer on, or to count words."""
+    if "text" in sample:
+        return sample["text"]
+    messages = list(sample.get("messages", sample.get("prompt", [])))
+    pieces = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            pieces.append(content)
+        else:
+            pieces += [part["text"] for part in content or [] if part.get("type") == "text"]
+    pieces += [sample[side] for side in ("chosen", "rejected") if isinstance(sample.get(side), str)]
+    return "\n".join(pieces)
+
+
+CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]  # a learned tokenizer's special tokens
+
+
+def train_tokenizer(samples, vocab_size: int, lowercase: bool = False) -> Tokenizer:
+    """A byte-level BPE tokenizer learned from the samples' text (sample_text), with ChatML's special
+    tokens: what a from-scratch preset speaks (the `tokenizers` library's BpeTrainer). lowercase: text
+    is lower-cased before it is split (as BERT's uncased tokenizers do), so letter case alone never
+    changes a token."""
+    backend = tokenizers.Tokenizer(models.BPE())
+    if lowercase:
+        backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator((sample_text(s) for s in samples), trainer)
+    return Tokenizer(backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
 # ---------------------------------------------------------------------------
-# easy-VQA balanced and ordered for learning (its files and plain samples: sources.py)
+# Which samples make a step's batch, and the image size a batch has
 # ---------------------------------------------------------------------------
 
 
-def easy_vqa_qa_balanced(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """sources.easy_vqa_qa with "yes" and "no" equally likely for every yes/no wording. easy-VQA mostly asks
-    about a colour or shape the image lacks (88% of "is there a COLOR shape?" are "no"), so a model
-    trained on it scores 82% on its yes/no questions without looking at the image, and learns to
-    answer them from the wording. Here each yes/no question asks about the image's own value or
-    another by a coin flip (sources.balanced_yes_no, drawn by `seed`); VQA v2 balanced its answers for the
-    same reason (Goyal et al. 2017). Shape and colour questions are kept as they are."""
-    rng = random.Random(seed)
-    questions, answers, image_ids, paths = easy_vqa_split(split)
-    attributes = easy_vqa_attributes(split)
-    samples = []
-    for q, a, i in zip(questions[:limit], answers, image_ids):
-        if a in ("yes", "no"):
-            q, a = balanced_yes_no(q, *attributes[i], rng)
-        samples.append(chat_sample([paths[i]], capitalized(q), a))
-    return samples
-
-
-KEEP_OWN_WORDS = 0.3  # the share of training questions asked in easy-VQA's own words (its 24 templates)
-
-
-def reworded(samples: list[dict], seed: int = 0) -> list[dict]:
-    """easy-VQA chats with each question asked again in a training phrasing (questions.reword: synonyms,
-    word orders, contractions, letter case, a polite opening), KEEP_OWN_WORDS of them in the data set's
-    own words, and half of them with a word put in, swapped or left out (questions.add_noise), drawn by `seed`. The
-    held-out phrasings stay for evaluate.py --reworded."""
-    rng = random.Random(f"reworded-{seed}")
-    out = []
-    for s in samples:
-        question, answer = s["messages"][0]["content"][-1]["text"], s["messages"][1]["content"]
-        text = questions.add_noise(questions.reword(question, answer, rng, "train", KEEP_OWN_WORDS), rng)
-        out.append(chat_sample(s["images"], text, answer))
+def global_batch(n_samples: int, step: int, cfg) -> list[int]:
+    """Sample indices of optimizer step `step`: epochs are seeded permutations (or, without shuffling, the
+    data's own order) end to end, so any step's batch is known without replaying the ones before."""
+    out, start = [], step * cfg.batch_size
+    while len(out) < cfg.batch_size:
+        epoch, offset = divmod(start + len(out), n_samples)
+        seeded = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        order = torch.randperm(n_samples, generator=seeded) if cfg.shuffle else torch.arange(n_samples)
+        out.extend(order[offset: offset + cfg.batch_size - len(out)].tolist())
     return out
 
 
-def easy_vqa_wide_text(split: str = "train", limit: int | None = None) -> list[dict]:
-    """What a from-scratch tokenizer learns from: the training questions in training phrasings with their
-    captions and answers, as chats (each answer starts its own line, as a reply does, so that it becomes
-    one token there), and English prose (questions.prose) wide enough that a word no question uses splits
-    into pieces the LM sees, not into single bytes."""
-    return (easy_vqa_text_curriculum(split) + [{"text": p} for p in questions.prose()])[:limit]
-
-
-def easy_vqa_curriculum(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """The balanced questions in the order to learn them (shuffling off): every question but the negated
-    yes/no ones, then all, each part shuffled by `seed`. "Is there not a red shape?" is (colour matches)
-    XOR (negated): mixed from the start, the gradient toward comparing cancels (README's diagnosis);
-    learnt first without negations, the comparison is there for the negated questions to flip. Each
-    question is then asked in a training phrasing (`reworded`)."""
-    rng = random.Random(seed)
-    everything = easy_vqa_qa_balanced(split, seed=seed)
-    plain = [s for s in everything if not is_negated(s["messages"][0]["content"][1]["text"])]
-    rng.shuffle(plain)
-    rng.shuffle(everything)
-    return reworded((plain + everything)[:limit], seed)
-
-
-def easy_vqa_open_first(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """The tiny instruct data in order (shuffling off): the shape questions once, the colour and shape
-    questions twice, then every balanced question twice, each part shuffled by `seed`. The tower learns
-    shape (the harder attribute) while nothing else pays, then colour beside it, before yes/no asks to
-    compare them (README's diagnosis). Each question is asked in a training phrasing (`reworded`)."""
-    rng = random.Random(seed)
-    everything = easy_vqa_qa_balanced(split, seed=seed)
-    shapes = [s for s in everything if s["messages"][1]["content"] in sources.EASY_VQA_SHAPES]
-    open_ended = [s for s in everything if s["messages"][1]["content"] not in ("yes", "no")] * 2
-    for part in (shapes, open_ended, everything):
-        rng.shuffle(part)
-    return reworded((shapes + open_ended + everything + rng.sample(everything, len(everything)))[:limit], seed)
-
-
-def in_words(samples: list[dict], split: str = "train") -> list[dict]:
-    """easy-VQA questions with their image written out instead of shown: user "A red circle. Is there a
-    blue shape?", assistant "no" (no image)."""
-    paths = easy_vqa_split(split)[3]
-    captions = {paths[i]: easy_vqa_caption(*shape_color) for i, shape_color in easy_vqa_attributes(split).items()}
-    return [chat_sample([], f"{captions[s['images'][0]]} {s['messages'][0]['content'][1]['text']}",
-                        s["messages"][1]["content"]) for s in samples]
-
-
-def easy_vqa_text_curriculum(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """easy_vqa_curriculum in words, for pretraining the LM: it learns to compare while the picture is
-    written out, before reading pixels."""
-    return in_words(easy_vqa_curriculum(split, limit, seed), split)
-
-
-def easy_vqa_words_first(split: str = "train", limit: int | None = None, seed: int = 0,
-                         words: int = 4800, open_ended: int = 1600) -> list[dict]:
-    """The offline instruct data in order (shuffling off): `words` balanced questions in words, then
-    `open_ended` colour and shape questions about images, then every balanced question (each part
-    shuffled by `seed`). SmolLM2-135M answers "A red circle. Is there a blue shape?" at chance: taught
-    the comparison in words first (300 steps of 16), it learns to read the image's colour and shape
-    (100 steps) into the words it already compares (README, "The words first"). Each question is asked in
-    a training phrasing (`reworded`)."""
-    rng = random.Random(seed)
-    everything = easy_vqa_qa_balanced(split, seed=seed)
-    words_part = rng.sample(everything, min(words, len(everything)))
-    open_part = [s for s in everything if s["messages"][1]["content"] not in ("yes", "no")]
-    open_part = rng.sample(open_part, min(open_ended, len(open_part)))
-    rng.shuffle(everything)
-    ordered = reworded(words_part + open_part + everything, seed)
-    return (in_words(ordered[:len(words_part)], split) + ordered[len(words_part):])[:limit]
-
-
-def easy_vqa_preferences_balanced(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """sources.easy_vqa_preferences on the balanced questions (easy_vqa_qa_balanced), in training
-    phrasings: preferring "no" to "yes" 88% of the time would teach DPO the wording's answer, not the image's."""
-    rng = random.Random(seed)
-    return [{"prompt": s["messages"][:1], "images": s["images"], "chosen": s["messages"][1]["content"],
-             "rejected": sources.wrong_answer(s["messages"][1]["content"], rng)}
-            for s in reworded(easy_vqa_qa_balanced(split, limit, seed), seed)]
+def processor_size(processor) -> int:
+    """Pixels per side of the square images the processor makes."""
+    size = processor.crop_size if processor.do_center_crop else processor.size
+    if size.get("height") != size.get("width", size.get("height")) or "shortest_edge" in size:
+        raise ValueError(f"training needs square images of one size; this image processor gives {size}")
+    return size["height"]
 
 
 # ---------------------------------------------------------------------------
@@ -177,17 +119,17 @@ def easy_vqa_preferences_balanced(split: str = "train", limit: int | None = None
 # ---------------------------------------------------------------------------
 
 SOURCES = {
-    "easy-vqa-captions": sources.easy_vqa_captions,
-    "easy-vqa-qa": sources.easy_vqa_qa,
-    "easy-vqa-qa-balanced": easy_vqa_qa_balanced,
-    "easy-vqa-curriculum": easy_vqa_curriculum,
-    "easy-vqa-open-first": easy_vqa_open_first,
-    "easy-vqa-text-curriculum": easy_vqa_text_curriculum,
-    "easy-vqa-words-first": easy_vqa_words_first,
-    "easy-vqa-preferences": sources.easy_vqa_preferences,
-    "easy-vqa-preferences-balanced": easy_vqa_preferences_balanced,
-    "easy-vqa-text": sources.easy_vqa_text,
-    "easy-vqa-wide-text": easy_vqa_wide_text,
+    "easy-vqa-captions": easyvqa.easy_vqa_captions,
+    "easy-vqa-qa": easyvqa.easy_vqa_qa,
+    "easy-vqa-qa-balanced": easyvqa.easy_vqa_qa_balanced,
+    "easy-vqa-curriculum": easyvqa.easy_vqa_curriculum,
+    "easy-vqa-open-first": easyvqa.easy_vqa_open_first,
+    "easy-vqa-text-curriculum": easyvqa.easy_vqa_text_curriculum,
+    "easy-vqa-words-first": easyvqa.easy_vqa_words_first,
+    "easy-vqa-preferences": easyvqa.easy_vqa_preferences,
+    "easy-vqa-preferences-balanced": easyvqa.easy_vqa_preferences_balanced,
+    "easy-vqa-text": easyvqa.easy_vqa_text,
+    "easy-vqa-wide-text": easyvqa.easy_vqa_wide_text,
     "coco-captions": sources.coco_captions,
     "flickr30k": sources.flickr30k,
     "llava-instruct": sources.llava_instruct,

@@ -25,14 +25,16 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import CheckpointError
-from cli import (QUANTIZE_CHOICES, ArgumentParser, check_device, fail, latest_checkpoint, load, print_table,
+from cli import (ArgumentParser, check_device, fail, latest_checkpoint, load, print_table,
                  resolve, retrieval_report)
-from data import SOURCES, collate, easy_vqa_qa_balanced, load_source, pad, to_device
+from data import SOURCES, collate, load_source, pad, to_device
 from dpo import token_logprobs
+from easyvqa import EASY_VQA_COLORS, EASY_VQA_SHAPES, easy_vqa_captions, easy_vqa_qa, easy_vqa_qa_balanced
 from generate import banned_ids, generate, stop_ids
 from processing import ImageProcessor, Special, build_prompt
+from quantize import QUANTIZE_CHOICES
 from questions import question_kind, read_question, reword
-from sources import EASY_VQA_COLORS, EASY_VQA_SHAPES, count_image_parts, easy_vqa_captions, easy_vqa_qa
+from sources import count_image_parts
 
 # ---------------------------------------------------------------------------------------------
 # Short answers: VQA accuracy as the official VQA evaluation (github.com/GT-Vision-Lab/VQA, vqaEval.py)
@@ -332,7 +334,7 @@ def evaluate_easy_vqa(path: str, limit: int | None, image: bool, batch_size: int
                       balanced: bool = False, baseline: bool = True, quantize_to: str | None = None,
                       dtype=torch.float32, reworded: bool = False, seed: int = 0) -> dict:
     """easy-VQA test accuracy, overall and by question kind. balanced: the test questions with their
-    yes/no answers redrawn half yes, half no (data.easy_vqa_qa_balanced), where answering yes/no from
+    yes/no answers redrawn half yes, half no (easyvqa.easy_vqa_qa_balanced), where answering yes/no from
     the wording alone scores 50%, not the official split's 82%. baseline: the same questions asked
     again without the image, under "no_image", so that the report shows what looking adds. reworded:
     each question also asked in a held-out phrasing drawn by `seed` (questions.HELD_OUT, never trained
@@ -464,7 +466,7 @@ def main(argv=None):
     p.add_argument("--no-baseline", action="store_true", help="easy-vqa: skip the no-image baseline that is "
                    "otherwise reported beside the result (the same questions asked without the image)")
     p.add_argument("--balanced", action="store_true", help="easy-vqa: the test questions with yes/no answers "
-                   "redrawn half and half (data.easy_vqa_qa_balanced), so that the wording alone scores 50%%")
+                   "redrawn half and half (easyvqa.easy_vqa_qa_balanced), so that the wording alone scores 50%%")
     p.add_argument("--reworded", action="store_true", help="easy-vqa: also ask each question in a held-out "
                    "phrasing (questions.HELD_OUT, never trained on) drawn by --seed, and in the data set's own lower "
                    "case; reported per kind beside the template score")

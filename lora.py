@@ -51,7 +51,7 @@ class Linear_LORA(nn.Module):
 
     def forward(self, x):  # (..., in) -> (..., out)
         if not self.enabled and self.merged:
-            self.unmerge()  # as PEFT does: a disabled adapter must not stay folded into the weight
+            raise RuntimeError("a LoRA layer switched off while merged; unmerge() first (disable_adapters does)")
         y = self.base(x)  # (..., out)
         if not self.enabled or self.merged:
             return y
@@ -152,10 +152,11 @@ def print_trainable_parameters(model):
 @contextmanager
 def disable_adapters(model):
     """Inside the block the LM is its base model, as in PEFT's `disable_adapter()`: DPO's reference
-    pass runs here. A merged layer is unmerged on its first forward (and stays unmerged)."""
+    pass runs here. A merged layer is unmerged first, as PEFT does (and stays unmerged)."""
     layers = list(lora_layers(model).values())
     before = [layer.enabled for layer in layers]
     for layer in layers:
+        layer.unmerge()
         layer.enabled = False
     try:
         yield model

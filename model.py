@@ -17,12 +17,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (WEIGHT_FILES, CheckpointError, build_config, checkpoint_folder, hf_lm_config,
-                         lm_settings, load_state, read_gguf, read_json, read_safetensors, write_checkpoint)
+from checkpoints import (WEIGHT_FILES, CheckpointError, checkpoint_folder, load_state, read_gguf, read_json,
+                         read_safetensors, write_checkpoint)
+from configs import build_config, hf_lm_config, lm_settings
 
 
 @dataclass
 class LMConfig:
+    """The LM's shape and options. The defaults are SmolLM2-135M's (HuggingFaceTB/SmolLM2-135M config.json)."""
     vocab_size: int = 49152
     dim: int = 576  # hidden size
     n_layers: int = 30
@@ -223,7 +225,8 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Sparse mixture of SwiGLU experts with an always-on shared expert.
+    """Sparse mixture of SwiGLU experts, with LLaMA-4's shared expert (shared_expert: one more SwiGLU
+    that every token goes through; Mixtral has none).
 
     A linear router scores every expert, each token goes to its `top_k` best (weights renormalised
     to sum to 1, as Mixtral does), and only the experts that some token chose are run. Returns the
@@ -324,8 +327,9 @@ class LanguageModel(nn.Module):
         if inputs_embeds is None:
             if input_ids.dim() != 2 or input_ids.shape[1] == 0:
                 raise ValueError(f"input_ids must be (batch, tokens) with tokens > 0, got {tuple(input_ids.shape)}")
-            if int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0:
-                raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got {int(input_ids.max())}")
+            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
+            if bad.numel():
+                raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got {int(bad[0])}")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
         if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
@@ -363,8 +367,8 @@ class LanguageModel(nn.Module):
             x = x[:, -1:]  # (B, 1, D)
         if logits_at is not None:
             x = x[logits_at]  # (n, D)
-        x = self.norm(x)  # (B, T, D)
-        logits = self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)  # (B, T, V)
+        x = self.norm(x)  # (B, T, D), (B, 1, D) or (n, D)
+        logits = self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)  # (..., V)
         if return_aux:
             return logits, (torch.stack(aux).mean() if aux else x.new_zeros(()))
         return logits
@@ -419,7 +423,7 @@ class LanguageModel(nn.Module):
 
     def save_pretrained(self, folder: str):
         """Write config.json + model.safetensors. A config that Llama or Qwen2 can express is written
-        in their HF layout (checkpoints.hf_lm_config; loads in `transformers.AutoModelForCausalLM`); MoE
+        in their HF layout (configs.hf_lm_config; loads in `transformers.AutoModelForCausalLM`); MoE
         or NoPE models are written with our own names and `model_type: glimpse_lm`."""
         hf = hf_lm_config(asdict(self.config))
         state = self.state_dict()
@@ -464,7 +468,7 @@ def lm_key_map(cfg: LMConfig) -> dict[str, str]:
 
 
 def lm_config_from_hf(hf: dict) -> tuple[LMConfig, dict | None]:
-    """Our config from a Llama/Qwen2 config.json (its fields read by checkpoints.lm_settings) or one
+    """Our config from a Llama/Qwen2 config.json (its fields read by configs.lm_settings) or one
     our save_pretrained wrote, and the key map to use (None: the names are already ours)."""
     if hf.get("model_type") == "glimpse_lm":
         return build_config(LMConfig, hf), None

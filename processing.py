@@ -25,9 +25,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tokenizers import AddedToken
 
-from checkpoints import (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageError, check_resample_and_normalize,
-                         check_sizes, decode_image, load_image_processor, read_tokenizer, write_image_processor,
-                         write_tokenizer)
+from checkpoints import (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageError, decode_image, load_image_processor,
+                         read_tokenizer, write_image_processor, write_tokenizer)
+from configs import check_resample_and_normalize, check_sizes
 
 # ---------------------------------------------------------------------------
 # Images: loading a file safely, then resize, crop and normalize as preprocessor_config.json says

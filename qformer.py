@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (ACTIVATIONS, WEIGHT_FILES, CheckpointError, bert_qformer_settings, bert_state, blip2_name,
-                         blip2_qformer_settings, build_config, checkpoint_folder, load_state, read_json,
-                         read_safetensors, write_checkpoint)
+from checkpoints import (WEIGHT_FILES, CheckpointError, checkpoint_folder, load_state, read_json, read_safetensors,
+                         write_checkpoint)
+from configs import ACTIVATIONS, bert_qformer_settings, bert_state, blip2_name, blip2_qformer_settings, build_config
 
 
 @dataclass
@@ -36,7 +36,7 @@ class QFormerConfig:
     n_layers: int = 12
     n_heads: int = 12
     hidden_dim: int = 3072  # feed-forward inner size (intermediate_size)
-    act: str = "gelu"  # "gelu" (exact, BERT and BLIP-2), "gelu_tanh", "relu": checkpoints.ACTIVATIONS
+    act: str = "gelu"  # "gelu" (exact, BERT and BLIP-2), "gelu_tanh", "relu": configs.ACTIVATIONS
     norm_eps: float = 1e-12
     dropout: float = 0.1  # on attention probabilities and on every residual branch, in training only
     n_queries: int = 32  # learned query tokens (num_query_tokens)
@@ -237,10 +237,9 @@ class QFormer(nn.Module):
         return F.normalize(self.text_proj(self.encode_text(input_ids, attention_mask)[:, 0]), dim=-1)
 
     def temperature(self):
-        """The learned ITC temperature, clamped in place to [0.001, 0.5] as BLIP-2 does (gradients flow)."""
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
-        return self.temp
+        """The learned ITC temperature within [0.001, 0.5] (BLIP-2 clamps its parameter in place before
+        each step; here the value is clamped as it is read, the parameter left as it is)."""
+        return self.temp.clamp(0.001, 0.5)
 
     def itm_logits(self, image_embeds, input_ids, attention_mask=None, image_mask=None):
         """(B, 2) logits of (no match, match): the ITM head on each query's output after a joint
@@ -375,7 +374,7 @@ def linear_and_norm_names(theirs: str, ours: str) -> dict:
 
 
 def blip2_key_map(cfg: QFormerConfig) -> dict[str, tuple[str, ...]]:
-    """Checkpoint tensor names (after checkpoints.blip2_name) -> ours."""
+    """Checkpoint tensor names (after configs.blip2_name) -> ours."""
     m = {"query_tokens": ("query_tokens",)}
     m |= linear_and_norm_names("qformer.layernorm", "embed_norm")
     if cfg.text:
@@ -406,7 +405,7 @@ def blip2_key_map(cfg: QFormerConfig) -> dict[str, tuple[str, ...]]:
 
 
 def bert_key_map(cfg: QFormerConfig, kind: str) -> dict[str, tuple[str, ...]]:
-    """BERT / DistilBERT names (after checkpoints.bert_state drops the "bert."/"distilbert." prefix) ->
+    """BERT / DistilBERT names (after configs.bert_state drops the "bert."/"distilbert." prefix) ->
     ours; a feed-forward tensor fills both the text and the query feed-forward, as BLIP-2 copies it."""
     m = {"embeddings.word_embeddings.weight": ("word_embed.weight",),
          "embeddings.position_embeddings.weight": ("pos_embed.weight",)}

@@ -22,7 +22,17 @@ import re
 import string
 from dataclasses import dataclass
 
-from sources import EASY_VQA_COLORS, EASY_VQA_SHAPES, is_negated
+
+
+# The shapes and colours easy-VQA draws, which its questions name (easyvqa.PAINT: each colour's RGB).
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+EASY_VQA_COLORS = ("black", "gray", "red", "green", "blue", "yellow", "teal", "brown")
+
+
+def is_negated(question: str) -> bool:
+    """A yes/no question whose "yes" says the shape or colour is absent: "is there not a ...", "is no ... present?"."""
+    words = re.findall(r"[a-z]+", question.lower())
+    return "not" in words or "no" in words
 
 
 @dataclass(frozen=True)
@@ -220,12 +230,11 @@ def reword(question: str, answer: str, rng: random.Random, phrasings: str = "tra
 
 # ---------------------------------------------------------------------------
 # Words from outside the questions: English prose for a from-scratch tokenizer to learn its pieces from,
-# and noise put into training questions: a word put in, one swapped for another, one left out (EDA's
-# random insertion, replacement and deletion, Wei & Zou 2019), never a word that changes what is asked.
-# The LM learns that only those words decide the answer, and reads past a word it does not know.
+# and filler words put into training questions now and then, so that the LM has seen those pieces and
+# learns to read past a word it does not know (EDA's random insertion, Wei & Zou 2019)
 # ---------------------------------------------------------------------------
 
-# Words that would change what a question asks: never put in, swapped or left out.
+# Words that would change what a question asks, never put in as filler.
 MEANINGFUL = {"not", "no", "none", "never", "nothing", "nor", "neither", "without", "absent", "missing", "lack",
               "lacks", "cannot", "false", "true", "except", "isn", "doesn", "don", "aren", "yes", "any", "all",
               "which", "what", "is", "are", "does", "there", "color", "colour", "shape", "shapes", "object",
@@ -241,34 +250,20 @@ def prose() -> list[str]:
 
 
 @functools.cache
-def filler_words() -> list[str]:
-    """Every word of `prose()` that asks nothing (not in MEANINGFUL), three letters or more, commonest first."""
+def filler_words(n: int = 2000) -> list[str]:
+    """The `n` commonest words of `prose()` that ask nothing (not in MEANINGFUL), three letters or more."""
     counts = {}
     for paragraph in prose():
         for word in re.findall(r"[a-z]{3,}", paragraph.lower()):
             counts[word] = counts.get(word, 0) + 1
-    return [w for w in sorted(counts, key=lambda w: (-counts[w], w)) if w not in MEANINGFUL]
+    return [w for w in sorted(counts, key=lambda w: (-counts[w], w)) if w not in MEANINGFUL][:n]
 
 
-def meaningful(word: str) -> bool:
-    """Whether `word` ("isn't", "red?", "Shape,") holds a MEANINGFUL word (in any letter case)."""
-    return any(part in MEANINGFUL for part in re.findall(r"[a-z]+", word.lower()))
-
-
-def add_noise(text: str, rng: random.Random, p: float = 0.5) -> str:
-    """`text` with, with probability `p`, one to three edits, each drawn from: a filler word put in, a
-    word that asks nothing swapped for a filler word, or such a word left out."""
+def insert_filler(text: str, rng: random.Random, p: float = 0.2) -> str:
+    """`text` with, with probability `p`, one or two filler words put in between its words."""
     if rng.random() >= p:
         return text
     words = text.split(" ")
-    for _ in range(rng.choice((1, 2, 3))):
-        free = [i for i, w in enumerate(words) if not meaningful(w)]
-        edit = rng.choice(("insert", "swap", "drop") if free else ("insert",))
-        if edit == "insert":
-            words.insert(rng.randint(0, len(words)), rng.choice(filler_words()))
-        elif edit == "swap":
-            i = rng.choice(free)
-            words[i] = rng.choice(filler_words()) + re.sub(r"^[\w']+", "", words[i])  # keeps "?" or ","
-        elif len(words) > 2:
-            del words[rng.choice(free)]
+    for _ in range(rng.choice((1, 1, 2))):
+        words.insert(rng.randint(0, len(words)), rng.choice(filler_words()))
     return " ".join(words)

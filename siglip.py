@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (ACTIVATIONS, WEIGHT_FILES, build_config, check_side, checkpoint_folder, load_state, read_json,
-                         read_safetensors, vision_settings)
+from checkpoints import WEIGHT_FILES, checkpoint_folder, load_state, read_json, read_safetensors
+from configs import ACTIVATIONS, build_config, check_side, vision_settings
 
 
 @dataclass
@@ -32,7 +32,7 @@ class VisionConfig:
     n_heads: int = 12
     hidden_dim: int = 3072  # MLP inner size
     norm_eps: float = 1e-6
-    act: str = "gelu_tanh"  # "gelu_tanh" (SigLIP), "quick_gelu" (CLIP), "gelu" (DINOv2): checkpoints.ACTIVATIONS
+    act: str = "gelu_tanh"  # "gelu_tanh" (SigLIP), "quick_gelu" (CLIP), "gelu" (DINOv2): configs.ACTIVATIONS
     cls_token: bool = False  # a learned class token before the patches (CLIP, DINOv2)
     patch_bias: bool = True  # CLIP's patch convolution has no bias
     pre_norm: bool = False  # CLIP: LayerNorm on the embeddings before the first layer
@@ -191,7 +191,7 @@ class VisionTower(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading: the key maps of the three families (checkpoints.vision_settings reads their configs)
+# Loading: the key maps of the three families (configs.vision_settings reads their configs)
 # ---------------------------------------------------------------------------------------------
 
 IGNORED = {  # checkpoint tensors we do not use

@@ -1,32 +1,21 @@
-"""Reference shelf (a first reading may skip this file): data-set adapters — the hub sets and the
-local file formats, each read into the sample dicts data.py describes, and easy-VQA's own files.
+"""Data-set adapters: the hub sets and the local file formats, each read into the sample dicts data.py
+describes (easy-VQA, which needs more, has its own file: easyvqa.py).
 
     local files        caption_folder, llava_json, text_files, preference_jsonl; local_source picks one
     Hugging Face hub   coco_captions, flickr30k, llava_instruct, the_cauldron, cosmopedia_text, rlaif_v
-    easy-VQA           easy_vqa_split (the package's questions and images), easy_vqa_attributes
-                       (each image's shape and colour, from its questions and, where they are silent, its pixels);
-                       easy_vqa_captions, easy_vqa_qa, easy_vqa_preferences, easy_vqa_text
 
 Local sources return lists. Hub sources return a `Stream`, which reads the dataset from the hub as
 it is iterated (`datasets` streaming mode, nothing downloaded up front) and starts again from the
 beginning each time. Every malformed file or row is one `DataError` line naming the file and line.
 """
 
-import functools
+import itertools
 import json
 import os
-import random
 import re
 
-import numpy as np
-from PIL import Image
-
-# The user's request in a captioning chat (captions are the assistant's reply).
-CAPTION_PROMPT = "Describe the image."
-
+CAPTION_PROMPT = "Describe the image."  # the user's request in a captioning chat (the caption replies)
 IMAGE_MARKER = "<image>"  # where LLaVA-format text puts an image
-
-# The roles LLaVA-format data uses, as chat roles.
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -98,183 +87,6 @@ def llava_messages(turns, n_images: int, where: str) -> list[dict]:
     elif markers != n_images:
         raise DataError(f"{where}: {markers} {IMAGE_MARKER} marker(s) in the conversation but {n_images} image(s)")
     return messages
-
-
-# ---------------------------------------------------------------------------
-# easy-VQA's files: 64x64 images of one coloured shape, with questions about it (PyPI `easy-vqa`),
-# each image's shape and colour, which the package does not list, and the samples they make (data.py
-# balances the yes/no questions with balanced_yes_no and orders them into the tiny recipe's curriculum)
-# ---------------------------------------------------------------------------
-
-EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
-# The shape colours, as easy-VQA's generator (its color.py) paints them.
-EASY_VQA_COLORS = {"black": (0, 0, 0), "gray": (128, 128, 128), "red": (255, 0, 0), "green": (0, 255, 0),
-                   "blue": (0, 0, 255), "yellow": (255, 255, 0), "teal": (0, 128, 128), "brown": (165, 42, 42)}
-
-
-def easy_vqa_split(split: str) -> tuple[list[str], list[str], list[int], dict[int, str]]:
-    """easy-VQA's official split: (questions, answers, image ids) one per question, and {image id: path}.
-    "train": 4,000 images and 38,575 questions; "test": 1,000 images and 9,673 questions."""
-    try:
-        import easy_vqa
-    except ImportError:
-        raise ImportError("the easy-VQA sources need the easy-vqa package: pip install easy-vqa") from None
-    if split == "train":
-        questions, answers, image_ids = easy_vqa.get_train_questions()
-        paths = easy_vqa.get_train_image_paths()
-    elif split == "test":
-        questions, answers, image_ids = easy_vqa.get_test_questions()
-        paths = easy_vqa.get_test_image_paths()
-    else:
-        raise ValueError(f"easy-VQA has the splits 'train' and 'test', not {split!r}")
-    return questions, answers, image_ids, paths
-
-
-def read_shape_and_color(path) -> tuple[str, str]:
-    """The shape and colour an easy-VQA image shows, read from its pixels. The colour is the palette
-    colour most pixels have exactly (the background is near-white noise, 230-255 per channel); the
-    shape is how much of its bounding box the shape fills: a rectangle all of it, a circle pi/4, the
-    generator's triangle (sides at 0 and 60 degrees) half. Over all 5,000 images these fills are
-    0.96-1 for rectangles, 0.74-0.91 for circles, 0.50-0.66 for triangles."""
-    with Image.open(path) as image:  # the package's own 64x64 PNGs
-        pixels = np.asarray(image.convert("RGB"), dtype=np.int64)  # (H, W, 3)
-    packed = pixels[..., 0] * 65536 + pixels[..., 1] * 256 + pixels[..., 2]  # (H, W)
-    counts = {name: int((packed == r * 65536 + g * 256 + b).sum()) for name, (r, g, b) in EASY_VQA_COLORS.items()}
-    color = max(counts, key=counts.get)
-    values, n = np.unique(packed, return_counts=True)
-    most = int(values[n.argmax()])  # the background's colour: it covers at least 3/4 of the image
-    background = np.array([most >> 16, (most >> 8) & 255, most & 255])
-    shade = np.array(EASY_VQA_COLORS[color])
-    inside = ((pixels - shade) ** 2).sum(-1) < ((pixels - background) ** 2).sum(-1)  # (H, W), edges included
-    rows, cols = np.nonzero(inside)
-    fill = inside.sum() / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1))
-    shape = "rectangle" if fill > 0.93 else "circle" if fill > 0.7 else "triangle"
-    return shape, color
-
-
-def is_negated(question: str) -> bool:
-    """A yes/no question whose "yes" says the shape or colour is absent: "is there not a ...", "is no ... present?"."""
-    words = re.findall(r"[a-z]+", question.lower())
-    return "not" in words or "no" in words
-
-
-def question_facts(question: str, answer: str) -> list[tuple[str, str, bool]]:
-    """What one easy-VQA question and its answer say about the image, as (attribute, value, holds):
-
-        "what color is the circle?" "red"       -> shape is circle, color is red
-        "is there not a blue shape?" "yes"      -> color is not blue
-        "does the image contain a triangle?" "no" -> shape is not triangle
-    """
-    words = re.findall(r"[a-z]+", question.lower())
-    negated = is_negated(question)
-    yes_no = answer in ("yes", "no")
-    holds = (answer == "yes") != negated if yes_no else True
-    facts = [("shape", w, holds) for w in words if w in EASY_VQA_SHAPES]
-    facts += [("color", w, holds) for w in words if w in EASY_VQA_COLORS]
-    if answer in EASY_VQA_SHAPES:
-        facts.append(("shape", answer, True))
-    elif answer in EASY_VQA_COLORS:
-        facts.append(("color", answer, True))
-    return facts
-
-
-def balanced_yes_no(question: str, shape: str, color: str, rng: random.Random) -> tuple[str, str]:
-    """A yes/no question about an image showing a `color` `shape`, with the colour (or shape) it asks
-    about redrawn so that "yes" and "no" are equally likely, and its answer:
-
-        "is there a green shape?" (red circle) -> "is there a red shape?" "yes", or "... a blue ..." "no"
-    """
-    words = re.findall(r"[a-z]+", question.lower())
-    asked = [w for w in words if w in EASY_VQA_SHAPES or w in EASY_VQA_COLORS]
-    if len(asked) != 1:
-        raise ValueError(f"{question!r} does not ask about exactly one shape or colour")
-    values, truth = (EASY_VQA_SHAPES, shape) if asked[0] in EASY_VQA_SHAPES else (tuple(EASY_VQA_COLORS), color)
-    holds = rng.random() < 0.5
-    value = truth if holds else rng.choice([v for v in values if v != truth])
-    negated = is_negated(question)
-    return re.sub(rf"\b{asked[0]}\b", value, question), "yes" if holds != negated else "no"
-
-
-@functools.cache
-def easy_vqa_attributes(split: str) -> dict[int, tuple[str, str]]:
-    """{image id: (shape, color)} for every image of the split. Each image's own questions and answers
-    settle its shape and colour where they can ("what color is the shape?" "blue", or "is there a red
-    shape?" "no" ruling red out); for about 10% of the images they leave one open (no question
-    about the colour, say), and the pixels decide, within what the questions allow."""
-    questions, answers, image_ids, paths = easy_vqa_split(split)
-    allowed = {i: {"shape": set(EASY_VQA_SHAPES), "color": set(EASY_VQA_COLORS)} for i in paths}
-    for question, answer, image_id in zip(questions, answers, image_ids):
-        for attribute, value, holds in question_facts(question, answer):
-            if holds:
-                allowed[image_id][attribute] &= {value}
-            else:
-                allowed[image_id][attribute].discard(value)
-    attributes = {}
-    for image_id in sorted(paths):
-        shapes, colors = allowed[image_id]["shape"], allowed[image_id]["color"]
-        if len(shapes) != 1 or len(colors) != 1:
-            seen = read_shape_and_color(paths[image_id])
-            if seen[0] not in shapes or seen[1] not in colors:
-                raise DataError(f"{paths[image_id]}: the pixels show a {seen[1]} {seen[0]}, which its questions "
-                                f"rule out (shape in {sorted(shapes)}, color in {sorted(colors)})")
-            shapes, colors = {seen[0]}, {seen[1]}
-        attributes[image_id] = (shapes.pop(), colors.pop())
-    return attributes
-
-
-def easy_vqa_caption(shape: str, color: str) -> str:
-    return f"A {color} {shape}."
-
-
-def easy_vqa_captions(split: str = "train", limit: int | None = None, prompt: str = CAPTION_PROMPT) -> list[dict]:
-    """One captioning chat per image, by image id: user = image + `prompt`, assistant = "A blue rectangle."."""
-    paths = easy_vqa_split(split)[3]
-    return [chat_sample([paths[i]], prompt, easy_vqa_caption(shape, color))
-            for i, (shape, color) in easy_vqa_attributes(split).items()][:limit]
-
-
-def capitalized(question: str) -> str:
-    return question[:1].upper() + question[1:]
-
-
-def easy_vqa_qa(split: str = "train", limit: int | None = None) -> list[dict]:
-    """One chat per question, in the dataset's order: user = image + question, assistant = answer
-    (one of the 13 answer words: a shape, a colour, yes or no)."""
-    questions, answers, image_ids, paths = easy_vqa_split(split)
-    return [chat_sample([paths[i]], capitalized(q), a) for q, a, i in zip(questions, answers, image_ids)][:limit]
-
-
-def wrong_answer(answer: str, rng: random.Random) -> str:
-    """A wrong easy-VQA answer of the same kind: another shape, another colour, or the other of yes/no."""
-    if answer in ("yes", "no"):
-        return "no" if answer == "yes" else "yes"
-    if answer in EASY_VQA_SHAPES:
-        return rng.choice([s for s in EASY_VQA_SHAPES if s != answer])
-    if answer in EASY_VQA_COLORS:
-        return rng.choice([c for c in EASY_VQA_COLORS if c != answer])
-    raise ValueError(f"{answer!r} is not an easy-VQA answer")
-
-
-def easy_vqa_preferences(split: str = "train", limit: int | None = None, seed: int = 0) -> list[dict]:
-    """One preference pair per question: chosen = the right answer, rejected = a wrong one of the same
-    kind, drawn by `seed` (the same pairs every time)."""
-    rng = random.Random(seed)
-    questions, answers, image_ids, paths = easy_vqa_split(split)
-    samples = []
-    for q, a, i in zip(questions[:limit], answers, image_ids):
-        samples.append({"prompt": [user_turn(capitalized(q))], "images": [paths[i]],
-                        "chosen": a, "rejected": wrong_answer(a, rng)})
-    return samples
-
-
-def easy_vqa_text(split: str = "train", limit: int | None = None) -> list[dict]:
-    """Plain text for language-model pretraining, one document per image: its caption, then a
-    "Q: ... A: ..." line for each of its questions."""
-    questions, answers, image_ids, _ = easy_vqa_split(split)
-    lines = {i: [easy_vqa_caption(shape, color)] for i, (shape, color) in easy_vqa_attributes(split).items()}
-    for q, a, i in zip(questions, answers, image_ids):
-        lines[i].append(f"Q: {capitalized(q)} A: {a}")
-    return [{"text": "\n".join(document)} for document in lines.values()][:limit]
 
 
 # ---------------------------------------------------------------------------
@@ -554,7 +366,7 @@ def coco_captions(split: str = "train", limit: int | None = None, prompt: str = 
             where = f"{COCO_CAPTIONS_REPO} {split} row {i}"
             for caption in _captions(row.get("caption"), where):
                 yield chat_sample([row["image"]], prompt, caption)
-    return Stream(lambda: _take(samples(), limit), f"coco_captions {split}")
+    return Stream(lambda: itertools.islice(samples(), limit), f"coco_captions {split}")
 
 
 FLICKR30K_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
@@ -571,7 +383,7 @@ def flickr30k(split: str = "train", limit: int | None = None, prompt: str = CAPT
             captions = row.get("caption", row.get("captions"))
             for caption in _captions(captions, f"{repo} {hub_split} row {i}"):
                 yield chat_sample([row["image"]], prompt, caption)
-    return Stream(lambda: _take(samples(), limit), f"flickr30k {split}")
+    return Stream(lambda: itertools.islice(samples(), limit), f"flickr30k {split}")
 
 
 def llava_instruct(split: str = "train", limit: int | None = None, repo: str = LLAVA_INSTRUCT_REPO) -> Stream:
@@ -638,14 +450,6 @@ def rlaif_v(split: str = "train", limit: int | None = None) -> Stream:
             yield {"prompt": prompt, "images": images, "chosen": _reply_text(row.get("chosen"), where),
                    "rejected": _reply_text(row.get("rejected"), where)}
     return Stream(samples, f"rlaif_v {split}")
-
-
-def _take(iterator, limit):
-    """The first `limit` items of an iterator (all of them for None)."""
-    for i, item in enumerate(iterator):
-        if limit is not None and i >= limit:
-            return
-        yield item
 
 
 # ---------------------------------------------------------------------------

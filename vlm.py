@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (ADAPTER_CONFIG, WEIGHT_FILES, CheckpointError, build_config, check_side, checkpoint_folder,
-                         load_state, read_json, read_safetensors, vision_settings, write_checkpoint)
+from checkpoints import (ADAPTER_CONFIG, WEIGHT_FILES, CheckpointError, checkpoint_folder, load_state, read_json,
+                         read_safetensors, write_checkpoint)
+from configs import build_config, check_side, vision_settings
 from lora import load_adapter, merge_lora
 from model import KVCache, LanguageModel, LMConfig, finish_loading, lm_config_from_hf, lm_key_map, tied_copy
 from qformer import QFormer, QFormerConfig
@@ -28,7 +29,7 @@ class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     connector: str = "mlp"  # "mlp" (LLaVA) | "pixel_shuffle" (SmolVLM) | "cls_gate" (one token) | "qformer" (BLIP-2)
-    image_token_id: int = 49190  # the <image> placeholder id in the prompt
+    image_token_id: int = 49190  # the <image> placeholder's id (49190: SmolVLM's; a new VLM takes its tokenizer's)
     vision_layer: int = 0  # the tower's output the connector reads: 0 the last layer, normed; k HF's hidden_states[k]
     scale_factor: int = 2  # pixel_shuffle: r x r neighbouring patches become one token
     gate_dim: int = 512  # cls_gate: width between the projector and the gate
@@ -40,6 +41,10 @@ class VLMConfig:
             check_side("image_size", self.image_size)
         if self.connector == "qformer" and self.qformer is None:
             raise ValueError("connector 'qformer' needs a qformer config")
+        grid = (self.image_size or self.vision.image_size) // self.vision.patch_size  # patches per side
+        if self.connector == "pixel_shuffle" and grid % self.scale_factor:
+            raise ValueError(f"pixel_shuffle with scale_factor {self.scale_factor} needs a patch grid divisible by "
+                             f"it; the images make {grid} x {grid} patches")
 
     def tokens_per_image(self) -> int:
         """How many <image> placeholders one image (or one SmolVLM tile) fills."""
@@ -181,6 +186,17 @@ class VLM(nn.Module):
             raise ValueError("the prompt has <image> placeholders but no pixel_values were given")
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, last_only=last_only,
                        return_aux=return_aux, logits_at=logits_at)
+
+    @classmethod
+    def join(cls, vision: VisionTower, lm: LanguageModel, cfg: VLMConfig) -> "VLM":
+        """A whole tower and a whole LM (pretrained, or new) joined by a new connector, as LLaVA starts."""
+        with torch.device("meta"):  # the tower and LM come in whole; only the connector is new
+            vlm = cls(cfg)
+        vlm.vision, vlm.lm = vision, lm
+        vlm.connector = CONNECTORS[cfg.connector](cfg)  # built for real: cls() above was on the meta device
+        if cfg.connector != "qformer":
+            vlm.connector.apply(LanguageModel._init_weights)
+        return vlm
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu", adapter: bool = True) -> "VLM":

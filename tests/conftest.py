@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -33,3 +34,14 @@ def tokenizer(smollm2_gguf):
     tok = Tokenizer.from_pretrained(smollm2_gguf)
     tok.add_special_tokens(["<image>"])
     return tok
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    """A SigLIP image processor at 64x64 pixels, from its preprocessor_config.json."""
+    from processing import ImageProcessor
+
+    folder = tmp_path_factory.mktemp("siglip")
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "SiglipImageProcessor", "size": {"height": 64, "width": 64}}))
+    return ImageProcessor.from_pretrained(str(folder))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data
-import sources
+import easyvqa
 from dpo import (concat_pair, dpo_loss, dpo_step, logit_positions, pair_logprobs, reference_logprobs,
                  sequence_logprobs, token_logprobs)
 from lora import apply_lora, disable_adapters, lora_layers
@@ -95,7 +95,7 @@ def collate(samples, tokenizer):
 
 @pytest.fixture(scope="module")
 def samples():
-    return sources.easy_vqa_preferences("train", limit=6)
+    return easyvqa.easy_vqa_preferences("train", limit=6)
 
 
 @pytest.fixture(scope="module")

@@ -201,22 +201,22 @@ def read_report(folder: str, task: str) -> dict:
 def tiny_vlm(tmp_path_factory):
     """A random tiny VLM checkpoint as train.py writes it (untrained: the command line only has to run)."""
     pytest.importorskip("easy_vqa")
-    import cli
-    import sources
+    import easyvqa
+    import runs
     import train
 
     cfg = train.TrainConfig(phase="instruct", connector="pixel_shuffle", template="chatml-plain")
-    spec = {"vision_config": {**train.TINY_VISION, "dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 64},
-            "lm_config": {**train.TINY_LM, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128},
+    spec = {"vision_config": {**runs.TINY_VISION, "dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 64},
+            "lm_config": {**runs.TINY_LM, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128},
             "tokenizer_vocab": 300}
 
-    model, tokenizer, processor = cli.build_model(cfg, spec, sources.easy_vqa_text("test", limit=200))
+    model, tokenizer, processor = train.start_model(cfg, spec, easyvqa.easy_vqa_text("test", limit=200))
     run = str(tmp_path_factory.mktemp("tiny-vlm"))
-    return cli.save_checkpoint(run, 0, model, tokenizer, processor, torch.optim.AdamW(model.parameters()), cfg)
+    return runs.save_checkpoint(run, 0, model, tokenizer, processor, torch.optim.AdamW(model.parameters()), cfg)
 
 
 def test_cli_captions_on_a_tiny_vlm(tiny_vlm, one_thread, capsys):
-    from sources import easy_vqa_captions
+    from easyvqa import easy_vqa_captions
 
     main(["--checkpoint", tiny_vlm, "--task", "captions", "--limit", "3", "--batch-size", "2"])
     report = read_report(tiny_vlm, "captions")
@@ -231,7 +231,7 @@ def test_cli_captions_on_a_tiny_vlm(tiny_vlm, one_thread, capsys):
 def test_cli_perplexity_on_a_tiny_vlm_equals_the_training_loss(tiny_vlm, one_thread):
     from cli import load
     from data import collate
-    from sources import easy_vqa_qa
+    from easyvqa import easy_vqa_qa
     from processing import Special
     from train import TrainConfig, token_loss
 
@@ -247,8 +247,7 @@ def test_cli_perplexity_on_a_tiny_vlm_equals_the_training_loss(tiny_vlm, one_thr
 
 
 def test_cli_easy_vqa_balanced_asks_the_redrawn_questions(tiny_vlm, one_thread):
-    from data import easy_vqa_qa_balanced
-    from sources import easy_vqa_qa
+    from easyvqa import easy_vqa_qa, easy_vqa_qa_balanced
 
     main(["--checkpoint", tiny_vlm, "--task", "easy-vqa", "--limit", "10", "--balanced", "--batch-size", "4"])
     report = read_report(tiny_vlm, "easy-vqa-balanced")
@@ -317,7 +316,7 @@ def test_answer_questions_never_answers_image_placeholders(tiny_vlm, one_thread,
     without a "placeholders but no pixel_values" error and without a special token: they are banned."""
     import evaluate
     from cli import load
-    from sources import easy_vqa_qa
+    from easyvqa import easy_vqa_qa
     from generate import generate
 
     model, tok, processor, template = load(tiny_vlm, torch.float32, "cpu")

@@ -199,11 +199,16 @@ def test_disabled_adapters_give_the_base_logits(llama):
     with disable_adapters(lm):
         assert torch.equal(logits(lm), base)
     assert torch.equal(logits(lm), adapted)
-    for layer in lora_layers(lm).values():  # a merged model too: the layers unmerge themselves
+    for layer in lora_layers(lm).values():  # a merged model too: disable_adapters unmerges the layers
         layer.merge()
     with disable_adapters(lm):
         assert max_diff(logits(lm), base) <= 1e-5
     assert max_diff(logits(lm), adapted) <= 1e-5
+    layer = next(iter(lora_layers(lm).values()))
+    layer.merge()
+    layer.enabled = False  # switched off by hand while merged: refused, never silently changed
+    with pytest.raises(RuntimeError, match="unmerge"):
+        logits(lm)
 
 
 def tiny_vlm() -> VLM:

@@ -23,6 +23,7 @@ from PIL import Image
 from tokenizers import pre_tokenizers
 
 import checkpoints
+import configs
 import processing
 from checkpoints import CheckpointError, ImageError
 from processing import ImageProcessor, Tokenizer, build_prompt, load_image
@@ -573,7 +574,7 @@ def test_config_sizes_are_bounded(tmp_path, processor, config, field):
     with pytest.raises(CheckpointError, match=rf"{field} must be a whole number of pixels from 1 to 8192") as error:
         processor.from_pretrained(str(tmp_path))
     assert str(error.value).startswith(str(tmp_path / "preprocessor_config.json") + ": ")
-    assert "\n" not in str(error.value) and checkpoints.MAX_IMAGE_SIDE == 8192
+    assert "\n" not in str(error.value) and configs.MAX_IMAGE_SIDE == 8192
 
 
 def test_image_processor_hub_download(tmp_path, monkeypatch):

@@ -189,21 +189,22 @@ def test_a_short_run_learns_to_look_at_the_image(tmp_path, monkeypatch, one_thre
     the loss has fallen, and on held-out test images the answers with the image beat the same
     model's answers without it (which can only guess from the wording)."""
     import data
-    import sources
+    import easyvqa
+    import runs
     import train
     from cli import load
     from evaluate import answer_questions
 
     def colour_questions(split="train", limit=None):
-        return [s for s in sources.easy_vqa_qa(split) if s["messages"][1]["content"] in sources.EASY_VQA_COLORS][:limit]
+        return [s for s in easyvqa.easy_vqa_qa(split) if s["messages"][1]["content"] in easyvqa.EASY_VQA_COLORS][:limit]
 
     monkeypatch.setitem(data.SOURCES, "colour-questions", colour_questions)
     cfg = train.TrainConfig(phase="instruct", preset="tiny", connector="pixel_shuffle", template="chatml-plain",
                             data="colour-questions", out=str(tmp_path / "run"), steps=500, batch_size=16,
                             micro_batch=16, max_len=48, lr=1e-3, lr_connector=1e-3, lr_vision=1e-3, warmup=10,
                             train_vision=True, eval_every=1000, eval_batches=1, save_every=1000)
-    spec = {"vision_config": {**train.TINY_VISION, "dim": 64, "n_layers": 1, "n_heads": 2, "hidden_dim": 128},
-            "lm_config": {**train.TINY_LM, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128},
+    spec = {"vision_config": {**runs.TINY_VISION, "dim": 64, "n_layers": 1, "n_heads": 2, "hidden_dim": 128},
+            "lm_config": {**runs.TINY_LM, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128},
             "tokenizer_vocab": 300, "tokenizer_data": "easy-vqa-qa"}
     train.train(cfg, spec)
     curve = losses(cfg.out)
@@ -283,11 +284,12 @@ def test_lora_in_the_top_layer_with_the_connector_frozen_stops_the_backward_belo
 
 
 def test_without_shuffling_batches_follow_the_data_order_epoch_after_epoch():
+    import data
     import train
 
     cfg = train.TrainConfig(batch_size=4, shuffle=False)
-    assert [train.global_batch(10, step, cfg) for step in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
-    shuffled = [i for step in range(5) for i in train.global_batch(10, step, train.TrainConfig(batch_size=4))]
+    assert [data.global_batch(10, step, cfg) for step in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
+    shuffled = [i for step in range(5) for i in data.global_batch(10, step, train.TrainConfig(batch_size=4))]
     assert sorted(shuffled[:10]) == list(range(10)) and shuffled[:10] != list(range(10))
 
 
@@ -356,8 +358,8 @@ def test_bad_images_are_all_named_before_step_1(tmp_path):
 
 
 def test_hub_streams_skip_unreadable_samples_and_count_them(monkeypatch):
-    import cli
     import data
+    import runs
     import sources
     from PIL import Image
 
@@ -365,21 +367,21 @@ def test_hub_streams_skip_unreadable_samples_and_count_them(monkeypatch):
     broken = sources.chat_sample([io.BytesIO(b"not an image")], "q", "a")
     stream = sources.Stream(lambda: iter([good, broken, good, broken, good]), "fake hub set")
     monkeypatch.setitem(data.SOURCES, "fake-hub", lambda split="train", limit=None: stream)
-    samples, skipped = cli.read_samples("fake-hub", "train", 3)
+    samples, skipped = runs.read_samples("fake-hub", "train", 3)
     assert samples == [good, good, good] and skipped == 2
 
 
 def test_local_data_without_a_test_split_holds_out_validation(tmp_path, capsys):
-    import cli
+    import runs
     import train
 
     folder = image_caption_folder(tmp_path / "data", 40, {})
     cfg = train.TrainConfig(data=folder, eval_batches=1, batch_size=8, seed=3)
-    train_set, val_set, _ = cli.load_data(cfg)
+    train_set, val_set, _ = runs.load_data(cfg)
     assert len(val_set) == 2 and len(train_set) == 38  # 5%
     assert not {s["images"][0] for s in val_set} & {s["images"][0] for s in train_set}
     assert "2 of" in capsys.readouterr().out
-    assert cli.load_data(cfg)[1] == val_set  # seeded
+    assert runs.load_data(cfg)[1] == val_set  # seeded
 
 
 def test_one_run_folder_one_train_py_and_a_killed_run_leaves_no_stale_lock(tmp_path):

