@@ -317,7 +317,10 @@ def read_tokenizer(name_or_path: str) -> tuple:
     tokenizer_file = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(tokenizer_file):
         raise CheckpointError(f"{folder}: no tokenizer.json")
-    backend = tokenizers.Tokenizer.from_file(tokenizer_file)
+    try:
+        backend = tokenizers.Tokenizer.from_file(tokenizer_file)
+    except Exception as e:  # tokenizers raises its own Exception for any file it cannot parse
+        raise CheckpointError(f"{tokenizer_file}: not a tokenizer the tokenizers library can read ({e})") from None
     names = {}  # "bos" -> "<|im_start|>"; later files override earlier ones
     model_config = read_json(os.path.join(folder, "config.json"), {})
     for role in ("bos", "eos", "pad"):
@@ -331,7 +334,9 @@ def read_tokenizer(name_or_path: str) -> tuple:
         for role in ("bos", "eos", "pad"):
             token = config.get(f"{role}_token")
             if token is not None:  # a string, or {"content": ...} in older files
-                names[role] = token["content"] if isinstance(token, dict) else token
+                names[role] = token.get("content") if isinstance(token, dict) else token
+                if not isinstance(names[role], str):
+                    raise CheckpointError(f"{folder}/{file}: {role}_token must be a token string, not {token!r}")
     chat_template = read_json(os.path.join(folder, "tokenizer_config.json"), {}).get("chat_template")
     template_file = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(template_file):

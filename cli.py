@@ -102,7 +102,7 @@ def latest_checkpoint(run: str) -> str | None:
             for f in CHECKPOINT_FILES)
 
     pointer = os.path.join(run, "latest")
-    named = open(pointer).read().strip() if os.path.isfile(pointer) else ""
+    named = open(pointer, errors="replace").read().strip() if os.path.isfile(pointer) else ""
     if whole(named):
         return os.path.join(run, named)
     found = sorted((n for n in os.listdir(run) if whole(n)), key=lambda n: int(n[5:])) if os.path.isdir(run) else []

@@ -5,6 +5,7 @@ their config dataclasses from these dicts and keep their own key maps.
 """
 
 import json
+import math
 import typing
 from dataclasses import fields, is_dataclass
 
@@ -59,6 +60,12 @@ def check_resample_and_normalize(settings) -> None:
     for values in (settings.image_mean, settings.image_std):
         if settings.do_normalize and len(values) != 3:
             raise ValueError(f"image_mean and image_std need 3 values, one per RGB channel; got {values}")
+    finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (*settings.image_mean, *settings.image_std))
+    if settings.do_normalize and (not finite or min(settings.image_std) <= 0):
+        raise ValueError(f"image_mean must be numbers and image_std positive numbers; got {settings.image_mean}, "
+                         f"{settings.image_std}")
+    if settings.do_rescale and not 0 < settings.rescale_factor < math.inf:
+        raise ValueError(f"rescale_factor must be a positive number, not {settings.rescale_factor}")
 
 
 def build_config(cls, settings: dict, prefix: str = ""):

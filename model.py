@@ -56,6 +56,15 @@ class LMConfig:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        for name in ("rope_theta", "norm_eps"):
+            if not 0 < getattr(self, name) < math.inf:  # NaN fails too
+                raise ValueError(f"{name} must be a positive number, not {getattr(self, name)}")
+        scaling = self.rope_scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        needs = {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+        if kind not in needs or any(not 0 < scaling.get(k, 0) < math.inf for k in needs.get(kind, ())):
+            raise ValueError(f"rope_scaling {scaling} needs rope_type default, linear (factor) or llama3 (factor, "
+                             "low_freq_factor, high_freq_factor), each factor a positive number")
 
     def is_moe(self, layer: int) -> bool:
         return self.n_experts > 0 and (layer + 1) % self.moe_every == 0

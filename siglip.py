@@ -47,6 +47,8 @@ class VisionConfig:
             raise ValueError(f"conv_stem needs a power-of-two patch_size, not {self.patch_size}")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"act {self.act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+        if self.family not in ("siglip", "clip", "dinov2"):
+            raise ValueError(f"family {self.family!r} is not supported; supported: clip, dinov2, siglip")
 
     @property
     def grid(self) -> int:  # patches per side at image_size
@@ -165,6 +167,9 @@ class VisionTower(nn.Module):
         unnormed (k the output of layer k, -1 the last layer, -2 the one before: LLaVA's choice).
         Layers after the one asked for are not run; `embed` gives the embeddings (hidden_states[0])."""
         x = self.embed(pixel_values)  # (B, P, D)
+        if not -self.config.n_layers - 1 <= layer <= self.config.n_layers:
+            raise ValueError(f"layer {layer}: this tower has {self.config.n_layers} layers (hidden states "
+                             f"{-self.config.n_layers - 1} to {self.config.n_layers})")
         stop = layer % (self.config.n_layers + 1) if layer else self.config.n_layers
         for block in self.layers[:stop]:
             x = block(x)  # (B, P, D)

@@ -7,7 +7,7 @@
 
 In reading order: the settings (TrainConfig), the model a phase starts from, what trains and how fast,
 batches and objectives, the phase table (PHASES), the loop (`train`). Settings, later ones winning:
-TrainConfig's defaults, the preset (runs.PRESETS), its phase, --config FILE.toml, the command line.
+TrainConfig's defaults, the preset (presets.py), its phase, --config FILE.toml, the command line.
 runs.py holds the run folder (log, ckpt-STEP/ written whole, `latest`, exact --resume) and DDP set-up.
 """
 import contextlib
@@ -15,7 +15,6 @@ import hashlib
 import math
 import os
 import random
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -32,10 +31,12 @@ from dpo import dpo_step, logit_positions, reference_logprobs, token_logprobs
 from lora import apply_lora, load_adapter
 from model import LanguageModel, LMConfig
 from plots import plot_losses
+from presets import PRESETS
 from processing import ImageProcessor, Special, Tokenizer
 from qformer import QFormerConfig, itc_loss, similarity
-from runs import (PRESETS, all_sum, catch_ctrl_c, check_run, load_data, load_settings, load_trainer_state, lock_run,
-                  log_step, open_log, save_checkpoint, setup_distributed)
+from runs import (STOP_SIGNALS, all_sum, catch_stop_signals, check_run, dpo_reference, load_data, load_settings,
+                  load_trainer_state, lock_run, log_step, open_log, quiet_sigterm, release_stop_signals,
+                  save_checkpoint, setup_distributed)
 from siglip import VisionConfig, VisionTower
 from vlm import VLM, VLMConfig
 
@@ -356,14 +357,13 @@ def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | No
         model = set_trainable(model, cfg)
         if resume_from and any("lora_" in n for n, _ in model.named_parameters()):
             load_adapter(model, resume_from)
+        separate = cfg.phase == "dpo" and not cfg.lora_r  # DPO's reference (with LoRA: the policy, adapters off)
+        reference = VLM.from_pretrained(dpo_reference(cfg), device=device).requires_grad_(False) if separate else None
     except (CheckpointError, OSError, ValueError) as e:
         fail(e)
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.95))
     start = load_trainer_state(resume_from, optimizer) if resume_from else 0
-    reference = None
-    if cfg.phase == "dpo" and not cfg.lora_r:
-        reference = VLM.from_pretrained(latest_checkpoint(cfg.init) or cfg.init, device=device).requires_grad_(False)
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     frozen = isinstance(model, VLM) and not any(p.requires_grad for p in model.vision.parameters())
     keep = cfg.keep_features and frozen and cfg.phase in ("align", "instruct")  # the tower runs once per image
@@ -410,7 +410,7 @@ def train(cfg: TrainConfig, spec: dict):
     rank, world, device = setup_distributed(cfg)
     is_main = rank == 0
     lock = lock_run(cfg.out) if is_main else None  # noqa: F841  held until this process ends
-    resume_from = check_run(cfg, world)
+    resume_from = check_run(cfg, spec, world)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     try:
@@ -428,7 +428,7 @@ def train(cfg: TrainConfig, spec: dict):
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     step_model = torch.compile(ddp) if cfg.compile else ddp
     log = open_log(cfg.out, start) if is_main else None
-    interrupted = catch_ctrl_c()
+    stopped = catch_stop_signals()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not is_main, desc=cfg.phase)
     train_mode(model)
     done, t0 = 0, time.perf_counter()
@@ -464,16 +464,16 @@ def train(cfg: TrainConfig, spec: dict):
                done / (time.perf_counter() - t0), **({"skipped_samples": skipped} if skipped else {})}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             row.update(validate(s, val_set))  # every process: cheap, and keeps them in step
-        last = step + 1 == cfg.steps or step + 1 == start + cfg.stop_after or interrupted()
+        last = step + 1 == cfg.steps or step + 1 == start + cfg.stop_after or bool(stopped())
         if is_main:
             log_step(bar, log, row)
             if (step + 1) % cfg.save_every == 0 or last:
                 save_checkpoint(cfg.out, step + 1, model, s.tokenizer, s.processor, optimizer, cfg)
                 plot_losses(cfg.out)
-        if interrupted():
-            print(f"\ninterrupted at step {step + 1}; --resume continues", file=sys.stderr)
-            sys.exit(130)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+        if stopped():
+            print(f"\n{STOP_SIGNALS[stopped()]} at step {step + 1}; --resume continues", file=sys.stderr)
+            sys.exit(128 + stopped())
+    release_stop_signals()
     if is_main:
         log.close()
         print(f"done: {cfg.out}/{os.path.basename(latest_checkpoint(cfg.out))} (loss curve: {cfg.out}/loss.png)")
@@ -485,6 +485,7 @@ def train(cfg: TrainConfig, spec: dict):
 
 
 def main(argv=None):
+    quiet_sigterm()  # before the loop catches it: one line, no traceback
     try:
         cfg, spec = load_settings(TrainConfig, PRESETS, PHASES, argv)
         train(cfg, spec)

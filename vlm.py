@@ -41,6 +41,9 @@ class VLMConfig:
             check_side("image_size", self.image_size)
         if self.connector == "qformer" and self.qformer is None:
             raise ValueError("connector 'qformer' needs a qformer config")
+        n = self.vision.n_layers
+        if not -n - 1 <= self.vision_layer <= n:
+            raise ValueError(f"vision_layer {self.vision_layer}: the tower has {n} layers (hidden states {-n - 1} to {n})")
         grid = (self.image_size or self.vision.image_size) // self.vision.patch_size  # patches per side
         if self.connector == "pixel_shuffle" and grid % self.scale_factor:
             raise ValueError(f"pixel_shuffle with scale_factor {self.scale_factor} needs a patch grid divisible by "

@@ -9,7 +9,7 @@ from PIL import Image
 
 import data
 import easyvqa
-import runs
+import presets
 import sources
 
 easy_vqa = pytest.importorskip("easy_vqa", reason="the easy-VQA sources need `pip install easy-vqa`")
@@ -167,7 +167,7 @@ def test_the_tiny_tokenizer_makes_every_answer_one_token_and_unseen_words_pieces
     with "red"), and words no training phrasing uses split into pieces of several letters."""
     texts = easyvqa.easy_vqa_wide_text("train")
     assert any("text" in s for s in texts) and any("messages" in s for s in texts)
-    tok = data.train_tokenizer(texts, runs.PRESETS["tiny"]["tokenizer_vocab"], True)
+    tok = data.train_tokenizer(texts, presets.PRESETS["tiny"]["tokenizer_vocab"], True)
     for answer in ("yes", "no", *SHAPES, *COLORS):
         assert len(tok.encode(answer)) == 1, answer
     for word in (" depicted", " anywhere", " painted", " appears", " include"):  # held-out words only

@@ -202,12 +202,13 @@ def tiny_vlm(tmp_path_factory):
     """A random tiny VLM checkpoint as train.py writes it (untrained: the command line only has to run)."""
     pytest.importorskip("easy_vqa")
     import easyvqa
+    import presets
     import runs
     import train
 
     cfg = train.TrainConfig(phase="instruct", connector="pixel_shuffle", template="chatml-plain")
-    spec = {"vision_config": {**runs.TINY_VISION, "dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 64},
-            "lm_config": {**runs.TINY_LM, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128},
+    spec = {"vision_config": {**presets.TINY_VISION, "dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 64},
+            "lm_config": {**presets.TINY_LM, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128},
             "tokenizer_vocab": 300}
 
     model, tokenizer, processor = train.start_model(cfg, spec, easyvqa.easy_vqa_text("test", limit=200))

@@ -184,6 +184,8 @@ def test_bad_inputs_are_clear_errors():
     model = LanguageModel(DENSE).eval()
     with pytest.raises(ValueError, match="token ids must lie in"):
         model(torch.tensor([[5, 96]]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 96\), got -3"):  # the bad id itself, not the maximum
+        model(torch.tensor([[5, -3]]))
     with pytest.raises(ValueError, match="input_ids must be"):
         model(torch.tensor([5, 6]))
     with pytest.raises(ValueError, match="attention_mask must be"):
@@ -461,3 +463,15 @@ def test_linear_cuts_the_rows_of_decoding_into_one_block_per_thread():
             assert linear(torch.randn(1, 40), w, b).dtype == F.linear(torch.randn(1, 40), w, b).dtype == torch.bfloat16
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_theta": float("nan")}, "rope_theta must be a positive number"),
+    ({"rope_theta": -1.0}, "rope_theta must be a positive number"),
+    ({"norm_eps": -1.0}, "norm_eps must be a positive number"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type default, linear"),
+])
+def test_config_values_that_would_answer_garbage_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        LMConfig(**{**DENSE.__dict__, **change})

@@ -934,3 +934,27 @@ def test_each_template_names_its_end_of_turn_once():
         "chatml": "<|im_end|>", "chatml-plain": "<|im_end|>", "smolvlm": "<end_of_utterance>", "zephyr": "</s>"}
     with pytest.raises(ValueError, match="Unknown chat template"):
         end_of_turn("alpaca")
+
+
+@pytest.mark.parametrize("change, message", [({"image_std": (0.5, 0.0, 0.5)}, "image_std positive"),
+                                             ({"image_mean": (float("nan"), 0.5, 0.5)}, "image_mean must be numbers"),
+                                             ({"rescale_factor": float("inf")}, "rescale_factor must be a positive")])
+def test_image_processor_values_that_would_give_garbage_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        ImageProcessor(size={"height": 8, "width": 8}, **change)
+
+
+def test_damaged_tokenizer_files_are_one_line(tmp_path):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    Backend(models.BPE()).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text()[:40])  # truncated
+    with pytest.raises(CheckpointError, match="not a tokenizer the tokenizers library can read"):
+        Tokenizer.from_pretrained(str(folder))
+    Backend(models.BPE()).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": [1]}))
+    with pytest.raises(CheckpointError, match="eos_token must be a token string"):
+        Tokenizer.from_pretrained(str(folder))

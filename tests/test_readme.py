@@ -51,7 +51,7 @@ def test_every_linked_doc_and_picture_exists(link):
 
 
 # The layers, lowest first: a module imports only from its own layer's earlier files and from layers below.
-SUPPORT = ["checkpoints", "configs", "sources", "questions", "easyvqa"]
+SUPPORT = ["presets", "checkpoints", "configs", "sources", "questions", "easyvqa"]
 READING = ["processing", "siglip", "qformer", "lora", "model", "vlm", "data", "dpo"]
 SCRIPT_SUPPORT = ["quantize", "plots", "cli", "runs"]
 SCRIPTS = ["generate", "train", "evaluate", "bench"]

@@ -190,7 +190,7 @@ def test_a_short_run_learns_to_look_at_the_image(tmp_path, monkeypatch, one_thre
     model's answers without it (which can only guess from the wording)."""
     import data
     import easyvqa
-    import runs
+    import presets
     import train
     from cli import load
     from evaluate import answer_questions
@@ -203,8 +203,8 @@ def test_a_short_run_learns_to_look_at_the_image(tmp_path, monkeypatch, one_thre
                             data="colour-questions", out=str(tmp_path / "run"), steps=500, batch_size=16,
                             micro_batch=16, max_len=48, lr=1e-3, lr_connector=1e-3, lr_vision=1e-3, warmup=10,
                             train_vision=True, eval_every=1000, eval_batches=1, save_every=1000)
-    spec = {"vision_config": {**runs.TINY_VISION, "dim": 64, "n_layers": 1, "n_heads": 2, "hidden_dim": 128},
-            "lm_config": {**runs.TINY_LM, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128},
+    spec = {"vision_config": {**presets.TINY_VISION, "dim": 64, "n_layers": 1, "n_heads": 2, "hidden_dim": 128},
+            "lm_config": {**presets.TINY_LM, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128},
             "tokenizer_vocab": 300, "tokenizer_data": "easy-vqa-qa"}
     train.train(cfg, spec)
     curve = losses(cfg.out)
@@ -422,7 +422,10 @@ def test_resume_recovers_from_a_damaged_run_folder(tmp_path):
     assert "holds no checkpoint to resume from" in error
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
+@pytest.mark.parametrize("signum, said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, signum, said):
+    """Ctrl-C, and the SIGTERM that timeout, docker stop, Slurm and Kubernetes send: the step under way
+    ends, a checkpoint is saved, one line says how to resume, the exit status is 128 + the signal."""
     out = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--phase", "align", "--out", out,
                              "--steps", "500", "--save-every", "1000", *FAST], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -431,11 +434,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     while time.time() < deadline and not os.path.isfile(os.path.join(out, "log.jsonl")) or \
             not open(os.path.join(out, "log.jsonl")).read():
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-2000:]
+    assert proc.returncode == 128 + signum, stderr[-2000:]
     step = int(latest(out).split("-")[-1])
-    assert f"interrupted at step {step}; --resume continues" in stderr and "Traceback" not in stderr
+    assert f"{said} at step {step}; --resume continues" in stderr and "Traceback" not in stderr
     run("--phase", "align", "--out", out, "--steps", str(step + 2), "--resume", *FAST)
     assert len(losses(out)) == step + 2
 
@@ -445,3 +448,82 @@ def test_help_names_the_choices():
     for name in ("pretrain, qformer, align, instruct, dpo", "tiny, offline", "pixel_shuffle", "cls_gate", "chatml",
                  "zephyr", "easy-vqa-curriculum", "sigmoid, ipo"):
         assert name in shown, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile starts: DPO from what is not a VLM of its preset, a moved reference, a full disk
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dpo_refuses_a_start_that_is_not_a_vlm_of_its_preset(tmp_path):
+    """An LM-only run (with or without LoRA) or a VLM of other widths would be tuned with a random tower."""
+    import presets
+    import runs
+    import train
+    from easyvqa import easy_vqa_text
+
+    pretrain = str(tmp_path / "pretrain")
+    run("--phase", "pretrain", "--out", pretrain, "--steps", "1", *FAST)
+    for extra in ([], ["--lora-r", "4"]):
+        error = one_error_line(run("--phase", "dpo", "--init", pretrain, "--out", str(tmp_path / "dpo"),
+                                   "--steps", "2", *FAST, *extra, check=False))
+        assert "tunes a vision-language model" in error and "is a language model" in error, error
+    cfg = train.TrainConfig(phase="instruct", connector="pixel_shuffle", template="chatml-plain")
+    spec = {"vision_config": {**presets.TINY_VISION, "dim": 32, "n_layers": 1, "n_heads": 2, "hidden_dim": 64},
+            "lm_config": {**presets.TINY_LM, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
+            "tokenizer_vocab": 300}
+    model, tokenizer, processor = train.start_model(cfg, spec, easy_vqa_text("test", limit=50))
+    other = str(tmp_path / "other")
+    runs.save_checkpoint(other, 1, model, tokenizer, processor, torch.optim.AdamW(model.parameters()), cfg)
+    error = one_error_line(run("--phase", "dpo", "--init", other, "--out", str(tmp_path / "dpo2"), "--steps", "2",
+                               *FAST, check=False))
+    assert "not the tiny preset's" in error and "'dim': 32" in error, error
+    assert not os.path.exists(tmp_path / "dpo2" / "log.jsonl")
+
+
+def test_qformer_phase_refuses_a_vlm_with_another_connector(tmp_path):
+    align = str(tmp_path / "align")
+    run("--phase", "align", "--out", align, "--steps", "1", *FAST)
+    error = one_error_line(run("--phase", "qformer", "--init", align, "--out", str(tmp_path / "q"), "--steps", "1",
+                               *FAST, check=False))
+    assert "already has a pixel_shuffle connector" in error, error
+
+
+def test_dpo_resume_equals_an_uninterrupted_run_and_refuses_a_changed_reference(tmp_path):
+    instruct, whole, split = str(tmp_path / "instruct"), str(tmp_path / "whole"), str(tmp_path / "split")
+    run("--phase", "instruct", "--out", instruct, "--steps", "2", *FAST)
+    dpo = ["--phase", "dpo", "--init", instruct, "--steps", "4", "--save-every", "100", *FAST]
+    run(*dpo, "--out", whole)
+    run(*dpo, "--out", split, "--stop-after", "2")
+    run(*dpo, "--out", split, "--resume")
+    assert losses(split) == losses(whole)  # bit for bit
+    run(*dpo, "--out", split + "2", "--stop-after", "2")
+    run("--phase", "instruct", "--out", instruct, "--steps", "3", "--resume", *FAST)  # --init's latest moves on
+    error = one_error_line(run(*dpo, "--out", split + "2", "--resume", check=False))
+    assert "has moved or changed since it started" in error, error
+
+
+def test_a_full_disk_is_one_line_leaves_no_temporary_files_and_resume_works_once_freed(tmp_path):
+    out = str(tmp_path / "run")
+    code = f"""
+import errno, sys, checkpoints
+sys.argv = ["train.py", "--phase", "align", "--out", {out!r}, "--steps", "4", "--save-every", "2", *{FAST!r}]
+real, calls = checkpoints.write_safetensors, []
+def full(state, path):
+    calls.append(path)
+    if len(calls) == 2:  # the second checkpoint finds the disk full
+        open(path, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    real(state, path)
+checkpoints.write_safetensors = full
+import train; train.main()
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    error = one_error_line(result)
+    assert "No space left on device" in error and "ckpt-2" in error and "MiB free" in error, error
+    assert "Traceback" not in result.stderr
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    assert latest(out).endswith("ckpt-2")
+    run("--phase", "align", "--out", out, "--steps", "4", "--save-every", "2", "--resume", *FAST)
+    assert len(losses(out)) == 4 and latest(out).endswith("ckpt-4")

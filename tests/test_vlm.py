@@ -266,3 +266,19 @@ def test_attention_maps_over_image_tokens_equal_transformers(tmp_path):
         theirs = torch.stack(hf(input_ids=ids, pixel_values=pixels, output_attentions=True).attentions)[:, 0]
     mine = attention_maps(ours, ids, pixel_values=pixels[0])  # (L, H, T, T)
     assert mine.shape == theirs.shape and max_diff(mine, theirs) <= 1e-5
+
+
+def test_vision_layer_and_family_out_of_range_are_refused():
+    from siglip import VisionTower
+
+    vision = VisionConfig(image_size=16, patch_size=8, dim=32, n_layers=4, n_heads=4, hidden_dim=64)
+    with pytest.raises(ValueError, match="family 'vit' is not supported"):
+        VisionConfig(family="vit")
+    for layer in (5, 99, -6):
+        with pytest.raises(ValueError, match="the tower has 4 layers"):
+            VLMConfig(vision=vision, lm=LMConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                                                 hidden_dim=64), vision_layer=layer)
+        with pytest.raises(ValueError, match="this tower has 4 layers"):
+            VisionTower(vision)(torch.zeros(1, 3, 16, 16), layer=layer)
+    assert VisionTower(vision)(torch.zeros(1, 3, 16, 16), layer=-5).shape == (1, 4, 32)  # the patch embeddings
+
