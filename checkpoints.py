@@ -167,6 +167,8 @@ def load_state(model_cls, cfg, state: dict, key_map: dict | None, dtype, device,
             if t.shape != shape:
                 raise CheckpointError(f"{where}: {name}: checkpoint shape {tuple(t.shape)}, "
                                       f"model expects {tuple(shape)}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{where}: {name} holds NaN or infinite values; the checkpoint is damaged")
             ours[mine] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # BatchNorm counts stay ints
     if fresh:
         model.load_state_dict(ours, strict=False)

@@ -151,6 +151,11 @@ def load(path: str, dtype, device, quantize_to: str | None = None):
         elif kind == "glimpse_vlm":
             processor = ImageProcessor.from_pretrained(folder)
         model = (VLM if processor else LanguageModel).from_pretrained(folder, dtype, device)
+        if kind == "glimpse_vlm":  # a preprocessor_config.json edited to 8192 pixels would run for minutes
+            side, trained = data.processor_size(processor), model.config.image_size or model.config.vision.image_size
+            if side != trained:
+                raise CheckpointError(f"{folder}/preprocessor_config.json makes {side}-pixel images; this model "
+                                      f"takes {trained}-pixel ones (its config.json)")
     if quantize_to:
         quantize_lm(model.lm if isinstance(model, VLM) else model, quantize_to)
     return model, tok, processor, template

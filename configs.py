@@ -6,6 +6,7 @@ their config dataclasses from these dicts and keep their own key maps.
 
 import json
 import math
+import os
 import typing
 from dataclasses import fields, is_dataclass
 
@@ -35,6 +36,16 @@ ACTIVATIONS = {
 def activation_name(hf_name):
     """Our name (a key of ACTIVATIONS) for a transformers config's hidden_act: its tanh GELUs are "gelu_tanh"."""
     return {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(hf_name, hf_name)
+
+
+def check_memory(what: str, n_params: int, bytes_per: int = 2) -> None:
+    """Refuse, before anything is built, a config whose weights alone (in bfloat16, the smallest float
+    they load as) exceed this machine's memory: a config.json asking for a million layers would
+    otherwise run for minutes, then fail."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if n_params * bytes_per > memory:
+        raise ValueError(f"{what} asks for {n_params:,} parameters ({n_params * bytes_per / 2 ** 30:,.0f} GiB), "
+                         f"more than this machine's {memory / 2 ** 30:,.0f} GiB of memory")
 
 
 def check_side(name: str, side) -> None:

@@ -88,11 +88,19 @@ def banned_mask(banned, vocab_size: int, device) -> torch.Tensor:  # (V,) bool
     return torch.zeros(vocab_size, dtype=torch.bool, device=device).index_fill_(0, ids, True)
 
 
+def finite(logits):
+    """The logits, if every one is a number: NaN or inf (broken weights or inputs) would pick any token,
+    a banned one too, so they are refused in one line."""
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model's logits are NaN or infinite: its weights or inputs are broken")
+    return logits
+
+
 def next_token(logits, seen, banned, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
                generator=None):  # logits (B, V) -> tokens (B,)
     """One token per row, never a banned one (mask (V,)): greedy when temperature == 0, else a
     sample from the filtered softmax."""
-    scores = logits.float().masked_fill(banned, float("-inf"))  # (B, V)
+    scores = finite(logits).float().masked_fill(banned, float("-inf"))  # (B, V)
     if repetition_penalty != 1.0:
         scores = penalize_repeats(scores, seen, repetition_penalty)
     if temperature == 0:
@@ -267,7 +275,7 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
     finished = [[] for _ in range(B)]  # per input, up to K (score, tokens (n,)) pairs, best first
     stopped = [False] * B
     for step in range(1, max_new_tokens + 1):
-        logprobs = F.log_softmax(logits[:, -1].float(), dim=-1).masked_fill(banned, float("-inf"))  # (B*K, V)
+        logprobs = F.log_softmax(finite(logits[:, -1]).float(), dim=-1).masked_fill(banned, float("-inf"))  # (B*K, V)
         if seen is not None:
             logprobs = penalize_repeats(logprobs, seen, repetition_penalty)  # (B*K, V)
         total = (beam_scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)  # (B, K*V)

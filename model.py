@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from checkpoints import (WEIGHT_FILES, CheckpointError, checkpoint_folder, load_state, read_gguf, read_json,
                          read_safetensors, write_checkpoint)
-from configs import build_config, hf_lm_config, lm_settings
+from configs import build_config, check_memory, hf_lm_config, lm_settings
 
 
 @dataclass
@@ -59,6 +59,10 @@ class LMConfig:
         for name in ("rope_theta", "norm_eps"):
             if not 0 < getattr(self, name) < math.inf:  # NaN fails too
                 raise ValueError(f"{name} must be a positive number, not {getattr(self, name)}")
+        per_layer = 2 * self.dim * self.head_dim * (self.n_heads + self.n_kv_heads) + \
+            3 * self.dim * self.hidden_dim * max(1, self.n_experts + self.shared_expert)
+        embeddings = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        check_memory("this LM config", embeddings + self.n_layers * per_layer)
         scaling = self.rope_scaling or {}
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         needs = {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import WEIGHT_FILES, checkpoint_folder, load_state, read_json, read_safetensors
-from configs import ACTIVATIONS, build_config, check_side, vision_settings
+from configs import ACTIVATIONS, build_config, check_memory, check_side, vision_settings
 
 
 @dataclass
@@ -49,6 +49,7 @@ class VisionConfig:
             raise ValueError(f"act {self.act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
         if self.family not in ("siglip", "clip", "dinov2"):
             raise ValueError(f"family {self.family!r} is not supported; supported: clip, dinov2, siglip")
+        check_memory("this vision config", self.n_layers * (4 * self.dim ** 2 + 2 * self.dim * self.hidden_dim))
 
     @property
     def grid(self) -> int:  # patches per side at image_size

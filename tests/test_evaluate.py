@@ -380,3 +380,49 @@ def test_a_language_model_answers_easy_vqa_blind_and_bf16_int8_scores_like_float
     full = read_report(tiny_vlm, "easy-vqa")["accuracy"]
     main(["--checkpoint", tiny_vlm, "--limit", "32", "--no-baseline", "--dtype", "bfloat16", "--quantize", "int8"])
     assert abs(read_report(tiny_vlm, "easy-vqa")["accuracy"] - full) <= 0.2
+
+
+def test_load_refuses_damaged_values_sizes_and_weights(tiny_vlm, tmp_path):
+    """What a damaged checkpoint would otherwise run for minutes on, or answer with garbage: one line."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cli import load
+    from checkpoints import CheckpointError
+
+    def copy(change_json=None, change_weights=None):
+        folder = str(tmp_path / f"copy{len(os.listdir(tmp_path))}")
+        shutil.copytree(tiny_vlm, folder)
+        for name, change in (change_json or {}).items():
+            path = os.path.join(folder, name)
+            settings = json.load(open(path))
+            change(settings)
+            json.dump(settings, open(path, "w"))
+        if change_weights:
+            state = load_file(os.path.join(folder, "model.safetensors"))
+            change_weights(state)
+            save_file(state, os.path.join(folder, "model.safetensors"))
+        return folder
+
+    big = copy({"preprocessor_config.json": lambda c: c.update(size={"height": 8192, "width": 8192})})
+    with pytest.raises(CheckpointError, match="makes 8192-pixel images"):
+        load(big, torch.float32, "cpu")
+    huge = copy({"config.json": lambda c: c["lm"].update(n_layers=10 ** 6)})
+    with pytest.raises(CheckpointError, match="more than this machine's"):
+        load(huge, torch.float32, "cpu")
+    nan = copy(change_weights=lambda state: next(v for v in state.values() if v.is_floating_point()).fill_(float("nan")))
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load(nan, torch.float32, "cpu")
+
+
+def test_decoding_refuses_non_finite_logits():
+    from generate import beam_search, generate
+    from model import LanguageModel, LMConfig
+
+    lm = LanguageModel(LMConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32))
+    with torch.no_grad():
+        lm.norm.weight.fill_(float("nan"))
+    for decode in (generate, beam_search):
+        with pytest.raises(ValueError, match="logits are NaN or infinite"):
+            decode(lm, torch.tensor([[1, 2, 3]]), max_new_tokens=3)
