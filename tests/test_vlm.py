@@ -282,3 +282,10 @@ def test_vision_layer_and_family_out_of_range_are_refused():
             VisionTower(vision)(torch.zeros(1, 3, 16, 16), layer=layer)
     assert VisionTower(vision)(torch.zeros(1, 3, 16, 16), layer=-5).shape == (1, 4, 32)  # the patch embeddings
 
+
+
+@pytest.mark.parametrize("build", [lambda: LMConfig(n_layers=10 ** 6), lambda: LMConfig(n_experts=10 ** 6),
+                                   lambda: VisionConfig(n_layers=10 ** 6)], ids=["lm-layers", "experts", "vision"])
+def test_configs_beyond_the_machines_memory_are_refused_before_anything_is_built(build):
+    with pytest.raises(ValueError, match="more than this machine's"):
+        build()
