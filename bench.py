@@ -51,6 +51,7 @@ import dataclasses
 import gc
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -63,7 +64,8 @@ from configs import hf_lm_config
 from cli import ArgumentParser, check_device, default_lm, fail
 from dpo import token_logprobs
 from generate import generate
-from model import LanguageModel, linear
+from autotune import CHOSEN, linear
+from model import LanguageModel
 from processing import SMOLVLM_SPECIAL_TOKENS, SmolVLMImageProcessor, Tokenizer, build_prompt, smolvlm_image_tokens
 from quantize import quantize
 from siglip import VisionTower
@@ -91,6 +93,29 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides which kernels are fast
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its vector flags of interest, as lscpu shows them (/proc/cpuinfo on
+    Linux; the platform's own word elsewhere): every figure is for one CPU, named beside it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in f if ":" in line)}
+        flags, name = set(info.get("flags", "").split()), info.get("model name") or platform.processor()
+        return f"{name} ({', '.join(f for f in CPU_FLAGS if f in flags) or 'none of ' + '/'.join(CPU_FLAGS)})"
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def decode_kernels() -> tuple[str, float]:
+    """What kernels.linear chose for float32 decoding in this process, e.g. "F.linear x5, bmm row blocks x1",
+    and the seconds spent timing them."""
+    names = [choice.name for choice in CHOSEN.values()]
+    counts = ", ".join(f"{name} x{names.count(name)}" for name in sorted(set(names)))
+    return counts or "none timed", sum(choice.cost for choice in CHOSEN.values())
 
 
 def status_kib(field: str) -> int:
@@ -399,6 +424,10 @@ def matmul_bandwidth(lm: LanguageModel, device, repeats: int) -> float:
     return nbytes / timed(run, max(3, repeats)) / 1e9
 
 
+# bfloat16, int8 and int4 each have one CPU kernel in PyTorch; float32's is chosen by timing (autotune.py)
+NOTES = []  # the kernels each format ran, printed under the table
+FIXED_KERNELS = {"bfloat16": "F.linear (oneDNN)", "int8": "torch._weight_int8pack_mm",
+                 "int4": "torch._weight_int4pack_mm_for_cpu"}
 DECODE_FORMATS = (("float32", torch.float32, None), ("bfloat16", torch.bfloat16, None),
                   ("int8", torch.bfloat16, "int8"), ("int4", torch.bfloat16, "int4"))
 
@@ -420,7 +449,9 @@ def bench_decode(args, device, tmp):
         ours = LanguageModel.from_pretrained(args.lm, dtype, device)
         if mode:
             quantize(ours, mode)
+        CHOSEN.clear()  # float32's kernels are timed again at their first call: the cost below
         tokens, _, rate, _ = measure_generation(lambda cb: generate(ours, ids, n, on_token=cb), n, args.repeats, device)
+        chosen, timing = decode_kernels() if name == "float32" else (FIXED_KERNELS[name], 0.0)
         if mode is None:
             theirs = hf_lm(args.lm, dtype, device)
             _, _, theirs_rate[name], _ = measure_generation(lambda cb: hf_generate(theirs, n, cb, input_ids=ids), n,
@@ -429,6 +460,7 @@ def bench_decode(args, device, tmp):
         reference = tokens if reference is None else reference  # float32's greedy tokens
         gigabytes, kernels = weight_bytes(ours) / 1e9, matmul_bandwidth(ours, device, args.repeats)
         label = name if mode is None else f"{name} (bf16 act.) vs tf fp32"
+        NOTES.append(f"decode {name}: {chosen}" + (f" (timing them at first use took {timing:.2f} s)" if timing else ""))
         rows += [(f"decode {label} (tokens/s)", rate, theirs_rate[name if mode is None else "float32"], "higher"),
                  (f"  {name} weights read/token (MB)", gigabytes * 1e3, None, "lower"),
                  (f"  {name} achieved (GB/s)", gigabytes * rate, None, "higher"),
@@ -476,11 +508,13 @@ def report(rows, checks, header: str, json_path: str | None):
         print(f"{name:<46}{fmt(ours, 10)}{fmt(theirs, 14)}{'-' if r is None else f'{r:.2f}x':>8}")
     for ok, what in checks:
         print(f"{'✓' if ok else '✗'} {what}")
+    for note in NOTES:
+        print(f"  {note}")
     if json_path:
         data = {"setup": header,
                 "rows": [{"metric": name, "glimpse": ours, "transformers": theirs, "better": better,
                           "ratio": ratio(ours, theirs, better)} for name, ours, theirs, better in rows],
-                "checks": [{"ok": ok, "what": what} for ok, what in checks]}
+                "checks": [{"ok": ok, "what": what} for ok, what in checks], "notes": NOTES}
         with open(json_path, "w") as f:
             json.dump(data, f, indent=1)
 
@@ -551,7 +585,8 @@ def main(argv=None) -> int:
                 gc.collect()
     except (CheckpointError, ImageError, OSError, ValueError) as e:
         fail(e)
-    header = f"glimpse vs transformers {transformers.__version__} (torch {torch.__version__}) on {device}, " \
+    where = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device) if device.type == "cuda" else device
+    header = f"glimpse vs transformers {transformers.__version__} (torch {torch.__version__}) on {device}: {where}, " \
              f"{args.dtype}, {torch.get_num_threads()} CPU thread(s){', tiny random models' if args.tiny else ''}; " \
              f"ratio > 1: glimpse is better"
     report(rows, checks, header, args.json)

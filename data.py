@@ -19,13 +19,15 @@ tiny recipe) and sources.py (local files, hub sets). `SOURCES` names them all fo
 and `--data`; `load_source(name_or_path, split)` also takes a local file or folder.
 
 Batches: `collate` (chats and texts), `collate_preferences` (both sides of preference pairs) and
-`collate_captions` (images and captions, for a Q-Former's contrastive stage) make padded tensors:
+`collate_captions` (images and captions, for a Q-Former's contrastive stage) make padded tensors;
+`KeptFeatures` stands in for a frozen tower, computing each image's features once:
 
     samples = load_source("easy-vqa-qa", "train")
     batch = to_device(collate(samples[:32], tokenizer, image_processor, image_tokens=...), device)
     logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
 """
 
+import hashlib
 import inspect
 import os
 
@@ -378,6 +380,27 @@ def collate_preferences(samples: list[dict], tokenizer, image_processor=None, te
     pixel_values = _pixel_values(images, image_processor)
     return {side: {**_pad_batch(side_rows, tokenizer, pad_side), "pixel_values": pixel_values}
             for side, side_rows in rows.items()}
+
+
+# --- a frozen tower's features, computed once per image (train.py's chat batches carry them) ---
+
+
+class KeptFeatures:
+    """A frozen tower's output (vision_layer) per image, computed the first time the image comes and
+    kept in memory, so later epochs skip the tower. Keyed by the pixels the processor made; one image
+    at a time, so that a resumed run, its memory empty, computes the very same numbers."""
+
+    def __init__(self, model):  # a VLM
+        self.model, self.kept = model, {}
+
+    @torch.no_grad()
+    def __call__(self, pixel_values):  # (N, 3, H, W) -> (N, [1 +] P, Dv)
+        keys = [hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest() for image in pixel_values]
+        for image, key in zip(pixel_values, keys):
+            if key not in self.kept:
+                hidden = self.model.vision(image[None], layer=self.model.config.vision_layer)  # (1, [1 +] P, Dv)
+                self.kept[key] = hidden[0]
+        return torch.stack([self.kept[key] for key in keys])
 
 
 def to_device(batch: dict, device) -> dict:

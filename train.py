@@ -11,7 +11,6 @@ TrainConfig's defaults, the preset (presets.py), its phase, --config FILE.toml, 
 runs.py holds the run folder (log, ckpt-STEP/ written whole, `latest`, exact --resume) and DDP set-up.
 """
 import contextlib
-import hashlib
 import math
 import os
 import random
@@ -28,6 +27,7 @@ import data
 from checkpoints import CheckpointError, read_json
 from cli import fail, latest_checkpoint, print_table, resolve, retrieval_report
 from dpo import dpo_step, logit_positions, reference_logprobs, token_logprobs
+from autotune import faster_dtype
 from lora import apply_lora, load_adapter
 from model import LanguageModel, LMConfig
 from plots import plot_losses
@@ -89,7 +89,7 @@ class TrainConfig:
     lora_targets: str = "q_proj,v_proj"  # comma-separated, or "all-linear"
     lora_layers: int = 0  # LoRA in the top N LM layers only (0, or N above the LM's: all of them)
     train_connector: bool = True  # false: align's connector stays; with --lora-layers, backward stops below them
-    dtype: str = "auto"  # auto: bfloat16 autocast on GPUs that support it, else float32
+    dtype: str = "auto"  # auto: bf16 autocast on GPUs that support it; on CPU where a step measures faster
     compile: bool = False
     device: str = "auto"
     seed: int = 0
@@ -120,13 +120,10 @@ def start_model(cfg: TrainConfig, spec: dict, train_set: list):
     lm_source = init or (resolve(cfg.lm) if cfg.lm != "tiny" else "")
     if lm_source:
         lm, tokenizer = LanguageModel.from_pretrained(lm_source), Tokenizer.from_pretrained(lm_source)
-    else:
-        if "tokenizer" in spec:
-            tokenizer = Tokenizer.from_pretrained(spec["tokenizer"])
-        else:  # learned from the preset's tokenizer_data, else from the training samples
-            texts = data.load_source(spec["tokenizer_data"], "train") if "tokenizer_data" in spec else train_set
-            tokenizer = data.train_tokenizer(texts, spec.get("tokenizer_vocab", 512),
-                                             spec.get("tokenizer_lowercase", False))
+    else:  # the preset's tokenizer, or one learned from its tokenizer_data, else from the training samples
+        tokenizer = Tokenizer.from_pretrained(spec["tokenizer"]) if "tokenizer" in spec else data.train_tokenizer(
+            data.load_source(spec["tokenizer_data"], "train") if "tokenizer_data" in spec else train_set,
+            spec.get("tokenizer_vocab", 512), spec.get("tokenizer_lowercase", False))
         torch.manual_seed(cfg.seed)
         lm = LanguageModel(LMConfig(vocab_size=tokenizer.vocab_size, **spec["lm_config"]))
     if cfg.phase == "pretrain":
@@ -154,24 +151,6 @@ def start_model(cfg: TrainConfig, spec: dict, train_set: list):
                         image_token_id=tokenizer.token_to_id("<image>"), vision_layer=cfg.vision_layer,
                         image_size=data.processor_size(processor), qformer=qformer)
     return VLM.join(vision, lm, vlm_cfg), tokenizer, processor
-
-
-class KeptFeatures:
-    """A frozen tower's output (vision_layer) per image, computed the first time the image comes and
-    kept in memory, so later epochs skip the tower. Keyed by the pixels the processor made; one image
-    at a time, so that a resumed run, its memory empty, computes the very same numbers."""
-
-    def __init__(self, model: VLM):
-        self.model, self.kept = model, {}
-
-    @torch.no_grad()
-    def __call__(self, pixel_values):  # (N, 3, H, W) -> (N, [1 +] P, Dv)
-        keys = [hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest() for image in pixel_values]
-        for image, key in zip(pixel_values, keys):
-            if key not in self.kept:
-                hidden = self.model.vision(image[None], layer=self.model.config.vision_layer)  # (1, [1 +] P, Dv)
-                self.kept[key] = hidden[0]
-        return torch.stack([self.kept[key] for key in keys])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,8 +226,8 @@ class Setup:
     processor: ImageProcessor | None  # None: a language model
     reference: torch.nn.Module | None  # DPO's frozen reference; None: the policy with its LoRA adapters off
     device: torch.device
-    bf16: bool  # autocast to bfloat16 (--dtype, or auto on GPUs that support it)
-    features: KeptFeatures | None = None  # chat batches carry image_features in place of pixel_values
+    bf16: bool  # autocast to bfloat16 (--dtype; auto: on GPUs that support it, on CPU where measured faster)
+    features: data.KeptFeatures | None = None  # chat batches carry image_features in place of pixel_values
 
     def autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
@@ -367,7 +346,7 @@ def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | No
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     frozen = isinstance(model, VLM) and not any(p.requires_grad for p in model.vision.parameters())
     keep = cfg.keep_features and frozen and cfg.phase in ("align", "instruct")  # the tower runs once per image
-    features = KeptFeatures(model) if keep else None
+    features = data.KeptFeatures(model) if keep else None
     return Setup(cfg, model, tokenizer, processor, reference, device, bf16, features), optimizer, start
 
 
@@ -404,6 +383,18 @@ def validate(s: Setup, val_set: list) -> dict:
     return {f"val_{k}": v / max(1, count) for k, v in totals.items()}
 
 
+def measured_dtype(s: Setup, train_set: list, is_main: bool) -> bool:
+    """--dtype auto on CPU: bfloat16 if a micro batch's step measures faster in it (autotune.faster_dtype)."""
+    phase, trial = PHASES[s.cfg.phase], replace(s, features=data.KeptFeatures(s.model) if s.features else None)
+    batch = phase.batch(train_set[:s.cfg.micro_batch], trial)  # features in the trial's own cache
+    train_mode(s.model)
+    choice = faster_dtype(s.model, lambda: phase.objective(s.model, batch, s.cfg)[0])
+    if is_main:
+        print(f"--dtype auto: a step of {len(train_set[:s.cfg.micro_batch])} samples took {choice.times['float32']:.3g}"
+              f" s in float32, {choice.times['bfloat16']:.3g} s in bfloat16: {choice.name}")
+    return choice.name == "bfloat16"
+
+
 def train(cfg: TrainConfig, spec: dict):
     """One phase: per step, the micro batches' summed losses backpropagated, divided by the count over all micro
     batches and processes, clipped, one AdamW step; validation and checkpoints as set, at the end, on Ctrl-C."""
@@ -418,6 +409,9 @@ def train(cfg: TrainConfig, spec: dict):
     except (OSError, ValueError) as e:
         fail(e)
     s, optimizer, start = prepare(cfg, spec, train_set, resume_from, device)
+    if cfg.dtype == "auto" and device.type == "cpu":
+        s.bf16 = measured_dtype(s, train_set, is_main)
+    cfg = s.cfg = replace(cfg, dtype="bfloat16" if s.bf16 else "float32")  # what ran, for --resume
     phase, model = PHASES[cfg.phase], s.model
     trainable = [p for p in model.parameters() if p.requires_grad]
     if is_main:

