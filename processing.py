@@ -6,6 +6,7 @@ CLIP and DINOv2, `SmolVLMImageProcessor` with tiles) and token ids (`Tokenizer`,
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     tokenizer = Tokenizer.from_pretrained("HuggingFaceTB/SmolVLM-256M-Instruct")
     ids = build_prompt(tokenizer, messages, template="smolvlm", image_tokens=[smolvlm_image_tokens(*grids[0], 64)])
+    # (smolvlm_image_tokens: layouts.py)
 
 Typed text is always plain text: "<|im_start|>" or "<image>" in a message never becomes a special
 token. File formats are read and written in checkpoints.py.
@@ -389,7 +390,19 @@ def render_zephyr(messages: list[dict], add_generation_prompt: bool) -> list:
     return parts
 
 
-CHAT_TEMPLATES = {"chatml": render_chatml, "smolvlm": render_smolvlm, "zephyr": render_zephyr,
+def render_llava(messages: list[dict], add_generation_prompt: bool) -> list:
+    r"""LLaVA-1.5's chat template (llava-hf): `USER: <image>\nWhat is it? ASSISTANT:`, each message's images
+    first ("\n" after each), then its texts (" " after each); a reply is learned through </s>."""
+    parts = []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        images = [part for image in content if isinstance(image, ImagePlaceholder) for part in (image, "\n")]
+        texts = [text + " " for text in content if isinstance(text, str)] + [Special("</s>")] * (role == "assistant")
+        parts += ["" if role == "system" else f"{role.upper()}: ", *images, *reply_parts(message, texts)]
+    return parts + ["ASSISTANT:"] * add_generation_prompt
+
+
+CHAT_TEMPLATES = {"chatml": render_chatml, "smolvlm": render_smolvlm, "zephyr": render_zephyr, "llava": render_llava,
                   "chatml-plain": functools.partial(render_chatml, default_system=None)}
 
 
@@ -399,29 +412,6 @@ def end_of_turn(template: str) -> str:
         raise ValueError(f"Unknown chat template {template!r}; available: {sorted(CHAT_TEMPLATES)}")
     parts = CHAT_TEMPLATES[template]([{"role": "assistant", "content": []}], False)
     return next(untargeted(p).token for p in reversed(parts) if isinstance(untargeted(p), Special))
-
-
-# The SmolVLM tokenizer's special tokens for images and turns; a text-only tokenizer (SmolLM2's)
-# needs them added: tokenizer.add_special_tokens(SMOLVLM_SPECIAL_TOKENS).
-SMOLVLM_SPECIAL_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>",
-                          *[f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)],
-                          "<end_of_utterance>"]
-
-
-def smolvlm_image_tokens(rows: int, cols: int, image_seq_len: int) -> list:
-    r"""The parts a SmolVLM image of grid (rows, cols) stands for, as transformers' _prompt_split_image:
-    `<fake_token_around_image><row_r_col_c>` and `image_seq_len` <image>s per tile, "\n" after each
-    row, then "\n" and the global tile; the global tile alone for (0, 0) (_prompt_single_image)."""
-    around, image = Special("<fake_token_around_image>"), [Special("<image>")] * image_seq_len
-    global_tile = [around, Special("<global-img>"), *image, around]
-    if rows == 0 and cols == 0:
-        return global_tile
-    parts = []
-    for row in range(1, rows + 1):
-        for col in range(1, cols + 1):
-            parts += [around, Special(f"<row_{row}_col_{col}>"), *image]
-        parts.append("\n")
-    return [*parts, "\n", *global_tile]
 
 
 def chat_message(message: dict) -> dict:
@@ -467,7 +457,7 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], template: str = "ch
     apply_chat_template(tokenize=True) (its processor's, with images) but for typed special tokens.
 
     messages: [{"role": "system" | "user" | "assistant", "content": str | HF-style parts}, ...].
-    image_tokens: per image part, the parts it stands for: smolvlm_image_tokens(...) or [Special("<image>")] * n.
+    image_tokens: per image part, the parts it stands for: layouts.smolvlm_image_tokens(...) or [Special("<image>")] * n.
     return_labels: also unshifted labels, IGNORE_INDEX but on the tokens of the assistant's replies
         (a token is learned when it starts inside one), so training learns only the answers.
     """

@@ -1,7 +1,7 @@
 """The vision-language model: a vision tower and a connector in front of the LM, read top to bottom.
 
     VLMConfig -> connectors (MLP, pixel shuffle, class-token gate, Q-Former) -> merge_image_embeddings
-    -> VLM -> loading SmolVLM / Idefics3 checkpoints: config and key map
+    -> VLM -> loading: our config.json, or SmolVLM/Idefics3 and LLaVA ones (layouts.py)
 
 The tower (siglip.py) gives patch features; the connector makes them LM-wide embeddings for the prompt's
 `<image>` placeholders, read by the LM (model.py). LLaVA (Liu 2023), SmolVLM (Marafioti 2025), BLIP-2 (Li 2023).
@@ -17,11 +17,12 @@ import torch.nn.functional as F
 
 from checkpoints import (ADAPTER_CONFIG, WEIGHT_FILES, CheckpointError, checkpoint_folder, load_state, read_json,
                          read_safetensors, write_checkpoint)
-from configs import build_config, check_side, vision_settings
+from configs import build_config, check_side
+from layouts import LLAVA_UNREAD, hf_vlm_settings, llava_names
 from lora import load_adapter, merge_lora
-from model import KVCache, LanguageModel, LMConfig, finish_loading, lm_config_from_hf, lm_key_map, tied_copy
+from model import KVCache, LanguageModel, LMConfig, finish_loading, tied_copy
 from qformer import QFormer, QFormerConfig
-from siglip import VisionConfig, VisionTower, vision_key_map
+from siglip import VisionConfig, VisionTower
 
 
 @dataclass
@@ -203,11 +204,15 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=torch.float32, device="cpu", adapter: bool = True) -> "VLM":
-        """A SmolVLM / Idefics3 checkpoint (hub id or folder), or a folder that `save_pretrained` wrote.
+        """A SmolVLM / Idefics3 or LLaVA checkpoint (hub id or folder), or a folder `save_pretrained` wrote.
         A LoRA adapter saved beside the weights (PEFT's files) is loaded and merged unless adapter=False."""
         folder = checkpoint_folder(name_or_path, WEIGHT_FILES)
-        cfg, key_map = vlm_config_from_hf(read_json(os.path.join(folder, "config.json")))
-        model = load_state(cls, cfg, read_safetensors(folder), key_map, dtype, device, folder, ignore=tied_copy(cfg.lm))
+        hf = read_json(os.path.join(folder, "config.json"))
+        cfg, key_map = vlm_config_from_hf(hf)
+        state, ignore = read_safetensors(folder), tied_copy(cfg.lm)  # a tied LM's stored head is not read
+        if hf.get("model_type") == "llava":
+            state, ignore = llava_names(state), LLAVA_UNREAD + tuple(f"language_model.{k}" for k in ignore)
+        model = load_state(cls, cfg, state, key_map, dtype, device, folder, ignore=ignore)
         finish_loading(model.lm, device)
         if adapter and os.path.isfile(os.path.join(folder, ADAPTER_CONFIG)):
             merge_lora(load_adapter(model, folder))
@@ -221,42 +226,24 @@ class VLM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading: SmolVLM / Idefics3 configs and key map
+# Loading: our own config.json, or a transformers layout's (layouts.py)
 # ---------------------------------------------------------------------------------------------
 
 
 def vlm_config_from_hf(hf: dict) -> tuple[VLMConfig, dict | None]:
-    """Our VLM config from a SmolVLM/Idefics3 config.json, and its key map; or from the config.json
-    our save_pretrained wrote (names already ours: no key map)."""
-    kind = hf.get("model_type")
-    if kind == "glimpse_vlm":
-        settings = dict(hf)
-        for part in ("vision", "lm"):
-            if part not in settings:
-                raise CheckpointError(f"config.json lacks {part!r}, the {part} config of this glimpse VLM")
-        if "vision_layer" in settings and settings["vision_layer"] is None:  # older folders' "last, normed"
-            settings["vision_layer"] = 0
-        return build_config(VLMConfig, settings), None
-    if kind not in ("smolvlm", "idefics3"):
-        raise CheckpointError(f"config.json describes a {kind!r} model; VLM loads smolvlm/idefics3 checkpoints "
-                              "and folders saved by glimpse")
-    vision = build_config(VisionConfig, vision_settings({"model_type": "siglip_vision_model",
-                                                         **hf.get("vision_config", {})}))
-    text = dict(hf.get("text_config", {}))
-    text.setdefault("model_type", "llama")
-    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
-    lm, _ = lm_config_from_hf(text)
-    cfg = build_config(VLMConfig, dict(vision=vision, lm=lm, connector="pixel_shuffle",
-                                       image_token_id=hf.get("image_token_id", 49190),
-                                       scale_factor=hf.get("scale_factor", 2)))
-    return cfg, smolvlm_key_map(cfg)
-
-
-def smolvlm_key_map(cfg: VLMConfig) -> dict[str, str]:
-    """The hub's SmolVLM tensor names -> ours: model.vision_model.* (a SigLIP), the connector's
-    model.connector.modality_projection.proj, model.text_model.* and lm_head (a Llama)."""
-    key_map = {f"model.vision_model.{k}": f"vision.{v}" for k, v in vision_key_map(cfg.vision).items()}
-    key_map["model.connector.modality_projection.proj.weight"] = "connector.proj.weight"
-    for k, v in lm_key_map(cfg.lm).items():
-        key_map[k.replace("model.", "model.text_model.", 1) if k.startswith("model.") else k] = f"lm.{v}"
-    return key_map
+    """Our VLM config from the config.json our save_pretrained wrote (names already ours: no key map),
+    or from a SmolVLM/Idefics3 or LLaVA one, with its key map."""
+    if hf.get("model_type") != "glimpse_vlm":
+        try:
+            settings, key_map = hf_vlm_settings(hf)
+        except ValueError as e:
+            raise CheckpointError(e) from None
+        cfg = build_config(VLMConfig, settings)
+        return cfg, key_map(cfg)
+    settings = dict(hf)
+    for part in ("vision", "lm"):
+        if part not in settings:
+            raise CheckpointError(f"config.json lacks {part!r}, the {part} config of this glimpse VLM")
+    if "vision_layer" in settings and settings["vision_layer"] is None:  # older folders' "last, normed"
+        settings["vision_layer"] = 0
+    return build_config(VLMConfig, settings), None

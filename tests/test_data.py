@@ -7,6 +7,7 @@ from PIL import Image
 
 import data
 import easyvqa
+import layouts
 import sources
 from processing import IGNORE_INDEX, Special, build_prompt
 
@@ -133,13 +134,11 @@ def test_collate_smolvlm_tiles(tokenizer):
     """Expansions that differ by image (SmolVLM's tiles) and an image processor returning (pixel_values, grids)."""
     import processing
 
-    if not hasattr(processing, "smolvlm_image_tokens"):
-        pytest.skip("processing.py has no SmolVLM image processing")
-    tokenizer.add_special_tokens(processing.SMOLVLM_SPECIAL_TOKENS)
+    tokenizer.add_special_tokens(layouts.SMOLVLM_SPECIAL_TOKENS)
     smolvlm = processing.SmolVLMImageProcessor(size={"longest_edge": 128}, max_image_size={"longest_edge": 64})
 
     def tiles(im):
-        return processing.smolvlm_image_tokens(*smolvlm.tiles(im)[1], 2)
+        return layouts.smolvlm_image_tokens(*smolvlm.tiles(im)[1], 2)
 
     wide, small = Image.new("RGB", (100, 40), (255, 0, 0)), Image.new("RGB", (30, 30))
     sample = sources.chat_sample([wide, small], "Two images?", "Yes.")

@@ -119,17 +119,26 @@ def test_bad_requests_are_one_line_and_nothing_is_overwritten(tiny_lm, tmp_path)
                                        "--out", str(tmp_path / "y.gguf"))
 
 
-def test_a_vlm_to_transformers_is_refused_naming_its_parts(tmp_path):
+def test_a_tiny_preset_vlm_to_transformers_is_one_line_naming_its_convstem(tiny_lm, tmp_path):
+    from processing import ImageProcessor
     from siglip import VisionConfig
     from vlm import VLM, VLMConfig
+    _, _, tok = tiny_lm
     torch.manual_seed(0)
-    vlm = VLM(VLMConfig(vision=VisionConfig(image_size=16, patch_size=8, dim=16, n_layers=1, n_heads=2, hidden_dim=32),
+    vlm = VLM(VLMConfig(vision=VisionConfig(image_size=16, patch_size=4, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                                            conv_stem=True),
                         lm=LMConfig(vocab_size=320, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=48),
-                        connector="mlp", image_token_id=300))
-    from export import write_transformers
-    with pytest.raises(ValueError, match="'mlp' connector"):
-        write_transformers(vlm, None, str(tmp_path / "x"))
-    assert not (tmp_path / "x").exists()
+                        connector="pixel_shuffle", image_token_id=300))
+    folder = tmp_path / "tiny-vlm"
+    vlm.save_pretrained(str(folder))
+    tok.save(str(folder))
+    ImageProcessor(size={"height": 16, "width": 16}).save(str(folder))
+    out = tmp_path / "hf"
+    assert "ConvStem" in one_error_line("--checkpoint", str(folder), "--to", "transformers", "--out", str(out))
+    assert not out.exists() and not (tmp_path / "hf.tmp").exists()
+    main(["--checkpoint", str(folder), "--to", "gguf", "--out", str(tmp_path / "its-lm.gguf")])  # its LM goes
+    lm = LanguageModel.from_pretrained(str(tmp_path / "its-lm.gguf"))
+    assert all(torch.equal(v, vlm.lm.state_dict()[k]) for k, v in lm.state_dict().items())
 
 
 def test_help_names_the_formats():

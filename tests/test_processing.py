@@ -24,6 +24,7 @@ from tokenizers import pre_tokenizers
 
 import checkpoints
 import configs
+import layouts
 import processing
 from checkpoints import CheckpointError, ImageError
 from processing import ImageProcessor, Tokenizer, build_prompt, load_image
@@ -647,7 +648,7 @@ def tokenizers_with_image_tokens(tokenizer, hf_tokenizer):
     """Copies of our SmolLM2 tokenizer and transformers' with SmolVLM's special tokens and Zephyr's
     "</s>" added, each side by its own add_special_tokens."""
     ours, theirs = copy.deepcopy(tokenizer), copy.deepcopy(hf_tokenizer)
-    added = processing.SMOLVLM_SPECIAL_TOKENS + ["</s>"]
+    added = layouts.SMOLVLM_SPECIAL_TOKENS + ["</s>"]
     ours.add_special_tokens(added)
     theirs.add_special_tokens({"additional_special_tokens": added})
     return ours, theirs
@@ -662,7 +663,7 @@ def test_add_special_tokens(tokenizer, tokenizers_with_image_tokens, tmp_path):
     assert tokenizer.vocab_size == 49152 and tokenizer.token_to_id("<image>") is None  # the fixture's is untouched
     assert ours.vocab_size == len(theirs) == 49152 + 41
     assert ours.special_ids == set(theirs.added_tokens_decoder)
-    for token in processing.SMOLVLM_SPECIAL_TOKENS + ["</s>", "<|im_start|>"]:
+    for token in layouts.SMOLVLM_SPECIAL_TOKENS + ["</s>", "<|im_start|>"]:
         assert ours.token_to_id(token) == theirs.convert_tokens_to_ids(token), token
     assert ours.token_to_id("<fake_token_around_image>") == 49152 and ours.token_to_id("</s>") == 49192
     # Adding what is there changes nothing; a token already in the vocabulary keeps its id.
@@ -759,7 +760,7 @@ def test_labels_with_images(tokenizers_with_image_tokens):
     chat = [*SMOLVLM_CHATS[1][:3], {"role": "assistant", "content": [text("Here:"), IMAGE, text("a cat.")]}]
     grids = [(0, 0), (2, 1), (1, 1)]
     ids, labels = build_prompt(ours, chat, template="smolvlm", add_generation_prompt=False, return_labels=True,
-                               image_tokens=[processing.smolvlm_image_tokens(*grid, 3) for grid in grids])
+                               image_tokens=[layouts.smolvlm_image_tokens(*grid, 3) for grid in grids])
     assert ids.count(ours.token_to_id("<image>")) == 3 * (1 + 3 + 2)
     assert learned(ours, ids, labels) == [" Two cats.<end_of_utterance>", " Here:", "a cat.<end_of_utterance>"]
 
@@ -773,7 +774,7 @@ def test_typed_image_token_stays_text(tokenizers_with_image_tokens):
         assert ids.count(ours.token_to_id("<end_of_utterance>")) == 1  # the template's own
         assert typed in ours.decode(ids, skip_special_tokens=False)
     ids = build_prompt(ours, [{"role": "user", "content": [IMAGE, text(typed)]}], template="smolvlm",
-                       image_tokens=[processing.smolvlm_image_tokens(0, 0, 5)])
+                       image_tokens=[layouts.smolvlm_image_tokens(0, 0, 5)])
     assert ids.count(ours.token_to_id("<image>")) == 5 and ids.count(ours.token_to_id("<global-img>")) == 1
 
 
@@ -802,7 +803,7 @@ def test_smolvlm_image_tokens_match_transformers(rows, cols):
     processing_smolvlm = pytest.importorskip("transformers.models.smolvlm.processing_smolvlm")
     expected = processing_smolvlm.get_image_prompt_string(rows, cols, 3, "<fake_token_around_image>", "<image>",
                                                           "<global-img>")
-    parts = processing.smolvlm_image_tokens(rows, cols, 3)
+    parts = layouts.smolvlm_image_tokens(rows, cols, 3)
     assert "".join(p.token if isinstance(p, processing.Special) else p for p in parts) == expected
 
 
@@ -892,7 +893,7 @@ def test_smolvlm_processor_matches_transformers(photos, tokenizers_with_image_to
 
         pixel_values, grids = processor(images)
         ids = build_prompt(ours, messages, template="smolvlm", image_tokens=[
-            processing.smolvlm_image_tokens(rows, cols, SMOLVLM_IMAGE_SEQ_LEN) for rows, cols in grids])
+            layouts.smolvlm_image_tokens(rows, cols, SMOLVLM_IMAGE_SEQ_LEN) for rows, cols in grids])
         assert ids == expected["input_ids"][0].tolist()
         assert pixel_values.shape == expected["pixel_values"].flatten(0, 1).shape
         assert np.abs(pixel_values.numpy() - expected["pixel_values"].flatten(0, 1).numpy()).max() <= 1e-5
@@ -931,7 +932,7 @@ def test_each_template_names_its_end_of_turn_once():
     from processing import CHAT_TEMPLATES, end_of_turn
 
     assert {t: end_of_turn(t) for t in CHAT_TEMPLATES} == {
-        "chatml": "<|im_end|>", "chatml-plain": "<|im_end|>", "smolvlm": "<end_of_utterance>", "zephyr": "</s>"}
+        "chatml": "<|im_end|>", "chatml-plain": "<|im_end|>", "smolvlm": "<end_of_utterance>", "zephyr": "</s>", "llava": "</s>"}
     with pytest.raises(ValueError, match="Unknown chat template"):
         end_of_turn("alpaca")
 

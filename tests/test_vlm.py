@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+import layouts
+
 from generate import generate
 from checkpoints import CheckpointError
 from model import LMConfig
@@ -193,7 +195,8 @@ def test_smolvlm_end_to_end_with_its_processor_on_a_real_photo(tmp_path, monkeyp
     import os
 
     import processing
-    from processing import SmolVLMImageProcessor, Tokenizer, build_prompt, smolvlm_image_tokens
+    from layouts import smolvlm_image_tokens
+    from processing import SmolVLMImageProcessor, Tokenizer, build_prompt
 
     assets = os.environ.get("GLIMPSE_ASSETS")
     if not assets:
@@ -204,8 +207,8 @@ def test_smolvlm_end_to_end_with_its_processor_on_a_real_photo(tmp_path, monkeyp
     gguf_dir, gguf_name = os.path.split(smollm2_gguf)
     tok = Tokenizer.from_pretrained(smollm2_gguf)
     hf_tok = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    tok.add_special_tokens(processing.SMOLVLM_SPECIAL_TOKENS)
-    hf_tok.add_special_tokens({"additional_special_tokens": processing.SMOLVLM_SPECIAL_TOKENS})
+    tok.add_special_tokens(layouts.SMOLVLM_SPECIAL_TOKENS)
+    hf_tok.add_special_tokens({"additional_special_tokens": layouts.SMOLVLM_SPECIAL_TOKENS})
     image_id = tok.token_to_id("<image>")
     assert image_id == hf_tok.convert_tokens_to_ids("<image>")
 
