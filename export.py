@@ -17,6 +17,7 @@ refused in one line that names it. Each export is written to a temporary name an
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ from cli import ArgumentParser, fail, load, resolve
 from configs import hf_lm_config
 from layouts import hf_vlm_layout
 from model import LanguageModel
+from processing import SMOLLM2_SYSTEM_PROMPT
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 FORMATS = ("gguf", "transformers")
@@ -184,10 +186,24 @@ def idefics3_image_processor(processor) -> dict:
             "image_mean": list(processor.image_mean), "image_std": list(processor.image_std), "do_pad": True}
 
 
-def write_transformers(model, tokenizer, processor, folder: str):
+# glimpse's chat templates in Jinja, for tokenizer_config.json: transformers' apply_chat_template then gives
+# the ids build_prompt gives (tests/test_export.py); an image part is one <image>, which the processor expands.
+CONTENT = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+           "{% if part['type'] == 'image' %}{{ '<image>' }}{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}")
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}" + CONTENT +
+          "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+JINJA_TEMPLATES = {"chatml-plain": CHATML, "chatml": "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
+                   + SMOLLM2_SYSTEM_PROMPT + "<|im_end|>\\n' }}{% endif %}" + CHATML}
+
+
+def write_transformers(model, tokenizer, processor, folder: str, template: str | None = None):
     """The model in transformers' own layout, written to FOLDER.tmp and renamed: an LM as Llama or
-    Qwen2, a VLM as Idefics3 or LLaVA (with its image processor's config), with the tokenizer files."""
+    Qwen2, a VLM as Idefics3 or LLaVA (with its image processor's config), with the tokenizer files
+    and the chat template the model was trained with (a glimpse template as Jinja)."""
     tmp = folder.rstrip("/") + ".tmp"
+    if template in JINJA_TEMPLATES:
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = JINJA_TEMPLATES[template]
     if isinstance(model, LanguageModel):
         if hf_lm_config(vars(model.config))["model_type"] == "glimpse_lm":
             raise ValueError("this LM (experts, NoPE or chunked layers) has no transformers Llama/Qwen2 layout")
@@ -217,11 +233,11 @@ def main(argv=None):
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         fail(f"--out {args.out}: no such folder {os.path.dirname(os.path.abspath(args.out))}")
     try:
-        model, tokenizer, processor, _ = load(resolve(args.checkpoint), torch.float32, torch.device("cpu"))
+        model, tokenizer, processor, template = load(resolve(args.checkpoint), torch.float32, torch.device("cpu"))
         if args.to == "gguf":
             write_gguf(model if isinstance(model, LanguageModel) else model.lm, tokenizer, args.out, args.type)
         else:
-            write_transformers(model, tokenizer, processor, args.out)
+            write_transformers(model, tokenizer, processor, args.out, template)
     except (CheckpointError, OSError, ValueError) as e:
         fail(e)
     print(f"wrote {args.out}")

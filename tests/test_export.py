@@ -95,7 +95,15 @@ def test_lm_to_transformers_gives_the_same_logits(tiny_lm, tmp_path):
     ids = torch.tensor([tok.encode("what color is the shape?")])
     with torch.no_grad():
         assert (hf(ids).logits - lm(ids)).abs().max() < 1e-4
-    assert transformers.PreTrainedTokenizerFast.from_pretrained(out)("blue")["input_ids"] == tok.encode("blue")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok("blue")["input_ids"] == tok.encode("blue")
+    from processing import build_prompt
+    for chat in ([{"role": "user", "content": "what color is the shape?"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "is there a circle?"},
+                  {"role": "assistant", "content": "yes."}, {"role": "user", "content": "sure?"}]):
+        theirs = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
+        assert list(theirs) == build_prompt(tok, chat, template="chatml")  # no train_config.json: chatml
 
 
 def one_error_line(*args):

@@ -131,6 +131,9 @@ def test_idefics3_round_trip_transformers_glimpse_export_transformers(tmp_path):
     with torch.no_grad():
         assert (back(input_ids=ids, pixel_values=pixels).logits - hf(input_ids=ids, pixel_values=pixels).logits
                 ).abs().max() <= 1e-4
+    hf.generation_config.eos_token_id = back.generation_config.eos_token_id = None
+    assert torch.equal(back.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False),
+                       hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False))
     from PIL import Image
     photo = Image.fromarray((torch.rand(40, 56, 3) * 255).byte().numpy())
     theirs = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "exported"))(photo, return_tensors="pt")

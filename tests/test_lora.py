@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import (Linear_LORA, apply_lora, disable_adapters, load_adapter, lora_layers, merge_lora,
