@@ -77,11 +77,13 @@ class Int4Linear(nn.Module):
 
 
 def quantize(lm: LanguageModel, mode: str, group: int = 32) -> list[str]:
-    """Swap the LM's linear layers for int8 or int4 ones, in place; the output head (tied or not)
-    becomes int8 either way, as llama.cpp's Q4 files keep their embeddings in 8 bits. int4 runs on
-    CPUs only and needs out % 16 == 0 and in % group == 0: the names of layers that keep their
-    float weights come back. Rounding llama.cpp's Q4_1 weights (W = d * q + m, min/max per block of
-    32) again with group 32 gives back their very grid: the GGUF's own 4-bit weights, repacked."""
+    """Swap the LM's linear layers for int8 or int4 ones, in place. int4 runs on CPUs only and needs
+    out % 16 == 0 and in % group == 0: the names of layers that keep their float weights come back.
+    Rounding llama.cpp's Q4_1 weights (W = d * q + m, min/max per block of 32) again with group 32
+    gives back their very grid: the GGUF's own 4-bit weights, repacked. The output head (tied or not)
+    becomes int8 with int8, and keeps its float weights with int4: a Q4 file's head is Q8_0, one scale
+    per 32 weights, which one scale per row cannot hold; re-rounded, SmolLM2's greedy tokens left
+    float32's after 19 of 64, kept they stay all 64 (10% slower; docs/decoding.md)."""
     if mode == "int4" and lm.embed.weight.device.type != "cpu":
         raise ValueError("int4 runs on PyTorch's CPU kernel only; use int8 on this device")
     kept = []
@@ -94,5 +96,6 @@ def quantize(lm: LanguageModel, mode: str, group: int = 32) -> list[str]:
             Int4Linear.round(linear.weight, group, linear.bias)
         parent, _, attr = name.rpartition(".")
         setattr(lm.get_submodule(parent), attr, new)
-    lm.lm_head = Int8Linear(lm.lm_head.weight if lm.lm_head is not None else lm.embed.weight)  # (V, D)
+    if mode == "int8":
+        lm.lm_head = Int8Linear(lm.lm_head.weight if lm.lm_head is not None else lm.embed.weight)  # (V, D)
     return kept
