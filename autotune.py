@@ -78,10 +78,11 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def faster_dtype(model: nn.Module, loss, repeats: int = 2) -> Choice:
+def faster_dtype(model: nn.Module, loss, repeats: int = 2, say: bool = False) -> Choice:
     """"bfloat16" if a training step on CPU, loss() (a small batch's) and its backward, measures faster
     under bfloat16 autocast than in float32, else "float32"; under torch.distributed, rank 0's answer for
-    every process. The gradients are dropped and the RNG put back: the run goes on as if nothing was timed."""
+    every process; said in one line if `say`. The gradients are dropped and the RNG put back: the run
+    goes on as if nothing was timed."""
     def step(bf16: bool):
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             value = loss()  # ()
@@ -96,4 +97,7 @@ def faster_dtype(model: nn.Module, loss, repeats: int = 2) -> Choice:
         flag = torch.tensor([float(choice.name == "bfloat16")], device=next(model.parameters()).device)  # (1,)
         dist.broadcast(flag, src=0)
         choice.name = "bfloat16" if flag.item() else "float32"
+    if say:
+        print(f"--dtype auto: a training step took {choice.times['float32']:.3g} s in float32, "
+              f"{choice.times['bfloat16']:.3g} s in bfloat16: {choice.name}")
     return choice

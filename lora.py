@@ -190,23 +190,24 @@ def _hf_module_names(lm) -> dict[str, str]:
     return {name: weights.get(f"{name}.weight", f"{name}.weight").removesuffix(".weight") for name in _linears(lm)}
 
 
-def save_adapter(model, folder: str, base_model_name_or_path: str | None = None):
+def save_adapter(model, folder: str, base_model_name_or_path: str | None = None, state: dict | None = None):
     """Write the LM's adapters as PEFT's `save_pretrained` does: keys
     base_model.model.<transformers module>.lora_A.weight (r, in) and .lora_B.weight (out, r), and a
     LoraConfig listing the adapted modules by full name. Each file is written to a temporary name and
-    then renamed into place (checkpoints.write_adapter)."""
+    then renamed into place (checkpoints.write_adapter). state: the model's whole state dict, when its
+    own tensors are shards (FSDP: parallel.full_state)."""
     lm = _lm(model)
     layers = lora_layers(lm)
     if not layers:
         raise ValueError("the model has no LoRA layers to save (apply_lora first)")
     hf = _hf_module_names(lm)
-    state = {}
+    adapter, prefix = {}, "lm." if lm is not model else ""
     for name, layer in layers.items():
-        key = PEFT_PREFIX + hf[name]
-        state[f"{key}.lora_A.weight"] = layer.lora_A.weight  # (r, in)
-        state[f"{key}.lora_B.weight"] = layer.lora_B.weight  # (out, r)
+        for ab in ("lora_A", "lora_B"):  # weights (r, in), (out, r)
+            adapter[f"{PEFT_PREFIX}{hf[name]}.{ab}.weight"] = \
+                state[f"{prefix}{name}.{ab}.weight"] if state else getattr(layer, ab).weight
     first = next(iter(layers.values()))
-    write_adapter(folder, state, r=first.r, alpha=first.alpha, dropout=getattr(first.dropout, "p", 0.0),
+    write_adapter(folder, adapter, r=first.r, alpha=first.alpha, dropout=getattr(first.dropout, "p", 0.0),
                   targets=sorted(hf[name] for name in layers), base=base_model_name_or_path)
 
 

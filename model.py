@@ -13,10 +13,12 @@ are autotune.Linear: nn.Linear whose decoding product is picked by timing it on 
 import math
 import os
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from checkpoints import (WEIGHT_FILES, CheckpointError, checkpoint_folder, load_state, read_gguf, read_json,
                          read_safetensors, write_checkpoint)
@@ -287,6 +289,7 @@ class LanguageModel(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # (hd/2,)
+        self.checkpointing = False  # True: in training, blocks recompute their activations in the backward
         self.apply(self._init_weights)
 
     @staticmethod
@@ -348,8 +351,9 @@ class LanguageModel(nn.Module):
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
 
         aux = []
-        for block in self.layers:
-            x, layer_aux = block(x, cos, sin, masks, cache)  # (B, T, D)
+        for block in self.layers:  # checkpointing: keep only each block's input, run it again in the backward
+            run = partial(checkpoint, block, use_reentrant=False) if self.checkpointing and self.training else block
+            x, layer_aux = run(x, cos, sin, masks, cache)  # (B, T, D)
             if layer_aux is not None:
                 aux.append(layer_aux)
         if cache is not None:
@@ -412,12 +416,12 @@ class LanguageModel(nn.Module):
         PEFT adapters with them)."""
         return {ours: theirs for theirs, ours in lm_key_map(self.config).items()}
 
-    def save_pretrained(self, folder: str):
-        """Write config.json + model.safetensors. A config that Llama or Qwen2 can express is written
-        in their HF layout (configs.hf_lm_config; loads in `transformers.AutoModelForCausalLM`); MoE
-        or NoPE models are written with our own names and `model_type: glimpse_lm`."""
+    def save_pretrained(self, folder: str, state_dict: dict | None = None):
+        """Write config.json + model.safetensors (the model's weights, or `state_dict`). A config that Llama
+        or Qwen2 can express is written in their HF layout (configs.hf_lm_config; loads in
+        `transformers.AutoModelForCausalLM`); MoE or NoPE models with our own names, `model_type: glimpse_lm`."""
         hf = hf_lm_config(asdict(self.config))
-        state = self.state_dict()
+        state = self.state_dict() if state_dict is None else state_dict
         if hf["model_type"] != "glimpse_lm":
             names = self.hf_names()
             state = {names[k]: v for k, v in state.items()}

@@ -1,5 +1,5 @@
 """train.py's runs: the presets (whole recipes), settings (defaults < preset < preset phase < --config
-FILE.toml < flags, and what --resume keeps), DDP set-up and the checks before anything loads, the
+FILE.toml < flags, and what --resume keeps), the checks before anything loads, the
 training samples (every local image checked, hub streams cut to size), and the run folder: its lock,
 its log, checkpoints written whole or not at all, Ctrl-C (its loss plot is drawn by plots.py).
 """
@@ -19,12 +19,11 @@ import sys
 import tomllib
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError
 
 import data
 from checkpoints import CheckpointError, ImageError, read_json, write_json
-from cli import ArgumentParser, check_device, fail, latest_checkpoint
+from cli import ArgumentParser, fail, latest_checkpoint
 from lora import save_adapter
 from processing import CHAT_TEMPLATES, load_image
 from sources import DataError
@@ -151,35 +150,8 @@ def check_settings(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# train.py's processes and run: DDP, the checks before anything loads
+# train.py's run: the checks before anything loads (processes: parallel.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def setup_distributed(cfg):
-    """Under torchrun: one process per device, NCCL on GPUs and gloo on CPUs. Returns
-    (rank, world_size, device)."""
-    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
-    if "RANK" not in os.environ:
-        try:
-            device = torch.device("cuda" if cuda else "cpu") if cfg.device == "auto" else check_device(cfg.device)
-        except ValueError as e:
-            fail(e)
-        return 0, 1, device
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-def all_sum(x: float, world: int, device) -> float:
-    """x summed over the processes (x itself in one process)."""
-    if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)  # (1,)
-    dist.all_reduce(t)
-    return t.item()
 
 
 def check_run(cfg, spec: dict, world: int) -> str | None:
@@ -335,10 +307,10 @@ def fsync(path: str):
         os.close(fd)
 
 
-def base_state_dict(model) -> dict:
-    """The model's weights without the adapters, under the names it has without LoRA
+def base_state_dict(weights: dict) -> dict:
+    """A LoRA model's weights without the adapters, under the names it has without LoRA
     (…q_proj.base.weight -> …q_proj.weight): what save_pretrained writes beside the adapter files."""
-    return {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    return {k.replace(".base.", "."): v for k, v in weights.items() if ".lora_" not in k}
 
 
 def dpo_reference(cfg) -> str:
@@ -368,16 +340,17 @@ def weights_sha256(folder: str) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(run: str, step: int, model, tokenizer, processor, optimizer, cfg) -> str:
+def save_checkpoint(run: str, step: int, model, tokenizer, processor, optimizer, cfg, state=None) -> str:
     """ckpt-STEP/ (the model, with PEFT's adapter files under LoRA; tokenizer, image processor,
     train_config.json, trainer_state.pt: optimizer, step, RNG) written as ckpt-STEP.tmp/, fsynced and
     renamed, then `latest` pointed at it (also by rename): a run killed at any moment keeps its
-    previous checkpoint whole. Older checkpoints are removed."""
+    previous checkpoint whole. Older checkpoints are removed. state: (weights, optimizer state) whole,
+    when the model's own are shards (FSDP: parallel.full_state)."""
     final = os.path.join(run, f"ckpt-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_checkpoint_files(tmp, step, model, tokenizer, processor, optimizer, cfg)
+        write_checkpoint_files(tmp, step, model, tokenizer, processor, optimizer, cfg, state)
     except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, a quota, a folder gone
         shutil.rmtree(tmp, ignore_errors=True)
         print(file=sys.stderr)  # below the progress bar
@@ -398,19 +371,20 @@ def save_checkpoint(run: str, step: int, model, tokenizer, processor, optimizer,
     return final
 
 
-def write_checkpoint_files(tmp: str, step: int, model, tokenizer, processor, optimizer, cfg):
+def write_checkpoint_files(tmp: str, step: int, model, tokenizer, processor, optimizer, cfg, state=None):
     """Everything a checkpoint holds, written into the folder `tmp` and fsynced."""
     os.makedirs(tmp)
-    if any("lora_" in n for n, _ in model.named_parameters()):  # base weights + PEFT's adapter files
-        model.save_pretrained(tmp, state_dict=base_state_dict(model))
-        save_adapter(model, tmp)
+    weights, optimizer_state = state or (model.state_dict(), optimizer.state_dict())
+    if any(".lora_" in k for k in weights):  # base weights + PEFT's adapter files
+        model.save_pretrained(tmp, state_dict=base_state_dict(weights))
+        save_adapter(model, tmp, state=weights)
     else:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save(tmp)
     if processor is not None:
         processor.save(tmp)
     write_json(dataclasses.asdict(cfg), os.path.join(tmp, "train_config.json"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng_torch": torch.get_rng_state(),
+    torch.save({"step": step, "optimizer": optimizer_state, "rng_torch": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "rng_python": random.getstate()}, os.path.join(tmp, "trainer_state.pt"))
     for name in os.listdir(tmp):  # on disk before the rename: a power cut leaves no empty files behind `latest`
@@ -418,11 +392,12 @@ def write_checkpoint_files(tmp: str, step: int, model, tokenizer, processor, opt
     fsync(tmp)
 
 
-def load_trainer_state(ckpt: str, optimizer) -> int:
-    """The optimizer and RNG states of a checkpoint put back, as save_checkpoint left them; its step."""
+def load_trainer_state(ckpt: str, optimizer, load_optimizer=None) -> int:
+    """The optimizer and RNG states of a checkpoint put back, as save_checkpoint left them (the optimizer's
+    by `load_optimizer(state)` where it is whole and the model sharded: parallel.load_full_optimizer); its step."""
     try:  # weights_only: a damaged or hostile file is refused, never run (UnpicklingError)
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        (load_optimizer or optimizer.load_state_dict)(state["optimizer"])
         torch.set_rng_state(state["rng_torch"])
         if state.get("rng_cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -431,6 +406,17 @@ def load_trainer_state(ckpt: str, optimizer) -> int:
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
         fail(f"--resume: {ckpt}/trainer_state.pt is damaged ({type(e).__name__}: {e}); "
              "no whole checkpoint to continue from")
+
+
+def say_start(cfg, model, samples: int, skipped: int, world: int, device, kept: bool):
+    """The run's first line: what trains, on what data, in how many processes and how."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{cfg.phase} ({cfg.preset}): {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters, {samples:,} training samples, {world} process(es) on {device}"
+          + (" sharded (FSDP2)" if cfg.fsdp else "")
+          + ("; activations recomputed" if cfg.activation_checkpointing else "")
+          + (f"; {skipped} unreadable hub sample(s) skipped" if skipped else "")
+          + ("; a frozen tower: features kept per image" if kept else ""))
 
 
 def open_log(run: str, start: int):

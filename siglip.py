@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from checkpoints import WEIGHT_FILES, checkpoint_folder, load_state, read_json, read_safetensors
 from configs import ACTIVATIONS, build_config, check_memory, check_side, vision_settings
@@ -142,6 +143,7 @@ class VisionTower(nn.Module):
         self.pre_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.pre_norm else None
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.n_layers))
         self.post_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.checkpointing = False  # True: in training, blocks recompute their activations in the backward
 
     def positions(self, h: int, w: int):
         """Position embeddings for an h x w patch grid: the trained grid resized bicubically when
@@ -172,8 +174,9 @@ class VisionTower(nn.Module):
             raise ValueError(f"layer {layer}: this tower has {self.config.n_layers} layers (hidden states "
                              f"{-self.config.n_layers - 1} to {self.config.n_layers})")
         stop = layer % (self.config.n_layers + 1) if layer else self.config.n_layers
+        recompute = self.checkpointing and self.training  # keep each block's input only, run it again in the backward
         for block in self.layers[:stop]:
-            x = block(x)  # (B, P, D)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)  # (B, P, D)
         return self.post_norm(x) if layer == 0 and self.config.post_norm == "all" else x  # (B, P, D)
 
     def pool(self, hidden):  # (B, P, D) from forward() -> (B, D)

@@ -30,13 +30,15 @@ from dpo import dpo_step, logit_positions, reference_logprobs, token_logprobs
 from autotune import faster_dtype
 from lora import apply_lora, load_adapter
 from model import LanguageModel, LMConfig
+from parallel import (all_sum, full_state, held_mib, load_full_optimizer, recompute_activations, setup_distributed,
+                      shard, wrap)
 from plots import plot_losses
 from presets import PRESETS
 from processing import ImageProcessor, Special, Tokenizer
 from qformer import QFormerConfig, itc_loss, similarity
-from runs import (STOP_SIGNALS, all_sum, catch_stop_signals, check_run, dpo_reference, load_data, load_settings,
+from runs import (STOP_SIGNALS, catch_stop_signals, check_run, dpo_reference, load_data, load_settings,
                   load_trainer_state, lock_run, log_step, open_log, quiet_sigterm, release_stop_signals,
-                  save_checkpoint, setup_distributed)
+                  save_checkpoint, say_start)
 from siglip import VisionConfig, VisionTower
 from vlm import VLM, VLMConfig
 
@@ -48,8 +50,7 @@ class TrainConfig:
     out: str = ""  # the run folder; default runs/PRESET-PHASE
     init: str = ""  # checkpoint of the phase before (or any LM/VLM checkpoint)
     resume: bool = False
-    # The model, when not taken from --init: "tiny" builds the preset's from-scratch config,
-    # anything else is a hub id, a folder or (LM) a .gguf file.
+    # The model, unless --init: "tiny" (the preset's from-scratch config), a hub id, a folder or (LM) a .gguf file
     vision: str = "tiny"
     lm: str = "tiny"
     connector: str = "mlp"
@@ -91,6 +92,8 @@ class TrainConfig:
     train_connector: bool = True  # false: align's connector stays; with --lora-layers, backward stops below them
     dtype: str = "auto"  # auto: bf16 autocast on GPUs that support it; on CPU where a step measures faster
     compile: bool = False
+    fsdp: bool = False  # under torchrun: parameters, gradients and AdamW's state sharded (parallel.py)
+    activation_checkpointing: bool = False  # blocks recompute their activations in the backward: less memory
     device: str = "auto"
     seed: int = 0
     eval_every: int = 50
@@ -341,11 +344,15 @@ def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | No
     except (CheckpointError, OSError, ValueError) as e:
         fail(e)
     model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.95))
-    start = load_trainer_state(resume_from, optimizer) if resume_from else 0
+    recompute_activations(model, cfg.activation_checkpointing)
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if cfg.fsdp:
+        shard(model, device, bf16)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.95))
+    start = load_trainer_state(resume_from, optimizer, load_full_optimizer(model, optimizer) if cfg.fsdp else None) \
+        if resume_from else 0  # (a sharded optimizer takes the saved state whole)
     frozen = isinstance(model, VLM) and not any(p.requires_grad for p in model.vision.parameters())
-    keep = cfg.keep_features and frozen and cfg.phase in ("align", "instruct")  # the tower runs once per image
+    keep = cfg.keep_features and frozen and cfg.phase in ("align", "instruct") and not cfg.fsdp  # tower once an image
     features = data.KeptFeatures(model) if keep else None
     return Setup(cfg, model, tokenizer, processor, reference, device, bf16, features), optimizer, start
 
@@ -384,15 +391,12 @@ def validate(s: Setup, val_set: list) -> dict:
 
 
 def measured_dtype(s: Setup, train_set: list, is_main: bool) -> bool:
-    """--dtype auto on CPU: bfloat16 if a micro batch's step measures faster in it (autotune.faster_dtype)."""
+    """--dtype auto on CPU: bfloat16 if a micro batch's step measures faster in it (autotune.faster_dtype), in eval
+    mode (no BatchNorm statistics move) and with features, if kept, in a cache of the trial's own."""
     phase, trial = PHASES[s.cfg.phase], replace(s, features=data.KeptFeatures(s.model) if s.features else None)
-    batch = phase.batch(train_set[:s.cfg.micro_batch], trial)  # features in the trial's own cache
-    train_mode(s.model)
-    choice = faster_dtype(s.model, lambda: phase.objective(s.model, batch, s.cfg)[0])
-    if is_main:
-        print(f"--dtype auto: a step of {len(train_set[:s.cfg.micro_batch])} samples took {choice.times['float32']:.3g}"
-              f" s in float32, {choice.times['bfloat16']:.3g} s in bfloat16: {choice.name}")
-    return choice.name == "bfloat16"
+    batch = phase.batch(train_set[:s.cfg.micro_batch], trial)
+    s.model.eval()
+    return faster_dtype(s.model, lambda: phase.objective(s.model, batch, s.cfg)[0], say=is_main).name == "bfloat16"
 
 
 def train(cfg: TrainConfig, spec: dict):
@@ -415,11 +419,8 @@ def train(cfg: TrainConfig, spec: dict):
     phase, model = PHASES[cfg.phase], s.model
     trainable = [p for p in model.parameters() if p.requires_grad]
     if is_main:
-        print(f"{cfg.phase} ({cfg.preset}): {sum(p.numel() for p in trainable):,} trainable of "
-              f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(train_set):,} training samples, "
-              f"{world} process(es) on {device}" + (f"; {skipped} unreadable hub sample(s) skipped" if skipped else "")
-              + ("; a frozen tower: features kept per image" if s.features else ""))
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+        say_start(cfg, model, len(train_set), skipped, world, device, s.features is not None)
+    ddp = wrap(model, cfg, world)
     step_model = torch.compile(ddp) if cfg.compile else ddp
     log = open_log(cfg.out, start) if is_main else None
     stopped = catch_stop_signals()
@@ -461,8 +462,10 @@ def train(cfg: TrainConfig, spec: dict):
         last = step + 1 == cfg.steps or step + 1 == start + cfg.stop_after or bool(stopped())
         if is_main:
             log_step(bar, log, row)
-            if (step + 1) % cfg.save_every == 0 or last:
-                save_checkpoint(cfg.out, step + 1, model, s.tokenizer, s.processor, optimizer, cfg)
+        if (step + 1) % cfg.save_every == 0 or last:
+            state = full_state(model, optimizer) if cfg.fsdp else None  # gathered by every process
+            if is_main:
+                save_checkpoint(cfg.out, step + 1, model, s.tokenizer, s.processor, optimizer, cfg, state)
                 plot_losses(cfg.out)
         if stopped():
             print(f"\n{STOP_SIGNALS[stopped()]} at step {step + 1}; --resume continues", file=sys.stderr)
@@ -470,7 +473,8 @@ def train(cfg: TrainConfig, spec: dict):
     release_stop_signals()
     if is_main:
         log.close()
-        print(f"done: {cfg.out}/{os.path.basename(latest_checkpoint(cfg.out))} (loss curve: {cfg.out}/loss.png)")
+        print(f"done: {cfg.out}/{os.path.basename(latest_checkpoint(cfg.out))} (loss curve: {cfg.out}/loss.png); "
+              f"parameters and AdamW state in this process: {held_mib(model, optimizer):,.1f} MiB")
         if cfg.phase == "qformer":  # the retrieval table and the similarity grid, on held-out images
             held_out = data.load_source(cfg.val_data or cfg.data, "test", limit=500)
             print_table(retrieval_report(model, s.tokenizer, s.processor, held_out, cfg.out))

@@ -54,7 +54,7 @@ def test_every_linked_doc_and_picture_exists(link):
 SUPPORT = ["autotune", "presets", "checkpoints", "configs", "sources", "questions", "easyvqa"]
 READING = ["processing", "siglip", "qformer", "lora", "model", "layouts", "vlm", "data", "dpo"]  # layouts: a support
 # file that reads the towers' and the LM's key maps, for vlm.py
-SCRIPT_SUPPORT = ["quantize", "plots", "cli", "runs"]
+SCRIPT_SUPPORT = ["quantize", "plots", "cli", "parallel", "runs"]
 SCRIPTS = ["generate", "train", "evaluate", "bench", "export"]
 GENERATE_DECODING = {"generate", "beam_search", "banned_ids", "stop_ids", "attention_maps", "image_attention",
                      "check_options", "next_token"}

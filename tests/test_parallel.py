@@ -1,0 +1,114 @@
+"""parallel.py: FSDP2 on 2 CPU processes (gloo) gives one process's losses and weights, with half the
+parameter and AdamW bytes per process; its checkpoints resume exactly and load in one process;
+activation checkpointing recomputes the blocks and leaves the losses as they were."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("easy_vqa")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tiny preset's tower is frozen here: its ConvStem's BatchNorm would normalize over each process's own
+# share of the batch (SyncBatchNorm needs a GPU), and no data-parallel run can then match one process.
+COMMON = ["--phase", "instruct", "--preset", "tiny", "--limit", "64", "--batch-size", "8", "--micro-batch", "4",
+          "--eval-every", "5", "--eval-batches", "1", "--warmup", "2", "--dtype", "float32", "--steps", "5",
+          "--save-every", "100", "--train-vision", "false"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def one_process(*args):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                       cwd=ROOT, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def two_processes(*args, port=29561):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                       env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in open(os.path.join(run, "log.jsonl"))]
+
+
+def weights(run, name="model.safetensors"):
+    return load_file(os.path.join(run, open(os.path.join(run, "latest")).read().strip(), name))
+
+
+def held_mib(said):
+    return float(re.search(r"parameters and AdamW state in this process: ([\d.,]+) MiB", said)[1].replace(",", ""))
+
+
+def assert_same_run(a, b, name="model.safetensors", tol=1e-5):
+    assert max(abs(x - y) for x, y in zip(losses(a), losses(b))) <= tol and len(losses(a)) == len(losses(b)) == 5
+    wa, wb = weights(a, name), weights(b, name)
+    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) <= tol
+
+
+@pytest.mark.parametrize("extra, file", [([], "model.safetensors"),
+                                         (["--lora-r", "8", "--lora-dropout", "0"], "adapter_model.safetensors")])
+def test_fsdp_on_two_processes_gives_one_processs_losses_weights_and_half_the_bytes(tmp_path, extra, file):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    alone = one_process(*COMMON, *extra, "--out", one)
+    sharded = two_processes(*COMMON, *extra, "--fsdp", "--out", two)
+    assert "sharded (FSDP2)" in sharded
+    assert_same_run(one, two, file)
+    assert 0.4 <= held_mib(sharded) / held_mib(alone) <= 0.6  # measured: 22.0 / 44.0 MiB, LoRA 9.2 / 18.3
+
+
+def test_fsdp_resume_equals_the_uninterrupted_run_and_the_checkpoint_generates_in_one_process(tmp_path):
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    two_processes(*COMMON, "--fsdp", "--out", whole)
+    two_processes(*COMMON, "--fsdp", "--out", parts, "--stop-after", "3")
+    two_processes(*COMMON, "--fsdp", "--out", parts, "--resume")
+    assert_same_run(whole, parts, tol=0.0)
+    from easy_vqa import get_test_image_paths
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", whole, "--image",
+                        get_test_image_paths()[0], "--prompt", "What shape is it?", "--max-new-tokens", "4"],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr  # (5 steps: its answer may be empty)
+
+
+def test_fsdp_in_one_process_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *COMMON, "--fsdp", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "error: --fsdp shards the model over processes: run it under torchrun with --nproc_per_node 2 or more "
+        "(one process trains without it)"]
+
+
+def test_activation_checkpointing_recomputes_the_blocks_and_keeps_the_losses(tmp_path):
+    plain, recomputed = str(tmp_path / "plain"), str(tmp_path / "recomputed")
+    common = [*COMMON[:-2], "--train-vision", "true", "--steps", "3"]  # the tower's blocks recompute too
+    one_process(*common, "--out", plain)
+    said = one_process(*common, "--activation-checkpointing", "--out", recomputed)
+    assert "activations recomputed" in said
+    assert losses(plain) == losses(recomputed) and len(losses(plain)) == 3
+
+    from model import LanguageModel, LMConfig
+    from parallel import recompute_activations
+    torch.manual_seed(0)
+    lm = LanguageModel(LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48))
+    calls, mlp = [], lm.layers[0].mlp.forward
+    lm.layers[0].mlp.forward = lambda x: (calls.append(1), mlp(x))[1]  # (module hooks stay quiet in a recompute)
+    ids = torch.randint(0, 64, (2, 8))
+    for on, runs in ((False, 1), (True, 2)):  # checkpointed: the block runs again in the backward
+        recompute_activations(lm, on)
+        calls.clear()
+        lm(ids).sum().backward()
+        assert len(calls) == runs
+    lm.eval()
+    calls.clear()
+    with torch.no_grad():
+        lm(ids)  # no training, no recomputation
+    assert len(calls) == 1
