@@ -195,7 +195,7 @@ def save_adapter(model, folder: str, base_model_name_or_path: str | None = None,
     base_model.model.<transformers module>.lora_A.weight (r, in) and .lora_B.weight (out, r), and a
     LoraConfig listing the adapted modules by full name. Each file is written to a temporary name and
     then renamed into place (checkpoints.write_adapter). state: the model's whole state dict, when its
-    own tensors are shards (FSDP: parallel.full_state)."""
+    own tensors are shards (FSDP: parallel.sharded_state)."""
     lm = _lm(model)
     layers = lora_layers(lm)
     if not layers:

@@ -1,6 +1,6 @@
 """Training beyond one device's memory: train.py's processes, one or many under torchrun, each holding the
 whole model (DDP) or a shard of it (FSDP2: torch.distributed.fsdp.fully_shard); the whole weights and
-optimizer state a sharded run saves; activation checkpointing.
+optimizer shards a sharded run saves; activation checkpointing.
 
     torchrun --nproc_per_node 2 train.py ...           # DDP: a copy of the model per process
     torchrun --nproc_per_node 2 train.py ... --fsdp    # FSDP2: parameters, gradients, AdamW's state sharded
@@ -15,6 +15,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -97,14 +98,20 @@ def held_mib(model, optimizer) -> float:
     return sum(t.numel() * t.element_size() for t in local) / 2 ** 20
 
 
-def full_state(model, optimizer) -> tuple[dict, dict]:
-    """A sharded model's whole weights and AdamW state, gathered on rank 0's CPU (every process must
-    call it; the others get empty dicts): what an ordinary single-file checkpoint holds."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+def sharded_state(model, optimizer, folder: str) -> tuple[dict, str]:
+    """What a sharded run's checkpoint holds, written by every process (each call is collective): the
+    whole weights, gathered on rank 0's CPU for its single-file model.safetensors (the others get {}),
+    and AdamW's state, each process writing its own shard into `folder` (torch.distributed.checkpoint)."""
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+    return weights, folder
 
 
-def load_full_optimizer(model, optimizer):
-    """A function putting a whole optimizer state (a checkpoint's) into a sharded model's optimizer."""
-    options = StateDictOptions(full_state_dict=True)
-    return lambda state: set_optimizer_state_dict(model, optimizer, state, options=options)
+def sharded_optimizer_loader(model, optimizer):
+    """A function reading AdamW's shards back from a checkpoint's optimizer/ folder, each process its own
+    (on as many processes as wrote them): load_trainer_state's `load_optimizer`."""
+    def load(folder: str):
+        state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the shards' shapes, to fill
+        dcp.load(state, checkpoint_id=folder)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    return load

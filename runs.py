@@ -344,8 +344,8 @@ def save_checkpoint(run: str, step: int, model, tokenizer, processor, optimizer,
     """ckpt-STEP/ (the model, with PEFT's adapter files under LoRA; tokenizer, image processor,
     train_config.json, trainer_state.pt: optimizer, step, RNG) written as ckpt-STEP.tmp/, fsynced and
     renamed, then `latest` pointed at it (also by rename): a run killed at any moment keeps its
-    previous checkpoint whole. Older checkpoints are removed. state: (weights, optimizer state) whole,
-    when the model's own are shards (FSDP: parallel.full_state)."""
+    previous checkpoint whole. Older checkpoints are removed. state: (whole weights, the folder of the
+    optimizer's shards) when the model's own are shards (FSDP: parallel.sharded_state)."""
     final = os.path.join(run, f"ckpt-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -375,6 +375,9 @@ def write_checkpoint_files(tmp: str, step: int, model, tokenizer, processor, opt
     """Everything a checkpoint holds, written into the folder `tmp` and fsynced."""
     os.makedirs(tmp)
     weights, optimizer_state = state or (model.state_dict(), optimizer.state_dict())
+    if isinstance(optimizer_state, str):  # FSDP: each process wrote its shard there (torch.distributed.checkpoint)
+        os.replace(optimizer_state, os.path.join(tmp, "optimizer"))
+        optimizer_state = None
     if any(".lora_" in k for k in weights):  # base weights + PEFT's adapter files
         model.save_pretrained(tmp, state_dict=base_state_dict(weights))
         save_adapter(model, tmp, state=weights)
@@ -393,11 +396,14 @@ def write_checkpoint_files(tmp: str, step: int, model, tokenizer, processor, opt
 
 
 def load_trainer_state(ckpt: str, optimizer, load_optimizer=None) -> int:
-    """The optimizer and RNG states of a checkpoint put back, as save_checkpoint left them (the optimizer's
-    by `load_optimizer(state)` where it is whole and the model sharded: parallel.load_full_optimizer); its step."""
+    """The optimizer and RNG states of a checkpoint put back, as save_checkpoint left them (a sharded one's
+    optimizer from its shards, by `load_optimizer(folder)`: parallel.sharded_optimizer_loader); its step."""
     try:  # weights_only: a damaged or hostile file is refused, never run (UnpicklingError)
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
-        (load_optimizer or optimizer.load_state_dict)(state["optimizer"])
+        if state["optimizer"] is None and load_optimizer is not None:
+            load_optimizer(os.path.join(ckpt, "optimizer"))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_torch"])
         if state.get("rng_cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])

@@ -30,8 +30,8 @@ from dpo import dpo_step, logit_positions, reference_logprobs, token_logprobs
 from autotune import faster_dtype
 from lora import apply_lora, load_adapter
 from model import LanguageModel, LMConfig
-from parallel import (all_sum, full_state, held_mib, load_full_optimizer, recompute_activations, setup_distributed,
-                      shard, wrap)
+from parallel import (all_sum, held_mib, recompute_activations, setup_distributed, shard, sharded_optimizer_loader,
+                      sharded_state, wrap)
 from plots import plot_losses
 from presets import PRESETS
 from processing import ImageProcessor, Special, Tokenizer
@@ -349,8 +349,8 @@ def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | No
     if cfg.fsdp:
         shard(model, device, bf16)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.95))
-    start = load_trainer_state(resume_from, optimizer, load_full_optimizer(model, optimizer) if cfg.fsdp else None) \
-        if resume_from else 0  # (a sharded optimizer takes the saved state whole)
+    loader = sharded_optimizer_loader(model, optimizer) if cfg.fsdp else None  # each process reads its own shard
+    start = load_trainer_state(resume_from, optimizer, loader) if resume_from else 0
     frozen = isinstance(model, VLM) and not any(p.requires_grad for p in model.vision.parameters())
     keep = cfg.keep_features and frozen and cfg.phase in ("align", "instruct") and not cfg.fsdp  # tower once an image
     features = data.KeptFeatures(model) if keep else None
@@ -463,7 +463,7 @@ def train(cfg: TrainConfig, spec: dict):
         if is_main:
             log_step(bar, log, row)
         if (step + 1) % cfg.save_every == 0 or last:
-            state = full_state(model, optimizer) if cfg.fsdp else None  # gathered by every process
+            state = sharded_state(model, optimizer, f"{cfg.out}/ckpt-{step + 1}.shards") if cfg.fsdp else None
             if is_main:
                 save_checkpoint(cfg.out, step + 1, model, s.tokenizer, s.processor, optimizer, cfg, state)
                 plot_losses(cfg.out)

@@ -57,23 +57,24 @@ def assert_same_run(a, b, name="model.safetensors", tol=1e-5):
 
 @pytest.mark.parametrize("extra, file", [([], "model.safetensors"),
                                          (["--lora-r", "8", "--lora-dropout", "0"], "adapter_model.safetensors")])
-def test_fsdp_on_two_processes_gives_one_processs_losses_weights_and_half_the_bytes(tmp_path, extra, file):
+def test_fsdp_on_two_processes_gives_one_processs_run_with_half_the_bytes_and_resumes_exactly(tmp_path, extra, file):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     alone = one_process(*COMMON, *extra, "--out", one)
-    sharded = two_processes(*COMMON, *extra, "--fsdp", "--out", two)
-    assert "sharded (FSDP2)" in sharded
-    assert_same_run(one, two, file)
+    recompute = ["--activation-checkpointing"] if extra else []  # with LoRA: the blocks recompute too
+    two_processes(*COMMON, *extra, *recompute, "--fsdp", "--out", two, "--stop-after", "3")  # stopped, as if killed
+    sharded = two_processes(*COMMON, *extra, *recompute, "--fsdp", "--out", two, "--resume")
+    assert "sharded (FSDP2)" in sharded and ("activations recomputed" in sharded) == bool(extra)
+    assert_same_run(one, two, file)  # the resumed run is the uninterrupted one (tested exactly below)
+    shards = os.path.join(two, open(os.path.join(two, "latest")).read().strip(), "optimizer")
+    assert os.path.isfile(os.path.join(shards, ".metadata")) and len(os.listdir(shards)) == 3  # one file a process
     assert 0.4 <= held_mib(sharded) / held_mib(alone) <= 0.6  # measured: 22.0 / 44.0 MiB, LoRA 9.2 / 18.3
-
-
-def test_fsdp_resume_equals_the_uninterrupted_run_and_the_checkpoint_generates_in_one_process(tmp_path):
-    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    if extra:
+        return
+    whole = str(tmp_path / "whole")
     two_processes(*COMMON, "--fsdp", "--out", whole)
-    two_processes(*COMMON, "--fsdp", "--out", parts, "--stop-after", "3")
-    two_processes(*COMMON, "--fsdp", "--out", parts, "--resume")
-    assert_same_run(whole, parts, tol=0.0)
+    assert_same_run(whole, two, tol=0.0)
     from easy_vqa import get_test_image_paths
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", whole, "--image",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", two, "--image",
                         get_test_image_paths()[0], "--prompt", "What shape is it?", "--max-new-tokens", "4"],
                        capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr  # (5 steps: its answer may be empty)
@@ -87,28 +88,31 @@ def test_fsdp_in_one_process_is_one_line(tmp_path):
         "(one process trains without it)"]
 
 
-def test_activation_checkpointing_recomputes_the_blocks_and_keeps_the_losses(tmp_path):
-    plain, recomputed = str(tmp_path / "plain"), str(tmp_path / "recomputed")
-    common = [*COMMON[:-2], "--train-vision", "true", "--steps", "3"]  # the tower's blocks recompute too
-    one_process(*common, "--out", plain)
-    said = one_process(*common, "--activation-checkpointing", "--out", recomputed)
-    assert "activations recomputed" in said
-    assert losses(plain) == losses(recomputed) and len(losses(plain)) == 3
-
-    from model import LanguageModel, LMConfig
+def test_activation_checkpointing_recomputes_the_blocks_and_keeps_loss_and_gradients():
+    from model import LMConfig
     from parallel import recompute_activations
+    from siglip import VisionConfig
+    from vlm import VLM, VLMConfig
     torch.manual_seed(0)
-    lm = LanguageModel(LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48))
-    calls, mlp = [], lm.layers[0].mlp.forward
-    lm.layers[0].mlp.forward = lambda x: (calls.append(1), mlp(x))[1]  # (module hooks stay quiet in a recompute)
-    ids = torch.randint(0, 64, (2, 8))
+    vlm = VLM(VLMConfig(vision=VisionConfig(image_size=16, patch_size=8, dim=16, n_layers=2, n_heads=2, hidden_dim=32),
+                        lm=LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48),
+                        connector="mlp", image_token_id=63))
+    ids, pixels = torch.tensor([[1, 2] + [63] * 4 + [3, 4, 5]]), torch.randn(1, 3, 16, 16)
+    calls, mlp = [], vlm.lm.layers[0].mlp.forward
+    vlm.lm.layers[0].mlp.forward = lambda x: (calls.append(1), mlp(x))[1]  # (module hooks stay quiet in a recompute)
+    results = {}
     for on, runs in ((False, 1), (True, 2)):  # checkpointed: the block runs again in the backward
-        recompute_activations(lm, on)
+        recompute_activations(vlm, on)
+        vlm.zero_grad()
         calls.clear()
-        lm(ids).sum().backward()
-        assert len(calls) == runs
-    lm.eval()
+        loss = vlm(ids, pixel_values=pixels).logsumexp(-1).mean()
+        loss.backward()
+        assert len(calls) == runs and vlm.vision.checkpointing == on
+        results[on] = loss.item(), {n: p.grad.clone() for n, p in vlm.named_parameters()}
+    assert results[False][0] == results[True][0]
+    assert all(torch.equal(results[False][1][n], results[True][1][n]) for n in results[False][1])
+    vlm.eval()
     calls.clear()
     with torch.no_grad():
-        lm(ids)  # no training, no recomputation
+        vlm(ids, pixel_values=pixels)  # no training, no recomputation
     assert len(calls) == 1
