@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -46,19 +47,18 @@ def gguf_tensors(lm: LanguageModel) -> dict[str, torch.Tensor]:
     """The LM's weights under llama.cpp's names (token_embd, blk.N.attn_q, ...), q and k rows permuted
     as `convert_hf_to_gguf.py: LlamaModel.permute` does (checkpoints.read_gguf undoes it)."""
     cfg = lm.config
-    if cfg.n_experts or cfg.nope_every or cfg.qkv_bias or cfg.o_bias or cfg.rope_scaling:
-        raise ValueError("GGUF export writes plain Llama LMs; this one has "
-                         + ", ".join(name for name, on in (("experts", cfg.n_experts), ("NoPE layers", cfg.nope_every),
-                                                            ("q/k/v or o biases", cfg.qkv_bias or cfg.o_bias),
-                                                            ("rope_scaling", cfg.rope_scaling)) if on))
-    names = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    parts = [name for name, on in (("experts", cfg.n_experts), ("NoPE layers", cfg.nope_every),
+                                   ("chunked attention", cfg.attention_chunk), ("q/k/v or o biases", cfg.qkv_bias or
+                                   cfg.o_bias), ("rope_scaling", cfg.rope_scaling)) if on]
+    if parts:
+        raise ValueError(f"GGUF export writes plain Llama LMs; this one has {', '.join(parts)}")
+    names = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
     layer_names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k",
                    "attn.v_proj": "attn_v", "attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
                    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     out = {}
-    for name, w in lm.state_dict().items():
-        if name == "inv_freq" or name.endswith(".inv_freq"):
-            continue
+    for name, w in lm.state_dict().items():  # (RoPE's inv_freq is not in it: computed from the config)
         if name.startswith("layers."):
             _, i, rest = name.split(".", 2)
             part, kind = rest.rsplit(".", 1)
@@ -76,10 +76,11 @@ def tokenizer_metadata(tokenizer) -> dict:
     """Byte-level BPE as GGUF's `tokenizer.ggml.*` says it: tokens by id, their types, merges, the
     pre-tokenizer's name and the special token ids (checkpoints.read_gguf_tokenizer reads them back)."""
     spec = json.loads(tokenizer.backend.to_str())
-    model, pre = spec["model"], json.dumps(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or "ByteLevel" not in pre:
-        raise ValueError("GGUF export writes byte-level BPE tokenizers (GPT-2's, SmolLM's, glimpse's own); "
-                         f"this one is {model.get('type')} with pre-tokenizer {pre[:60]}")
+    model, pre = spec["model"], gguf_pre_tokenizer(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or pre is None:
+        raise ValueError("GGUF export writes byte-level BPE tokenizers split as GPT-2's or SmolLM's (glimpse's own "
+                         f"too); this one is {model.get('type')} with pre-tokenizer "
+                         f"{json.dumps(spec.get('pre_tokenizer'))[:80]}")
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     vocab = {**model["vocab"], **{t["content"]: i for i, t in added.items()}}
     tokens = [None] * (max(vocab.values()) + 1)
@@ -89,16 +90,31 @@ def tokenizer_metadata(tokenizer) -> dict:
         raise ValueError(f"the tokenizer has no token for id {tokens.index(None)}: GGUF needs every id")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     types = [3 if i in added and added[i].get("special") else 4 if i in added else 1 for i in range(len(tokens))]
-    return {"tokens": tokens, "types": types, "merges": merges,
-            "pre": "smollm" if '"Digits"' in pre else "gpt-2", "lowercase": "Lowercase" in json.dumps(spec.get("normalizer"))}
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre,
+            "lowercase": "Lowercase" in json.dumps(spec.get("normalizer"))}
 
 
-def write_gguf(lm: LanguageModel, tokenizer, path: str, kind: str = "f32"):
+def gguf_pre_tokenizer(pre: dict | None) -> str | None:
+    """llama.cpp's name for how a tokenizer.json splits text before BPE: "gpt-2" (GPT-2's regex and byte
+    mapping), "smollm" (every digit apart first); None for any other split, which llama.cpp would not repeat."""
+    def gpt2(p):
+        return p.get("type") == "ByteLevel" and p.get("use_regex", True) and not p.get("add_prefix_space", False)
+    if pre and gpt2(pre):
+        return "gpt-2"
+    steps = (pre or {}).get("pretokenizers", []) if (pre or {}).get("type") == "Sequence" else []
+    if len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True} and gpt2(steps[1]):
+        return "smollm"
+    return None
+
+
+def write_gguf(lm: LanguageModel, tokenizer, path: str, kind: str = "f32", template: str | None = None):
     """The LM and its tokenizer as one llama.cpp GGUF file: weights as `kind` (f32, f16 or q8_0; norms
-    stay f32, as llama.cpp's converter keeps them), written to PATH.tmp and renamed."""
+    stay f32, as llama.cpp's converter keeps them), the chat template it was trained with (a glimpse
+    template as Jinja, else the tokenizer's own), written to PATH.tmp and renamed."""
     import gguf
 
     cfg, tensors, tok = lm.config, gguf_tensors(lm), tokenizer_metadata(tokenizer)
+    chat_template = JINJA_TEMPLATES.get(template, tokenizer.chat_template)
     if len(tok["tokens"]) > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {len(tok['tokens'])} tokens, the LM's embedding {cfg.vocab_size} rows")
     tok["tokens"] += [f"[PAD{i}]" for i in range(len(tok["tokens"]), cfg.vocab_size)]  # rows no token uses
@@ -130,8 +146,9 @@ def write_gguf(lm: LanguageModel, tokenizer, path: str, kind: str = "f32"):
     for role, token_id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id)):
         if token_id is not None:
             getattr(writer, f"add_{role}_token_id")(token_id)
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+    writer.add_add_bos_token(False)  # glimpse's prompts begin with the template's own tokens
+    if chat_template:
+        writer.add_chat_template(chat_template)
     quant = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
     for name, w in tqdm(tensors.items(), desc="gguf", unit="tensor"):
@@ -143,11 +160,15 @@ def write_gguf(lm: LanguageModel, tokenizer, path: str, kind: str = "f32"):
             writer.add_tensor(name, data.astype(np.float16))
         else:
             writer.add_tensor(name, gguf.quants.quantize(data, quant), raw_dtype=quant)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, path)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     if tok["lowercase"]:
         print("note: this tokenizer lower-cases text before splitting it, which GGUF cannot say: "
               "llama.cpp gives the same tokens for lower-case text", file=sys.stderr)
@@ -178,7 +199,8 @@ def idefics3_image_processor(processor) -> dict:
     one S x S image, resized once, no tiles (the export of a pixel_shuffle VLM trained that way)."""
     side = processor.size["height"]
     if processor.do_center_crop or processor.size.get("width") != side:
-        raise ValueError(f"Idefics3 export needs square images without a crop; this image processor gives {processor.size}")
+        raise ValueError(f"Idefics3 export needs square images without a crop; this image processor gives "
+                         f"{processor.size}")
     return {"image_processor_type": "Idefics3ImageProcessor", "do_convert_rgb": True, "do_resize": False,
             "size": {"longest_edge": side}, "max_image_size": {"longest_edge": side}, "do_image_splitting": False,
             "resample": int(processor.resample), "do_rescale": processor.do_rescale,
@@ -188,8 +210,9 @@ def idefics3_image_processor(processor) -> dict:
 
 # glimpse's chat templates in Jinja, for tokenizer_config.json: transformers' apply_chat_template then gives
 # the ids build_prompt gives (tests/test_export.py); an image part is one <image>, which the processor expands.
-CONTENT = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-           "{% if part['type'] == 'image' %}{{ '<image>' }}{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}")
+CONTENT = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+           "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>' }}"
+           "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}")
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}" + CONTENT +
           "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 JINJA_TEMPLATES = {"chatml-plain": CHATML, "chatml": "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
@@ -204,18 +227,34 @@ def write_transformers(model, tokenizer, processor, folder: str, template: str |
     if template in JINJA_TEMPLATES:
         tokenizer = copy.copy(tokenizer)
         tokenizer.chat_template = JINJA_TEMPLATES[template]
-    if isinstance(model, LanguageModel):
-        if hf_lm_config(vars(model.config))["model_type"] == "glimpse_lm":
-            raise ValueError("this LM (experts, NoPE or chunked layers) has no transformers Llama/Qwen2 layout")
-        model.save_pretrained(tmp)
-    else:
-        hf, state = hf_vlm_state(model)
-        write_checkpoint(tmp, hf, state)
-        processor.save(tmp)
-        if hf["model_type"] == "idefics3":  # one square tile, as the model was trained: no splitting
-            write_json(idefics3_image_processor(processor), os.path.join(tmp, "preprocessor_config.json"))
-    tokenizer.save(tmp)
-    os.replace(tmp, folder)
+    if isinstance(model, LanguageModel) and hf_lm_config(vars(model.config))["model_type"] == "glimpse_lm":
+        raise ValueError("this LM (experts, NoPE or chunked layers) has no transformers Llama/Qwen2 layout")
+    hf, state = (None, None) if isinstance(model, LanguageModel) else hf_vlm_state(model)  # refused before writing
+    image_config = idefics3_image_processor(processor) if hf and hf["model_type"] == "idefics3" else None
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if hf is None:
+            model.save_pretrained(tmp)
+        else:
+            write_checkpoint(tmp, hf, state)
+            processor.save(tmp)
+            write_json(hf_processor_config(model.config, hf), os.path.join(tmp, "processor_config.json"))
+        if image_config:  # one square tile, as the model was trained: no splitting
+            write_json(image_config, os.path.join(tmp, "preprocessor_config.json"))
+        tokenizer.save(tmp)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hf_processor_config(cfg, hf: dict) -> dict:
+    """processor_config.json: how transformers' processor expands an image into <image> tokens, as many as
+    the model takes (LLaVA: patches, less the class token; Idefics3: image_seq_len per tile)."""
+    if hf["model_type"] == "idefics3":
+        return {"processor_class": "Idefics3Processor", "image_seq_len": cfg.tokens_per_image()}
+    return {"processor_class": "LlavaProcessor", "patch_size": cfg.vision.patch_size, "image_token": "<image>",
+            "vision_feature_select_strategy": hf["vision_feature_select_strategy"],
+            "num_additional_image_tokens": int(cfg.vision.cls_token)}
 
 
 def main(argv=None):
@@ -235,7 +274,8 @@ def main(argv=None):
     try:
         model, tokenizer, processor, template = load(resolve(args.checkpoint), torch.float32, torch.device("cpu"))
         if args.to == "gguf":
-            write_gguf(model if isinstance(model, LanguageModel) else model.lm, tokenizer, args.out, args.type)
+            lm = model if isinstance(model, LanguageModel) else model.lm
+            write_gguf(lm, tokenizer, args.out, args.type, template)
         else:
             write_transformers(model, tokenizer, processor, args.out, template)
     except (CheckpointError, OSError, ValueError) as e:

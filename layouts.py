@@ -48,10 +48,20 @@ def smolvlm_image_tokens(rows: int, cols: int, image_seq_len: int) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
+# transformers' LlamaConfig defaults: save_pretrained leaves out what equals them (llava-1.5's text_config
+# holds four fields), and LlavaConfig's default tower (CLIP ViT-L/14 at 336 px) when it has no vision_config
+LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6}
+LLAVA_TOWER = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "patch_size": 14,
+               "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16}
+
+
 def text_settings(hf: dict) -> LMConfig:
     """A VLM config.json's text_config as our LMConfig (a Llama unless it says otherwise)."""
     text = dict(hf.get("text_config") or {})
     text.setdefault("model_type", "llama")
+    if text["model_type"] == "llama":
+        text = {**LLAMA_DEFAULTS, **text}
     text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
     return lm_config_from_hf(text)[0]
 
@@ -67,11 +77,12 @@ def hf_vlm_settings(hf: dict) -> tuple[dict, callable]:
                     image_token_id=hf.get("image_token_id", 49190),  # SmolVLM's <image>, if the file omits it
                     scale_factor=hf.get("scale_factor", 2)), smolvlm_key_map
     if kind == "llava":  # a CLIP or SigLIP, LLaVA-1.5's two-layer projector, a Llama
-        vision_hf = dict(hf.get("vision_config") or {"model_type": "clip_vision_model"})
+        vision_hf = dict(hf.get("vision_config") or LLAVA_TOWER)
         vision_hf["model_type"] = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}.get(
             vision_hf.get("model_type"), vision_hf.get("model_type"))
         vision = build_config(VisionConfig, vision_settings(vision_hf))
         layer, strategy = hf.get("vision_feature_layer", -2), "default" if vision.cls_token else "full"
+        layer = -(vision.n_layers + 1) if layer == 0 else layer  # transformers' 0: the embeddings; ours: the last
         for what, wanted, value in [  # "default" drops the first token: a CLIP's class token, as we do
                 ("vision_feature_select_strategy", strategy, hf.get("vision_feature_select_strategy", "default")),
                 ("projector_hidden_act", "gelu", hf.get("projector_hidden_act", "gelu")),
@@ -154,6 +165,11 @@ def hf_vlm_layout(cfg) -> tuple[dict, dict[str, str]]:
     if v.conv_stem:
         raise ValueError("the tower's ConvStem (a from-scratch tower's early convolutions) has no transformers "
                          "counterpart")
+    standard = {"siglip": (False, False, True, "all"), "clip": (True, True, False, "cls")}.get(v.family)
+    if standard and ((v.cls_token, v.pre_norm, v.patch_bias, v.post_norm) != standard or v.layer_scale):
+        raise ValueError(f"this {v.family} tower's flags (cls_token {v.cls_token}, pre_norm {v.pre_norm}, patch_bias "
+                         f"{v.patch_bias}, post_norm {v.post_norm!r}, layer_scale {v.layer_scale}) are not "
+                         f"transformers' {v.family} vision model")
     if v.family == "dinov2" or cfg.connector not in ("pixel_shuffle", "mlp"):
         part = f"a {v.family} tower with the {cfg.connector!r} connector"
         raise ValueError(f"{part} has no transformers VLM class (Idefics3: SigLIP + pixel_shuffle; LLaVA: CLIP or "
@@ -164,7 +180,8 @@ def hf_vlm_layout(cfg) -> tuple[dict, dict[str, str]]:
     if cfg.connector == "pixel_shuffle":
         if v.family != "siglip" or cfg.vision_layer != 0 or v.cls_token or cfg.image_size not in (0, v.image_size):
             raise ValueError("Idefics3 reads a SigLIP's normed last layer at its own image size: this pixel_shuffle "
-                             f"VLM has a {v.family} tower, vision_layer {cfg.vision_layer}, images of {cfg.image_size} px")
+                             f"VLM has a {v.family} tower, vision_layer {cfg.vision_layer}, images of "
+                             f"{cfg.image_size} px")
         hf = {"architectures": ["Idefics3ForConditionalGeneration"], "model_type": "idefics3",
               "vision_config": hf_vision_config(v, "idefics3_vision"), "text_config": text,
               "scale_factor": cfg.scale_factor, "image_token_id": cfg.image_token_id,
@@ -173,7 +190,8 @@ def hf_vlm_layout(cfg) -> tuple[dict, dict[str, str]]:
     else:
         if cfg.vision_layer == 0 and v.post_norm != "cls" or cfg.image_size not in (0, v.image_size):
             raise ValueError("LLaVA reads a layer's hidden states before any final norm, at the tower's own image "
-                             f"size: this VLM reads the normed last layer (vision_layer 0) or {cfg.image_size} px images")
+                             f"size: this VLM reads the normed last layer (vision_layer 0) or {cfg.image_size} px "
+                             "images")
         hf = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
               "vision_config": hf_vision_config(v, f"{v.family}_vision_model"), "text_config": text,
               "vision_feature_layer": cfg.vision_layer or -1,  # a CLIP's 0 is its last layer, unnormed

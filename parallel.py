@@ -12,10 +12,12 @@ AdamW moments (16 bytes a parameter in float32) plus one block's whole weights a
 """
 
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -51,6 +53,15 @@ def all_sum(x: float, world: int, device) -> float:
         return x
     t = torch.tensor([x], dtype=torch.float64, device=device)  # (1,)
     dist.all_reduce(t)
+    return t.item()
+
+
+def all_max(x: float, world: int, device) -> float:
+    """The largest x of the processes (x itself in one process): e.g. a stop signal any of them got."""
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)  # (1,)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
 
@@ -103,7 +114,11 @@ def sharded_state(model, optimizer, folder: str) -> tuple[dict, str]:
     whole weights, gathered on rank 0's CPU for its single-file model.safetensors (the others get {}),
     and AdamW's state, each process writing its own shard into `folder` (torch.distributed.checkpoint)."""
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+    try:
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+    except CheckpointException as e:  # (a BaseException: a full disk would otherwise be a traceback)
+        shutil.rmtree(folder, ignore_errors=True)
+        fail(f"saving the optimizer's shards in {folder} failed ({str(e)[:300]}); the last checkpoint is kept")
     return weights, folder
 
 
@@ -112,6 +127,9 @@ def sharded_optimizer_loader(model, optimizer):
     (on as many processes as wrote them): load_trainer_state's `load_optimizer`."""
     def load(folder: str):
         state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the shards' shapes, to fill
-        dcp.load(state, checkpoint_id=folder)
+        try:
+            dcp.load(state, checkpoint_id=folder)
+        except CheckpointException as e:  # missing or damaged shards (a BaseException, not an OSError)
+            raise OSError(f"the optimizer's shards in {folder} cannot be read ({str(e)[:300]})") from None
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
     return load

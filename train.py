@@ -8,7 +8,7 @@
 In reading order: the settings (TrainConfig), the model a phase starts from, what trains and how fast,
 batches and objectives, the phase table (PHASES), the loop (`train`). Settings, later ones winning:
 TrainConfig's defaults, the preset (presets.py), its phase, --config FILE.toml, the command line.
-runs.py holds the run folder (log, ckpt-STEP/ written whole, `latest`, exact --resume) and DDP set-up.
+runs.py holds the run folder (log, ckpt-STEP/ written whole, `latest`, exact --resume); parallel.py DDP and FSDP.
 """
 import contextlib
 import math
@@ -30,8 +30,8 @@ from dpo import dpo_step, logit_positions, reference_logprobs, token_logprobs
 from autotune import faster_dtype
 from lora import apply_lora, load_adapter
 from model import LanguageModel, LMConfig
-from parallel import (all_sum, held_mib, recompute_activations, setup_distributed, shard, sharded_optimizer_loader,
-                      sharded_state, wrap)
+from parallel import (all_max, all_sum, held_mib, recompute_activations, setup_distributed, shard,
+                      sharded_optimizer_loader, sharded_state, wrap)
 from plots import plot_losses
 from presets import PRESETS
 from processing import ImageProcessor, Special, Tokenizer
@@ -459,7 +459,8 @@ def train(cfg: TrainConfig, spec: dict):
                done / (time.perf_counter() - t0), **({"skipped_samples": skipped} if skipped else {})}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             row.update(validate(s, val_set))  # every process: cheap, and keeps them in step
-        last = step + 1 == cfg.steps or step + 1 == start + cfg.stop_after or bool(stopped())
+        signum = int(all_max(stopped(), world, device))  # every process stops after the same step
+        last = step + 1 == cfg.steps or step + 1 == start + cfg.stop_after or bool(signum)
         if is_main:
             log_step(bar, log, row)
         if (step + 1) % cfg.save_every == 0 or last:
@@ -467,9 +468,9 @@ def train(cfg: TrainConfig, spec: dict):
             if is_main:
                 save_checkpoint(cfg.out, step + 1, model, s.tokenizer, s.processor, optimizer, cfg, state)
                 plot_losses(cfg.out)
-        if stopped():
-            print(f"\n{STOP_SIGNALS[stopped()]} at step {step + 1}; --resume continues", file=sys.stderr)
-            sys.exit(128 + stopped())
+        if signum:
+            print(f"\n{STOP_SIGNALS[signum]} at step {step + 1}; --resume continues", file=sys.stderr)
+            sys.exit(128 + signum)
     release_stop_signals()
     if is_main:
         log.close()

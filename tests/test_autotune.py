@@ -28,6 +28,15 @@ def test_linear_measures_each_decoding_shape_once_and_keeps_the_faster(monkeypat
     torch.manual_seed(0)
     w, b = torch.randn(96, 40), torch.randn(96)
     monkeypatch.setattr(autotune, "CHOSEN", {})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # 96 rows split into one block per thread
+    try:
+        check_linear(w, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_linear(w, b):
     for shape in [(1, 40), (1, 1, 40), (2, 2, 40), (8, 40), (0, 40)]:  # 8 rows, none: F.linear, never timed
         x = torch.randn(shape)
         assert torch.allclose(linear(x, w, b), F.linear(x, w, b), atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import data
-from export import main
+from export import main, write_gguf
 from generate import generate
 from model import LanguageModel, LMConfig
 from processing import Tokenizer
@@ -50,6 +50,10 @@ def test_gguf_f32_round_trip_gives_the_same_tensors_tokens_and_tokenizer(tiny_lm
     assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.attn_q.weight", "blk.1.ffn_down.weight"} \
         <= set(names) and set(names.values()) == {gguf.GGMLQuantizationType.F32}
     assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2" and not reader.fields[
+        "tokenizer.ggml.add_bos_token"].contents()
+    from export import JINJA_TEMPLATES
+    assert reader.fields["tokenizer.chat_template"].contents() == JINJA_TEMPLATES["chatml"]  # no train_config: chatml
     back_tok = Tokenizer.from_pretrained(path)
     text = "what color is the 12 shapes?"
     assert back_tok.encode(text) == tok.encode(text) and back_tok.eos_id == tok.eos_id
@@ -153,3 +157,16 @@ def test_help_names_the_formats():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--help"], capture_output=True, text=True,
                        cwd=ROOT, timeout=60)
     assert r.returncode == 0 and "gguf" in r.stdout and "transformers" in r.stdout and "q8_0" in r.stdout
+
+
+def test_a_tokenizer_llama_cpp_would_split_otherwise_is_refused_by_name(tiny_lm, tmp_path):
+    import tokenizers
+    from export import gguf_pre_tokenizer
+    _, lm, tok = tiny_lm
+    assert gguf_pre_tokenizer({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, {
+        "type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}) == "smollm"
+    other = Tokenizer(tokenizers.Tokenizer.from_str(tok.backend.to_str()), eos_token="<|im_end|>")
+    other.backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    with pytest.raises(ValueError, match="pre-tokenizer .*Whitespace"):
+        write_gguf(lm, other, str(tmp_path / "x.gguf"))
+    assert not os.listdir(tmp_path)  # nothing written, no temporary file

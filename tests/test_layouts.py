@@ -96,6 +96,7 @@ def test_llava_options_glimpse_does_not_compute_are_refused(tmp_path):
 
 def export_and_reload(model, tmp_path, size):
     tokenizer = data.train_tokenizer([{"text": "what color is the shape? blue. is there a circle? yes."}] * 8, 300)
+    tokenizer.add_special_tokens(["<image>"])
     out = str(tmp_path / "exported")
     write_transformers(model, tokenizer, ImageProcessor(size={"height": size, "width": size}), out)
     assert not os.path.exists(out + ".tmp")
@@ -115,6 +116,10 @@ def test_llava_round_trip_transformers_glimpse_export_transformers(tmp_path):
     back.generation_config.eos_token_id = None
     assert torch.equal(back.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False),
                        hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False))
+    from PIL import Image  # transformers' own processor expands an <image> into the model's 4 tokens
+    processor = transformers.AutoProcessor.from_pretrained(str(tmp_path / "exported"))
+    ids = processor(images=Image.new("RGB", (40, 30), "red"), text="<image>\nwhat color?", return_tensors="pt")["input_ids"]
+    assert (ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum() == 4
 
 
 def test_idefics3_round_trip_transformers_glimpse_export_transformers(tmp_path):
@@ -201,3 +206,15 @@ def test_generate_py_answers_from_a_llava_folder(tmp_path):
                         str(tmp_path / "red.png"), "--prompt", "what color?", "--max-new-tokens", "4"],
                        capture_output=True, text=True, cwd=root, timeout=120)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_sparse_llava_configs_take_transformers_defaults():
+    """save_pretrained leaves out what equals the config class's defaults (llava-1.5's text_config holds four
+    fields); a missing vision_config is LlavaConfig's CLIP ViT-L/14-336; vision_feature_layer 0 is the embeddings."""
+    from layouts import hf_vlm_settings
+    settings, _ = hf_vlm_settings({"model_type": "llava", "vision_feature_layer": 0, "text_config": {
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}})
+    lm, vision = settings["lm"], settings["vision"]
+    assert (lm.vocab_size, lm.hidden_dim, lm.max_seq_len, lm.norm_eps) == (32000, 11008, 2048, 1e-6)
+    assert (vision.family, vision.dim, vision.n_layers, vision.image_size, vision.patch_size) == ("clip", 1024, 24, 336, 14)
+    assert settings["vision_layer"] == -25  # hidden_states[0]: no layer run

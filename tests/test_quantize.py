@@ -1,10 +1,12 @@
 """quantize.py: the int8 and int4 kernels against their own dequantized weights, a tiny LM against
 float32, and the real SmolLM2 by perplexity (bench.py decode measures the speed)."""
 
+from copy import deepcopy
+
 import pytest
 import torch
 
-from model import LanguageModel, LMConfig
+from model import LanguageModel, LMConfig, finish_loading
 
 
 def max_diff(a, b) -> float:
@@ -72,48 +74,57 @@ SMOLLM2_TEXT = (
     "in the fourteenth century, still stands today, and every spring the town holds a fair on its banks.")
 
 
-def test_smollm2_perplexity_bf16_int8_int4_within_one_percent(smollm2_gguf):
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    """The real SmolLM2 in float32, read once (dequantizing the GGUF takes seconds); tests copy it."""
+    return LanguageModel.from_pretrained(smollm2_gguf).eval()
+
+
+def variant(lm, dtype, mode=None):
+    """A copy of `lm` in `dtype`, its linears quantized to `mode` (as from_pretrained(dtype) then quantize)."""
+    from quantize import quantize
+
+    copy = finish_loading(deepcopy(lm).to(dtype), "cpu")  # RoPE's frequencies stay float32, as loaded
+    if mode:
+        quantize(copy, mode)
+    return copy
+
+
+def test_smollm2_perplexity_bf16_int8_int4_within_one_percent(smollm2, smollm2_gguf):
     """The real SmolLM2-135M (Q4_1 GGUF): bf16 and int8 within 1% of float32's perplexity; int4
     within 1% of the GGUF's own weights dequantized to float32 (which is what float32 here is)."""
-    from quantize import quantize
     from processing import Tokenizer
 
     ids = torch.tensor([Tokenizer.from_pretrained(smollm2_gguf).encode(SMOLLM2_TEXT)])  # (1, T)
 
-    def perplexity(dtype=torch.float32, mode=None):
-        lm = LanguageModel.from_pretrained(smollm2_gguf, dtype=dtype)
-        if mode:
-            quantize(lm, mode)
+    def perplexity(lm):
         with torch.no_grad():
             logits = lm(ids).float()  # (1, T, V)
         return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).exp().item()
 
-    base = perplexity()
+    base = perplexity(smollm2)
     for dtype, mode in ((torch.bfloat16, None), (torch.float32, "int8"), (torch.bfloat16, "int8"),
                         (torch.float32, "int4"), (torch.bfloat16, "int4")):
-        assert abs(perplexity(dtype, mode) / base - 1) <= 0.01, (dtype, mode)
+        assert abs(perplexity(variant(smollm2, dtype, mode)) / base - 1) <= 0.01, (dtype, mode)
 
 
-def test_int4_runs_the_q4_1_files_own_grid_and_keeps_float32s_greedy_tokens(smollm2_gguf):
+def test_int4_runs_the_q4_1_files_own_grid_and_keeps_float32s_greedy_tokens(smollm2, smollm2_gguf):
     """SmolLM2's Q4_1 GGUF: int4 holds the file's very 4-bit weights (re-rounding finds each block's
     d and m again), and with its Q8_0 head kept in float keeps float32's greedy tokens at least as
     long as bfloat16 does (both with bfloat16 activations)."""
     from generate import generate
-    from quantize import Int4Linear, quantize
+    from quantize import Int4Linear
     from processing import Tokenizer, build_prompt
 
-    fp32 = LanguageModel.from_pretrained(smollm2_gguf)
-    weight = fp32.layers[0].attn.q_proj.weight.detach().clone()  # (576, 576), the file's dequantized Q4_1
+    weight = smollm2.layers[0].attn.q_proj.weight.detach().clone()  # (576, 576), the file's dequantized Q4_1
     int4 = Int4Linear.round(weight)
     with torch.no_grad():
         assert max_diff(int4(torch.eye(576)).t(), weight) <= 1e-6 * weight.abs().max().item()
     tok = Tokenizer.from_pretrained(smollm2_gguf)
     ids = torch.tensor([build_prompt(tok, [{"role": "user", "content": "Write a short story about a robot."}])])
-    reference, agree = generate(fp32, ids, 32), {}
+    reference, agree = generate(smollm2, ids, 32), {}
     for mode in ("bfloat16", "int4"):
-        lm = LanguageModel.from_pretrained(smollm2_gguf, torch.bfloat16)
-        if mode == "int4":
-            quantize(lm, "int4")
-            assert lm.lm_head is None  # tied: the head is the embedding table, in float
+        lm = variant(smollm2, torch.bfloat16, None if mode == "bfloat16" else "int4")
+        assert mode == "bfloat16" or lm.lm_head is None  # tied: int4 keeps the head, the embedding table, in float
         agree[mode] = int((generate(lm, ids, 32) == reference).cumprod(dim=1).sum())
     assert agree["int4"] >= agree["bfloat16"], agree  # measured: 28 and 28 (with the head in int8, int4: fewer)
