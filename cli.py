@@ -150,7 +150,9 @@ def load(path: str, dtype, device, quantize_to: str | None = None):
             processor, template = SmolVLMImageProcessor.from_pretrained(folder), "smolvlm"
         elif kind in ("glimpse_vlm", "llava"):
             processor = ImageProcessor.from_pretrained(folder)
-            template = "llava" if kind == "llava" else template
+            config = read_json(os.path.join(folder, "config.json"))  # LLaVA-1.5's template for its Llama LMs
+            llama = (config.get("text_config") or {}).get("model_type", "llama") == "llama"
+            template = ("llava" if llama else "chatml") if kind == "llava" else template
         model = (VLM if processor else LanguageModel).from_pretrained(folder, dtype, device)
         if kind == "glimpse_vlm":  # a preprocessor_config.json edited to 8192 pixels would run for minutes
             side, trained = data.processor_size(processor), model.config.image_size or model.config.vision.image_size

@@ -480,6 +480,7 @@ def train(cfg: TrainConfig, spec: dict):
             held_out = data.load_source(cfg.val_data or cfg.data, "test", limit=500)
             print_table(retrieval_report(model, s.tokenizer, s.processor, held_out, cfg.out))
     if world > 1:
+        dist.barrier()  # every process leaves together: a rank still writing would hang in a torn-down group
         dist.destroy_process_group()
 
 
