@@ -66,8 +66,8 @@ from dpo import token_logprobs
 from generate import generate
 from autotune import CHOSEN, linear
 from model import LanguageModel
-from layouts import SMOLVLM_SPECIAL_TOKENS, smolvlm_image_tokens
-from processing import SmolVLMImageProcessor, Tokenizer, build_prompt
+from layouts import SMOLVLM_SPECIAL_TOKENS, SmolVLMImageProcessor, smolvlm_image_tokens
+from processing import Tokenizer, build_prompt
 from quantize import quantize
 from siglip import VisionTower
 from vlm import VLM

@@ -377,7 +377,7 @@ SMOLVLM_IMAGE_PROCESSORS = ("SmolVLMImageProcessor", "Idefics3ImageProcessor")  
 
 
 def load_image_processor(cls, name_or_path: str, smolvlm: bool = False):
-    """processing.ImageProcessor (or SmolVLMImageProcessor, with `smolvlm`) from a checkpoint's
+    """processing.ImageProcessor (or layouts.SmolVLMImageProcessor, with `smolvlm`) from a checkpoint's
     preprocessor_config.json, in a local folder or a hub id (only that file is downloaded).
 
     The class is named as transformers' AutoImageProcessor finds it: older files only name a feature

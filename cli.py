@@ -17,7 +17,8 @@ import data
 from checkpoints import TOKENIZER_FILES, CheckpointError, checkpoint_folder, read_json
 from model import LanguageModel
 from plots import similarity_grid
-from processing import ImageProcessor, SmolVLMImageProcessor, Tokenizer
+from layouts import SmolVLMImageProcessor
+from processing import ImageProcessor, Tokenizer
 from qformer import similarity
 from quantize import quantize_lm
 from vlm import VLM

@@ -257,7 +257,7 @@ def bert_qformer_settings(hf: dict) -> dict:
 
 
 def bert_state(state: dict, kind: str) -> dict:
-    """BERT's tensors as qformer.bert_key_map names them: no "bert." prefix (BertForPreTraining & co.), no
+    """BERT's tensors as layouts.bert_key_map names them: no "bert." prefix (BertForPreTraining & co.), no
     gamma/beta (the old TF-converted files), token-type row 0 folded into the positions (from_bert)."""
     prefix = kind + "."
     if any(k.startswith(prefix) for k in state):

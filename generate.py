@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from checkpoints import CheckpointError, ImageError
 from cli import ArgumentParser, check_device, check_generate_args, fail, load, resolve
 from plots import attention_picture
-from layouts import smolvlm_image_tokens
-from processing import Special, SmolVLMImageProcessor, build_prompt, end_of_turn
+from layouts import SmolVLMImageProcessor, smolvlm_image_tokens
+from processing import Special, build_prompt, end_of_turn
 from quantize import QUANTIZE_CHOICES
 from vlm import VLM
 

@@ -1,5 +1,7 @@
-"""transformers' VLM layouts, both ways: SmolVLM/Idefics3 and LLaVA config.json files and tensor names read
-as glimpse's (VLM.from_pretrained) and written back from a glimpse VLM (export.py).
+"""transformers' layouts, both ways: SmolVLM/Idefics3 and LLaVA config.json files and tensor names read
+as glimpse's (VLM.from_pretrained) and written back from a glimpse VLM (export.py); SmolVLM's images, cut
+into tiles (SmolVLMImageProcessor), and the tokens each stands for in a prompt; BLIP-2's and BERT's
+tensor names for the Q-Former (qformer.QFormer.from_pretrained, from_bert).
 
     settings, key_map = hf_vlm_settings(config)      # config.json of a smolvlm, idefics3 or llava model
     hf_config, names = hf_vlm_layout(vlm.config)      # ours -> theirs, or a ValueError naming the part
@@ -8,17 +10,120 @@ as glimpse's (VLM.from_pretrained) and written back from a glimpse VLM (export.p
 A layout is a config (vision tower, connector, LM) and a key map, transformers' tensor name -> ours.
 """
 
-from configs import activation_name, build_config, hf_lm_config, vision_settings
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from checkpoints import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, load_image_processor
+from configs import (activation_name, build_config, check_resample_and_normalize, check_sizes, hf_lm_config,
+                     vision_settings)
 from model import LMConfig, lm_config_from_hf, lm_key_map
-from processing import Special
+from processing import Special, load_image, rescale_and_normalize
 from siglip import VisionConfig, vision_key_map
 
 SMOLVLM_KINDS = ("smolvlm", "idefics3")
 
 
 # ---------------------------------------------------------------------------------------------
-# SmolVLM's prompt: the tokens an image stands for
+# SmolVLM's images: tiles, and the tokens an image stands for
 # ---------------------------------------------------------------------------------------------
+
+# A big image cut into square tiles, plus the whole image shrunk to one tile.
+SMOLVLM_MAX_IMAGE_SIZE = 4096  # transformers' MAX_IMAGE_SIZE: no side is resized beyond this
+
+
+@dataclass
+class SmolVLMImageProcessor:
+    """Images -> S x S tiles as transformers' SmolVLMImageProcessor (image_processing_pil_smolvlm.py):
+    resized to size["longest_edge"], cut into rows x cols tiles of S = max_image_size["longest_edge"],
+    then a global tile, the whole image squashed. `do_pad` is read and has nothing to do."""
+
+    size: dict = field(default_factory=lambda: {"longest_edge": 4 * 364})
+    max_image_size: dict = field(default_factory=lambda: {"longest_edge": 364})
+    resample: int = Image.Resampling.LANCZOS
+    do_resize: bool = True
+    do_image_splitting: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple = IMAGENET_STANDARD_MEAN
+    image_std: tuple = IMAGENET_STANDARD_STD
+    do_pad: bool = True
+
+    def __post_init__(self):
+        if self.do_resize:
+            check_sizes("size", self.size, ({"longest_edge"}, {"height", "width"}))
+        check_sizes("max_image_size", self.max_image_size, ({"longest_edge"},))
+        check_resample_and_normalize(self)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "SmolVLMImageProcessor":
+        """From preprocessor_config.json in a folder or a hub id like "HuggingFaceTB/SmolVLM-256M-Instruct"."""
+        return load_image_processor(cls, name_or_path, smolvlm=True)
+
+    def __call__(self, images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """pixel_values (N_tiles, 3, S, S), every image's tiles (rows * cols + 1, or 1 when (0, 0)),
+        and grids, (rows, cols) per image. No pixel_attention_mask: every tile is a full S x S."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("SmolVLMImageProcessor got an empty list of images")
+        tiles, grids = [], []
+        for image in images:
+            image_tiles, grid = self.tiles(load_image(image))
+            tiles += [rescale_and_normalize(np.array(tile).transpose(2, 0, 1), self)  # (3, S, S) each
+                      for tile in image_tiles]
+            grids.append(grid)
+        return torch.from_numpy(np.stack(tiles)), grids  # (N_tiles, 3, S, S)
+
+    def tiles(self, image: Image.Image) -> tuple[list[Image.Image], tuple[int, int]]:
+        """One RGB image -> its S x S tiles (row by row, then the global tile) and (rows, cols)."""
+        tile = self.max_image_size["longest_edge"]
+        if self.do_resize:
+            image = self.resize(image, *self.resize_output_size(image.height, image.width))
+        if not self.do_image_splitting:
+            return [self.resize(image, tile, tile)], (0, 0)
+        # Sides up to multiples of S (resize_for_vision_encoder): the longer, then the other by the aspect ratio.
+        height, width, aspect_ratio = image.height, image.width, image.width / image.height
+        if width >= height:
+            width = math.ceil(width / tile) * tile
+            height = math.ceil(int(width / aspect_ratio) / tile) * tile
+        else:
+            height = math.ceil(height / tile) * tile
+            width = math.ceil(int(height * aspect_ratio) / tile) * tile
+        image = self.resize(image, height, width)
+        if image.height <= tile and image.width <= tile:
+            return [image], (0, 0)  # exactly one tile
+        rows, cols = image.height // tile, image.width // tile
+        crops = [image.crop((col * tile, row * tile, (col + 1) * tile, (row + 1) * tile))
+                 for row in range(rows) for col in range(cols)]
+        return crops + [self.resize(image, tile, tile)], (rows, cols)
+
+    def resize(self, image: Image.Image, height: int, width: int) -> Image.Image:
+        return image.resize((width, height), resample=self.resample)  # Pillow on uint8, as transformers
+
+    def resize_output_size(self, height: int, width: int) -> tuple[int, int]:
+        """`size` itself, or the longest edge to size["longest_edge"] and the other in proportion, made
+        even, then both under SMOLVLM_MAX_IMAGE_SIZE (transformers' get_resize_output_image_size)."""
+        if "longest_edge" not in self.size:
+            return self.size["height"], self.size["width"]
+        longest, aspect_ratio = self.size["longest_edge"], width / height
+        if width >= height:
+            width, height = longest, int(longest / aspect_ratio)
+            height += height % 2
+        else:
+            height, width = longest, int(longest * aspect_ratio)
+            width += width % 2
+        height, width = max(height, 1), max(width, 1)
+        aspect_ratio = width / height
+        if width >= height and width > SMOLVLM_MAX_IMAGE_SIZE:
+            width, height = SMOLVLM_MAX_IMAGE_SIZE, int(SMOLVLM_MAX_IMAGE_SIZE / aspect_ratio)
+        elif height > width and height > SMOLVLM_MAX_IMAGE_SIZE:
+            height, width = SMOLVLM_MAX_IMAGE_SIZE, int(SMOLVLM_MAX_IMAGE_SIZE * aspect_ratio)
+        return max(height, 1), max(width, 1)
+
 
 # The SmolVLM tokenizer's special tokens for images and turns; a text-only tokenizer (SmolLM2's)
 # needs them added: tokenizer.add_special_tokens(SMOLVLM_SPECIAL_TOKENS).
@@ -200,3 +305,79 @@ def hf_vlm_layout(cfg) -> tuple[dict, dict[str, str]]:
               "image_seq_length": cfg.tokens_per_image(), "tie_word_embeddings": cfg.lm.tie_embeddings}
         key_map = llava_key_map(cfg)
     return hf, {ours: theirs for theirs, ours in key_map.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# BLIP-2's Q-Former, and BERT's text encoder that starts one: their tensor names -> ours
+# (configs.py reads their configs; qformer.QFormer.from_pretrained loads them)
+# ---------------------------------------------------------------------------------------------
+
+# The tensors of a BLIP-2 checkpoint that belong to the Q-Former (the vision tower is "vision_model.*",
+# the LM "language_model.*"; "language_projection" maps into the LM and is the VLM connector's).
+BLIP2_PREFIXES = ("qformer.", "query_tokens", "embeddings.", "vision_projection.", "text_projection.", "itm_head.")
+BLIP2_IGNORED = ("embeddings.position_ids",)  # a buffer some older checkpoints saved
+# What a Blip2QFormerModel saved alone lacks: its caller passes these in (BLIP-2 keeps them outside it).
+BLIP2_QFORMER_INPUTS = ("query_tokens", "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight")
+BERT_HEADS = ("cls.", "vocab_", "classifier.", "pre_classifier.", "qa_outputs.")  # task heads: not read
+BERT_IGNORED = ("pooler.", "embeddings.position_ids", "embeddings.token_type_ids")
+
+
+def linear_and_norm_names(theirs: str, ours: str) -> dict:
+    return {f"{theirs}.{p}": (f"{ours}.{p}",) for p in ("weight", "bias")}
+
+
+def blip2_key_map(cfg) -> dict[str, tuple[str, ...]]:
+    """Checkpoint tensor names (after configs.blip2_name) -> ours."""
+    m = {"query_tokens": ("query_tokens",)}
+    m |= linear_and_norm_names("qformer.layernorm", "embed_norm")
+    if cfg.text:
+        m["embeddings.word_embeddings.weight"] = ("word_embed.weight",)
+        m["embeddings.position_embeddings.weight"] = ("pos_embed.weight",)
+    if cfg.proj_dim is not None:
+        m |= linear_and_norm_names("vision_projection", "vision_proj")
+        m |= linear_and_norm_names("text_projection", "text_proj")
+    if cfg.itm_head:
+        m |= linear_and_norm_names("itm_head", "itm_head")
+    for i in range(cfg.n_layers):
+        hf, ours = f"qformer.encoder.layer.{i}.", f"layers.{i}."
+        parts = [("attention", "self_attn")]
+        if i % cfg.cross_attention_frequency == 0:
+            parts.append(("crossattention", "cross_attn"))
+        for theirs, mine in parts:
+            for a, b in (("attention.query", "q"), ("attention.key", "k"), ("attention.value", "v"),
+                         ("output.dense", "o"), ("output.LayerNorm", "norm")):
+                m |= linear_and_norm_names(hf + f"{theirs}.{a}", ours + f"{mine}.{b}")
+        ffns = [("intermediate_query.dense", "query_ffn.fc1"), ("output_query.dense", "query_ffn.fc2"),
+                ("output_query.LayerNorm", "query_ffn.norm")]
+        if cfg.text:
+            ffns += [("intermediate.dense", "text_ffn.fc1"), ("output.dense", "text_ffn.fc2"),
+                     ("output.LayerNorm", "text_ffn.norm")]
+        for theirs, mine in ffns:
+            m |= linear_and_norm_names(hf + theirs, ours + mine)
+    return m
+
+
+def bert_key_map(cfg, kind: str) -> dict[str, tuple[str, ...]]:
+    """BERT / DistilBERT names (after configs.bert_state drops the "bert."/"distilbert." prefix) ->
+    ours; a feed-forward tensor fills both the text and the query feed-forward, as BLIP-2 copies it."""
+    m = {"embeddings.word_embeddings.weight": ("word_embed.weight",),
+         "embeddings.position_embeddings.weight": ("pos_embed.weight",)}
+    m |= linear_and_norm_names("embeddings.LayerNorm", "embed_norm")
+    if kind == "bert":
+        layer, parts = "encoder.layer.{}.", [
+            ("attention.self.query", "self_attn.q"), ("attention.self.key", "self_attn.k"),
+            ("attention.self.value", "self_attn.v"), ("attention.output.dense", "self_attn.o"),
+            ("attention.output.LayerNorm", "self_attn.norm"), ("intermediate.dense", "*.fc1"),
+            ("output.dense", "*.fc2"), ("output.LayerNorm", "*.norm")]
+    else:
+        layer, parts = "transformer.layer.{}.", [
+            ("attention.q_lin", "self_attn.q"), ("attention.k_lin", "self_attn.k"),
+            ("attention.v_lin", "self_attn.v"), ("attention.out_lin", "self_attn.o"),
+            ("sa_layer_norm", "self_attn.norm"), ("ffn.lin1", "*.fc1"), ("ffn.lin2", "*.fc2"),
+            ("output_layer_norm", "*.norm")]
+    for i in range(cfg.n_layers):
+        for theirs, mine in parts:
+            for p in ("weight", "bias"):
+                targets = [mine.replace("*", ffn) for ffn in ("text_ffn", "query_ffn")] if "*" in mine else [mine]
+                m[layer.format(i) + f"{theirs}.{p}"] = tuple(f"layers.{i}.{t}.{p}" for t in targets)
+    return m

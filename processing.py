@@ -1,12 +1,12 @@
 """Raw inputs -> what a glimpse model reads: pixel values (`load_image`, `ImageProcessor` for SigLIP,
-CLIP and DINOv2, `SmolVLMImageProcessor` with tiles) and token ids (`Tokenizer`, chat templates,
-`build_prompt` with image tokens and labels on the replies), exactly as transformers computes them:
+CLIP and DINOv2; SmolVLM's tiles are layouts.SmolVLMImageProcessor) and token ids (`Tokenizer`, chat
+templates, `build_prompt` with image tokens and labels on the replies), exactly as transformers computes them:
 
     pixel_values, grids = SmolVLMImageProcessor.from_pretrained("HuggingFaceTB/SmolVLM-256M-Instruct")(["cat.jpg"])
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     tokenizer = Tokenizer.from_pretrained("HuggingFaceTB/SmolVLM-256M-Instruct")
     ids = build_prompt(tokenizer, messages, template="smolvlm", image_tokens=[smolvlm_image_tokens(*grids[0], 64)])
-    # (smolvlm_image_tokens: layouts.py)
+    # (SmolVLMImageProcessor and smolvlm_image_tokens: layouts.py)
 
 Typed text is always plain text: "<|im_start|>" or "<image>" in a message never becomes a special
 token. File formats are read and written in checkpoints.py.
@@ -14,11 +14,10 @@ token. File formats are read and written in checkpoints.py.
 
 import functools
 import itertools
-import math
 import os
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import tokenizers
@@ -156,101 +155,6 @@ def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     out[:, max(-top, 0):max(-top, 0) + rows, max(-left, 0):max(-left, 0) + cols] = \
         pixels[:, max(top, 0):max(top, 0) + rows, max(left, 0):max(left, 0) + cols]  # (C, rows, cols)
     return out
-
-
-# --- SmolVLM: a big image cut into square tiles, plus the whole image shrunk to one tile ---
-
-SMOLVLM_MAX_IMAGE_SIZE = 4096  # transformers' MAX_IMAGE_SIZE: no side is resized beyond this
-
-
-@dataclass
-class SmolVLMImageProcessor:
-    """Images -> S x S tiles as transformers' SmolVLMImageProcessor (image_processing_pil_smolvlm.py):
-    resized to size["longest_edge"], cut into rows x cols tiles of S = max_image_size["longest_edge"],
-    then a global tile, the whole image squashed. `do_pad` is read and has nothing to do."""
-
-    size: dict = field(default_factory=lambda: {"longest_edge": 4 * 364})
-    max_image_size: dict = field(default_factory=lambda: {"longest_edge": 364})
-    resample: int = Image.Resampling.LANCZOS
-    do_resize: bool = True
-    do_image_splitting: bool = True
-    do_rescale: bool = True
-    rescale_factor: float = 1 / 255
-    do_normalize: bool = True
-    image_mean: tuple = IMAGENET_STANDARD_MEAN
-    image_std: tuple = IMAGENET_STANDARD_STD
-    do_pad: bool = True
-
-    def __post_init__(self):
-        if self.do_resize:
-            check_sizes("size", self.size, ({"longest_edge"}, {"height", "width"}))
-        check_sizes("max_image_size", self.max_image_size, ({"longest_edge"},))
-        check_resample_and_normalize(self)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str) -> "SmolVLMImageProcessor":
-        """From preprocessor_config.json in a folder or a hub id like "HuggingFaceTB/SmolVLM-256M-Instruct"."""
-        return load_image_processor(cls, name_or_path, smolvlm=True)
-
-    def __call__(self, images) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """pixel_values (N_tiles, 3, S, S), every image's tiles (rows * cols + 1, or 1 when (0, 0)),
-        and grids, (rows, cols) per image. No pixel_attention_mask: every tile is a full S x S."""
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not images:
-            raise ValueError("SmolVLMImageProcessor got an empty list of images")
-        tiles, grids = [], []
-        for image in images:
-            image_tiles, grid = self.tiles(load_image(image))
-            tiles += [rescale_and_normalize(np.array(tile).transpose(2, 0, 1), self)  # (3, S, S) each
-                      for tile in image_tiles]
-            grids.append(grid)
-        return torch.from_numpy(np.stack(tiles)), grids  # (N_tiles, 3, S, S)
-
-    def tiles(self, image: Image.Image) -> tuple[list[Image.Image], tuple[int, int]]:
-        """One RGB image -> its S x S tiles (row by row, then the global tile) and (rows, cols)."""
-        tile = self.max_image_size["longest_edge"]
-        if self.do_resize:
-            image = self.resize(image, *self.resize_output_size(image.height, image.width))
-        if not self.do_image_splitting:
-            return [self.resize(image, tile, tile)], (0, 0)
-        # Sides up to multiples of S (resize_for_vision_encoder): the longer, then the other by the aspect ratio.
-        height, width, aspect_ratio = image.height, image.width, image.width / image.height
-        if width >= height:
-            width = math.ceil(width / tile) * tile
-            height = math.ceil(int(width / aspect_ratio) / tile) * tile
-        else:
-            height = math.ceil(height / tile) * tile
-            width = math.ceil(int(height * aspect_ratio) / tile) * tile
-        image = self.resize(image, height, width)
-        if image.height <= tile and image.width <= tile:
-            return [image], (0, 0)  # exactly one tile
-        rows, cols = image.height // tile, image.width // tile
-        crops = [image.crop((col * tile, row * tile, (col + 1) * tile, (row + 1) * tile))
-                 for row in range(rows) for col in range(cols)]
-        return crops + [self.resize(image, tile, tile)], (rows, cols)
-
-    def resize(self, image: Image.Image, height: int, width: int) -> Image.Image:
-        return image.resize((width, height), resample=self.resample)  # Pillow on uint8, as transformers
-
-    def resize_output_size(self, height: int, width: int) -> tuple[int, int]:
-        """`size` itself, or the longest edge to size["longest_edge"] and the other in proportion, made
-        even, then both under SMOLVLM_MAX_IMAGE_SIZE (transformers' get_resize_output_image_size)."""
-        if "longest_edge" not in self.size:
-            return self.size["height"], self.size["width"]
-        longest, aspect_ratio = self.size["longest_edge"], width / height
-        if width >= height:
-            width, height = longest, int(longest / aspect_ratio)
-            height += height % 2
-        else:
-            height, width = longest, int(longest * aspect_ratio)
-            width += width % 2
-        height, width = max(height, 1), max(width, 1)
-        aspect_ratio = width / height
-        if width >= height and width > SMOLVLM_MAX_IMAGE_SIZE:
-            width, height = SMOLVLM_MAX_IMAGE_SIZE, int(SMOLVLM_MAX_IMAGE_SIZE / aspect_ratio)
-        elif height > width and height > SMOLVLM_MAX_IMAGE_SIZE:
-            height, width = SMOLVLM_MAX_IMAGE_SIZE, int(SMOLVLM_MAX_IMAGE_SIZE * aspect_ratio)
-        return max(height, 1), max(width, 1)
 
 
 # ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     QFormerConfig -> Attention, FeedForward -> QFormerLayer x n_layers -> QFormer
                   -> the BLIP-2 stage-1 losses (ITC, ITM) -> loading BLIP-2, BERT and DistilBERT checkpoints
+                     (their key maps: layouts.py)
 
 Learned query tokens (32 of width 768 in BLIP-2) run through BERT-style post-LN layers. They attend
 to each other in every layer, and to the frozen vision tower's patch features (of width `encoder_dim`)
@@ -28,6 +29,10 @@ import torch.nn.functional as F
 from checkpoints import (WEIGHT_FILES, CheckpointError, checkpoint_folder, load_state, read_json, read_safetensors,
                          write_checkpoint)
 from configs import ACTIVATIONS, bert_qformer_settings, bert_state, blip2_name, blip2_qformer_settings, build_config
+from layouts import (BERT_HEADS, BERT_IGNORED, BLIP2_IGNORED, BLIP2_PREFIXES, BLIP2_QFORMER_INPUTS, bert_key_map,
+                     blip2_key_map)
+
+GLIMPSE_TYPE = "glimpse-qformer"  # config.json's model_type in folders QFormer.save_pretrained writes
 
 
 @dataclass
@@ -351,80 +356,3 @@ def hard_negatives(sim, positives=None, generator=None):
     neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)  # (B,)
     neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)  # (B,)
     return neg_text, neg_image
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading: BLIP-2 and BERT key maps (checkpoints.py reads their configs)
-# ---------------------------------------------------------------------------------------------
-
-GLIMPSE_TYPE = "glimpse-qformer"  # config.json's model_type in folders QFormer.save_pretrained writes
-
-# The tensors of a BLIP-2 checkpoint that belong to the Q-Former (the vision tower is "vision_model.*",
-# the LM "language_model.*"; "language_projection" maps into the LM and is the VLM connector's).
-BLIP2_PREFIXES = ("qformer.", "query_tokens", "embeddings.", "vision_projection.", "text_projection.", "itm_head.")
-BLIP2_IGNORED = ("embeddings.position_ids",)  # a buffer some older checkpoints saved
-# What a Blip2QFormerModel saved alone lacks: its caller passes these in (BLIP-2 keeps them outside it).
-BLIP2_QFORMER_INPUTS = ("query_tokens", "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight")
-BERT_HEADS = ("cls.", "vocab_", "classifier.", "pre_classifier.", "qa_outputs.")  # task heads: not read
-BERT_IGNORED = ("pooler.", "embeddings.position_ids", "embeddings.token_type_ids")
-
-
-def linear_and_norm_names(theirs: str, ours: str) -> dict:
-    return {f"{theirs}.{p}": (f"{ours}.{p}",) for p in ("weight", "bias")}
-
-
-def blip2_key_map(cfg: QFormerConfig) -> dict[str, tuple[str, ...]]:
-    """Checkpoint tensor names (after configs.blip2_name) -> ours."""
-    m = {"query_tokens": ("query_tokens",)}
-    m |= linear_and_norm_names("qformer.layernorm", "embed_norm")
-    if cfg.text:
-        m["embeddings.word_embeddings.weight"] = ("word_embed.weight",)
-        m["embeddings.position_embeddings.weight"] = ("pos_embed.weight",)
-    if cfg.proj_dim is not None:
-        m |= linear_and_norm_names("vision_projection", "vision_proj")
-        m |= linear_and_norm_names("text_projection", "text_proj")
-    if cfg.itm_head:
-        m |= linear_and_norm_names("itm_head", "itm_head")
-    for i in range(cfg.n_layers):
-        hf, ours = f"qformer.encoder.layer.{i}.", f"layers.{i}."
-        parts = [("attention", "self_attn")]
-        if i % cfg.cross_attention_frequency == 0:
-            parts.append(("crossattention", "cross_attn"))
-        for theirs, mine in parts:
-            for a, b in (("attention.query", "q"), ("attention.key", "k"), ("attention.value", "v"),
-                         ("output.dense", "o"), ("output.LayerNorm", "norm")):
-                m |= linear_and_norm_names(hf + f"{theirs}.{a}", ours + f"{mine}.{b}")
-        ffns = [("intermediate_query.dense", "query_ffn.fc1"), ("output_query.dense", "query_ffn.fc2"),
-                ("output_query.LayerNorm", "query_ffn.norm")]
-        if cfg.text:
-            ffns += [("intermediate.dense", "text_ffn.fc1"), ("output.dense", "text_ffn.fc2"),
-                     ("output.LayerNorm", "text_ffn.norm")]
-        for theirs, mine in ffns:
-            m |= linear_and_norm_names(hf + theirs, ours + mine)
-    return m
-
-
-def bert_key_map(cfg: QFormerConfig, kind: str) -> dict[str, tuple[str, ...]]:
-    """BERT / DistilBERT names (after configs.bert_state drops the "bert."/"distilbert." prefix) ->
-    ours; a feed-forward tensor fills both the text and the query feed-forward, as BLIP-2 copies it."""
-    m = {"embeddings.word_embeddings.weight": ("word_embed.weight",),
-         "embeddings.position_embeddings.weight": ("pos_embed.weight",)}
-    m |= linear_and_norm_names("embeddings.LayerNorm", "embed_norm")
-    if kind == "bert":
-        layer, parts = "encoder.layer.{}.", [
-            ("attention.self.query", "self_attn.q"), ("attention.self.key", "self_attn.k"),
-            ("attention.self.value", "self_attn.v"), ("attention.output.dense", "self_attn.o"),
-            ("attention.output.LayerNorm", "self_attn.norm"), ("intermediate.dense", "*.fc1"),
-            ("output.dense", "*.fc2"), ("output.LayerNorm", "*.norm")]
-    else:
-        layer, parts = "transformer.layer.{}.", [
-            ("attention.q_lin", "self_attn.q"), ("attention.k_lin", "self_attn.k"),
-            ("attention.v_lin", "self_attn.v"), ("attention.out_lin", "self_attn.o"),
-            ("sa_layer_norm", "self_attn.norm"), ("ffn.lin1", "*.fc1"), ("ffn.lin2", "*.fc2"),
-            ("output_layer_norm", "*.norm")]
-    for i in range(cfg.n_layers):
-        for theirs, mine in parts:
-            for p in ("weight", "bias"):
-                targets = [mine.replace("*", ffn) for ffn in ("text_ffn", "query_ffn")] if "*" in mine else [mine]
-                m[layer.format(i) + f"{theirs}.{p}"] = tuple(f"layers.{i}.{t}.{p}" for t in targets)
-    return m

@@ -132,10 +132,8 @@ def test_collate_default_and_image_dependent_tokens(tokenizer, processor):
 
 def test_collate_smolvlm_tiles(tokenizer):
     """Expansions that differ by image (SmolVLM's tiles) and an image processor returning (pixel_values, grids)."""
-    import processing
-
     tokenizer.add_special_tokens(layouts.SMOLVLM_SPECIAL_TOKENS)
-    smolvlm = processing.SmolVLMImageProcessor(size={"longest_edge": 128}, max_image_size={"longest_edge": 64})
+    smolvlm = layouts.SmolVLMImageProcessor(size={"longest_edge": 128}, max_image_size={"longest_edge": 64})
 
     def tiles(im):
         return layouts.smolvlm_image_tokens(*smolvlm.tiles(im)[1], 2)

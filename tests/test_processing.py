@@ -563,9 +563,9 @@ def test_image_processor_config_errors(tmp_path):
      "size.height"),
     (ImageProcessor, {"image_processor_type": "SiglipImageProcessor", "size": {"height": "224", "width": 224}},
      "size.height"),
-    (processing.SmolVLMImageProcessor, {"image_processor_type": "SmolVLMImageProcessor",
+    (layouts.SmolVLMImageProcessor, {"image_processor_type": "SmolVLMImageProcessor",
                                         "size": {"longest_edge": 100_000}}, "size.longest_edge"),
-    (processing.SmolVLMImageProcessor, {"image_processor_type": "SmolVLMImageProcessor",
+    (layouts.SmolVLMImageProcessor, {"image_processor_type": "SmolVLMImageProcessor",
                                         "max_image_size": {"longest_edge": 100_000}}, "max_image_size.longest_edge"),
 ])
 def test_config_sizes_are_bounded(tmp_path, processor, config, field):
@@ -840,7 +840,7 @@ def hf_tiles(hf_processor, images):
 @pytest.mark.parametrize("config_name", list(SMOLVLM_CONFIGS))
 def test_smolvlm_image_processor_matches_transformers(photos, tmp_path, config_name):
     folder = write_config(tmp_path, SMOLVLM_CONFIGS[config_name])
-    processor, hf_processor = processing.SmolVLMImageProcessor.from_pretrained(folder), hf_smolvlm_image_processor(folder)
+    processor, hf_processor = layouts.SmolVLMImageProcessor.from_pretrained(folder), hf_smolvlm_image_processor(folder)
     shapes = shapes_of(photos["chelsea.png"]) if config_name != "defaults" else {"as is": photos["coffee.png"]}
     for shape, image in shapes.items():
         expected, expected_grids = hf_tiles(hf_processor, [image])
@@ -878,8 +878,8 @@ def test_smolvlm_processor_matches_transformers(photos, tokenizers_with_image_to
     """A chat with images: the same pixel_values and input_ids as transformers' SmolVLMProcessor."""
     ours, theirs = tokenizers_with_image_tokens
     folder, hf_processor = hf_smolvlm_processor
-    processor = processing.SmolVLMImageProcessor.from_pretrained(folder)
-    assert processor == processing.SmolVLMImageProcessor(
+    processor = layouts.SmolVLMImageProcessor.from_pretrained(folder)
+    assert processor == layouts.SmolVLMImageProcessor(
         size={"longest_edge": 2048}, max_image_size={"longest_edge": 512}, resample=1, image_mean=[0.5] * 3,
         image_std=[0.5] * 3)
     chelsea = photos["chelsea.png"]  # 451 x 300
@@ -912,13 +912,13 @@ def test_smolvlm_image_processor_config_errors(tmp_path):
     ]:
         write_config(tmp_path, config)
         with pytest.raises(CheckpointError, match=problem) as error:
-            processing.SmolVLMImageProcessor.from_pretrained(str(tmp_path))
+            layouts.SmolVLMImageProcessor.from_pretrained(str(tmp_path))
         assert str(error.value).startswith(f"{path}: ")
     write_config(tmp_path, SMOLVLM_PREPROCESSOR_CONFIG)
     with pytest.raises(CheckpointError, match="'Idefics3ImageProcessor' is not supported.*use SmolVLMImageProcessor"):
         ImageProcessor.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="empty list"):
-        processing.SmolVLMImageProcessor()([])
+        layouts.SmolVLMImageProcessor()([])
 
 
 def test_image_processor_save_round_trip(tmp_path):

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import CheckpointError
 from configs import blip2_qformer_settings, build_config
-from qformer import QFormer, QFormerConfig, blip2_key_map, hard_negatives, itc_loss, similarity
+from layouts import blip2_key_map
+from qformer import QFormer, QFormerConfig, hard_negatives, itc_loss, similarity
 
 transformers = pytest.importorskip("transformers")
 

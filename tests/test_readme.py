@@ -52,8 +52,8 @@ def test_every_linked_doc_and_picture_exists(link):
 
 # The layers, lowest first: a module imports only from its own layer's earlier files and from layers below.
 SUPPORT = ["autotune", "presets", "checkpoints", "configs", "sources", "questions", "easyvqa"]
-READING = ["processing", "siglip", "qformer", "lora", "model", "layouts", "vlm", "data", "dpo"]  # layouts: a support
-# file that reads the towers' and the LM's key maps, for vlm.py
+READING = ["processing", "siglip", "lora", "model", "layouts", "qformer", "vlm", "data", "dpo"]  # layouts: a support
+# file holding transformers' layouts (SmolVLM, LLaVA, BLIP-2) for vlm.py and qformer.py
 SCRIPT_SUPPORT = ["quantize", "plots", "cli", "parallel", "runs"]
 SCRIPTS = ["generate", "train", "evaluate", "bench", "export"]
 GENERATE_DECODING = {"generate", "beam_search", "banned_ids", "stop_ids", "attention_maps", "image_attention",

@@ -195,8 +195,8 @@ def test_smolvlm_end_to_end_with_its_processor_on_a_real_photo(tmp_path, monkeyp
     import os
 
     import processing
-    from layouts import smolvlm_image_tokens
-    from processing import SmolVLMImageProcessor, Tokenizer, build_prompt
+    from layouts import SmolVLMImageProcessor, smolvlm_image_tokens
+    from processing import Tokenizer, build_prompt
 
     assets = os.environ.get("GLIMPSE_ASSETS")
     if not assets:
