@@ -408,10 +408,7 @@ def train(cfg: TrainConfig, spec: dict):
     resume_from = check_run(cfg, spec, world)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    try:
-        train_set, val_set, skipped = load_data(cfg)
-    except (OSError, ValueError) as e:
-        fail(e)
+    train_set, val_set, skipped = load_data(cfg)  # (an unreadable source: one line, from main)
     s, optimizer, start = prepare(cfg, spec, train_set, resume_from, device)
     if cfg.dtype == "auto" and device.type == "cpu":
         s.bf16 = measured_dtype(s, train_set, is_main)
@@ -492,7 +489,7 @@ def main(argv=None):
     except KeyboardInterrupt:  # before the first step: nothing to save
         print("\ninterrupted before training started", file=sys.stderr)
         sys.exit(130)
-    except ValueError as e:  # e.g. a sample that --max-len cannot hold (its image's placeholders past it)
+    except (OSError, ValueError) as e:  # a source that cannot be read, a sample --max-len cannot hold, ...
         fail(e)
 
 
