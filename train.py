@@ -343,11 +343,11 @@ def prepare(cfg: TrainConfig, spec: dict, train_set: list, resume_from: str | No
         reference = VLM.from_pretrained(dpo_reference(cfg), device=device).requires_grad_(False) if separate else None
     except (CheckpointError, OSError, ValueError) as e:
         fail(e)
-    model.to(device)
     recompute_activations(model, cfg.activation_checkpointing)
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if cfg.fsdp:
+    if cfg.fsdp:  # before .to(device): fully_shard moves each process's shards, not the whole model, to its device
         shard(model, device, bf16)
+    model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.95))
     loader = sharded_optimizer_loader(model, optimizer) if cfg.fsdp else None  # each process reads its own shard
     start = load_trainer_state(resume_from, optimizer, loader) if resume_from else 0
