@@ -183,15 +183,11 @@ def hf_vlm_state(vlm) -> tuple[dict, dict]:
     """(config.json, state dict under transformers' names) of the layout that computes what `vlm` computes
     (layouts.hf_vlm_layout); every tensor is named or the export is refused."""
     hf, names = hf_vlm_layout(vlm.config)
-    state, unnamed = {}, []
-    for name, tensor in vlm.state_dict().items():
-        if name in names:
-            state[names[name]] = tensor.contiguous()
-        elif not name.endswith("inv_freq"):  # RoPE's frequencies: computed from the config
-            unnamed.append(name)
+    state = vlm.state_dict()  # (RoPE's inv_freq is not in it: computed from the config)
+    unnamed = sorted(set(state) - set(names))
     if unnamed:
         raise ValueError(f"{len(unnamed)} tensor(s) have no place in the {hf['model_type']} layout, e.g. {unnamed[0]}")
-    return hf, state
+    return hf, {names[k]: v.contiguous() for k, v in state.items()}
 
 
 def idefics3_image_processor(processor) -> dict:

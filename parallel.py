@@ -47,21 +47,13 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
-def all_sum(x: float, world: int, device) -> float:
-    """x summed over the processes (x itself in one process)."""
+def all_sum(x: float, world: int, device, op=dist.ReduceOp.SUM) -> float:
+    """x summed over the processes (op=dist.ReduceOp.MAX: the largest, e.g. a stop signal any of them
+    got); x itself in one process."""
     if world == 1:
         return x
     t = torch.tensor([x], dtype=torch.float64, device=device)  # (1,)
-    dist.all_reduce(t)
-    return t.item()
-
-
-def all_max(x: float, world: int, device) -> float:
-    """The largest x of the processes (x itself in one process): e.g. a stop signal any of them got."""
-    if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)  # (1,)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return t.item()
 
 

@@ -30,7 +30,7 @@ from dpo import dpo_step, logit_positions, reference_logprobs, token_logprobs
 from autotune import faster_dtype
 from lora import apply_lora, load_adapter
 from model import LanguageModel, LMConfig
-from parallel import (all_max, all_sum, held_mib, recompute_activations, setup_distributed, shard,
+from parallel import (all_sum, held_mib, recompute_activations, setup_distributed, shard,
                       sharded_optimizer_loader, sharded_state, wrap)
 from plots import plot_losses
 from presets import PRESETS
@@ -456,7 +456,7 @@ def train(cfg: TrainConfig, spec: dict):
                done / (time.perf_counter() - t0), **({"skipped_samples": skipped} if skipped else {})}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             row.update(validate(s, val_set))  # every process: cheap, and keeps them in step
-        signum = int(all_max(stopped(), world, device))  # every process stops after the same step
+        signum = int(all_sum(stopped(), world, device, dist.ReduceOp.MAX))  # all stop after the same step
         last = step + 1 == cfg.steps or step + 1 == start + cfg.stop_after or bool(signum)
         if is_main:
             log_step(bar, log, row)
