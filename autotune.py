@@ -58,9 +58,11 @@ def linear(x, weight, bias=None):  # x (..., in), weight (out, in) -> (..., out)
     """F.linear, except for the few float32 rows of CPU decoding (1-4 tokens), where the first call of
     each weight shape times F.linear against `row_blocks_linear` and the faster serves from then on
     (`CHOSEN`). Anything else, bfloat16 and autocast included, is F.linear (oneDNN already uses every thread)."""
+    if torch.compiler.is_compiling():  # a compiled graph (compiled.py): the compiler picks its own kernel
+        return F.linear(x, weight, bias)
     rows, blocks = x.numel() // x.shape[-1], max(2, torch.get_num_threads())
     if x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < rows <= 4 or weight.shape[0] % blocks or \
-            not weight.is_contiguous() or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+            not weight.is_contiguous() or torch.is_autocast_enabled("cpu"):
         return F.linear(x, weight, bias)
     key = (tuple(weight.shape), rows, str(x.device), torch.get_num_threads())
     if key not in CHOSEN:

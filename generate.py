@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import CheckpointError, ImageError
+from compiled import CompiledDecoder, cache_length
 from cli import ArgumentParser, check_device, check_generate_args, fail, load, resolve
 from plots import attention_picture
 from layouts import SmolVLMImageProcessor, smolvlm_image_tokens
@@ -147,15 +148,17 @@ def eos_tensor(eos_ids, device) -> torch.Tensor:  # (n_eos,): one id or an itera
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def decoder(model):
+def decoder(model, compiled: CompiledDecoder | None = None):
     """What a decoding step runs: a VLM's language model, so that a generated token is only ever a
-    token (an <image> id among them is its own embedding, never a placeholder for an image)."""
-    return model.lm if isinstance(model, VLM) else model
+    token (an <image> id among them is its own embedding, never a placeholder for an image); or the
+    compiled step of `compiled` (compiled.py) when given."""
+    return compiled or (model.lm if isinstance(model, VLM) else model)
 
 
-def prefill(model, input_ids, attention_mask, max_new_tokens: int, prefill_kwargs: dict):
-    """One forward over the whole prompt (and image, via prefill_kwargs) into a new KV cache.
-    Returns the cache and the logits of the last position (B, 1, V)."""
+def prefill(model, input_ids, attention_mask, max_new_tokens: int, prefill_kwargs: dict, static: bool = False):
+    """One forward over the whole prompt (and image, via prefill_kwargs) into a new KV cache, whose length
+    rounds up to compiled.BUCKET if `static` (for a compiled step). Returns the cache and the logits of
+    the last position (B, 1, V)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a (batch, tokens) tensor, got "
                          f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
@@ -163,7 +166,7 @@ def prefill(model, input_ids, attention_mask, max_new_tokens: int, prefill_kwarg
     if T + max_new_tokens > model.max_seq_len:
         raise ValueError(f"the prompt ({T} tokens) plus {max_new_tokens} new tokens exceed the "
                          f"context of {model.max_seq_len} tokens")
-    cache = model.new_cache(B, T + max_new_tokens)
+    cache = model.new_cache(B, cache_length(decoder(model), T + max_new_tokens) if static else T + max_new_tokens)
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, last_only=True, **prefill_kwargs)
     return cache, logits
 
@@ -171,7 +174,7 @@ def prefill(model, input_ids, attention_mask, max_new_tokens: int, prefill_kwarg
 @torch.inference_mode()
 def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eos_ids=(), banned=(), on_token=None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-             num_beams: int = 1, generator=None, **prefill_kwargs):
+             num_beams: int = 1, generator=None, compiled: CompiledDecoder | None = None, **prefill_kwargs):
     """New tokens (B, N), N <= max_new_tokens, for the prompts input_ids (B, T).
 
     input_ids are left-padded when rows differ in length (attention_mask (B, T) marks the real
@@ -190,17 +193,19 @@ def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eo
     - banned: ids never generated (their logits set to -inf), e.g. `banned_ids(tok, eos_ids)`.
     - on_token(tokens (B,)) is called after every step, for streaming; beam search calls it only
       at the end, once per position of the returned tokens (the best beam is known only then).
+    - compiled: a `compiled.CompiledDecoder` of the model's LM: every step after the prefill runs
+      its compiled graph (the same tokens, up to the float rounding of the fused kernels).
     """
     check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams)
     if num_beams > 1:
         out = beam_search(model, input_ids, max_new_tokens, num_beams, attention_mask, eos_ids, banned,
-                          repetition_penalty, **prefill_kwargs)
+                          repetition_penalty, compiled, **prefill_kwargs)
         if on_token is not None:
             for i in range(out.shape[1]):
                 on_token(out[:, i])
         return out
 
-    cache, logits = prefill(model, input_ids, attention_mask, max_new_tokens, prefill_kwargs)  # (B, 1, V)
+    cache, logits = prefill(model, input_ids, attention_mask, max_new_tokens, prefill_kwargs, compiled is not None)
     B, device = input_ids.shape[0], input_ids.device
     seen = seen_tokens(input_ids, attention_mask, logits.shape[-1]) if repetition_penalty != 1.0 else None
     banned = banned_mask(banned, logits.shape[-1], device)  # (V,)
@@ -222,7 +227,7 @@ def generate(model, input_ids, max_new_tokens: int = 64, attention_mask=None, eo
             break
         if seen is not None:
             seen[rows, token] = True
-        logits = decoder(model)(token[:, None], cache=cache)  # (B, 1, V)
+        logits = decoder(model, compiled)(token[:, None], cache=cache)  # (B, 1, V)
     return torch.stack(out, dim=1)
 
 
@@ -240,7 +245,8 @@ def add_finished(finished: list, stopped: list, scores, tokens, ends, K: int):
 
 @torch.inference_mode()
 def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, attention_mask=None,
-                eos_ids=(), banned=(), repetition_penalty: float = 1.0, **prefill_kwargs):
+                eos_ids=(), banned=(), repetition_penalty: float = 1.0, compiled: CompiledDecoder | None = None,
+                **prefill_kwargs):
     """Beam search: the best new tokens (B, N) per prompt, rows that end early padded with their end token.
 
     Each input keeps `num_beams` running beams, scored by the sum of their tokens' log-probabilities.
@@ -260,7 +266,7 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
     logits. The prompt is prefilled once per input, then its cache rows are repeated num_beams times.
     """
     check_options(max_new_tokens, repetition_penalty=repetition_penalty, num_beams=num_beams)
-    cache, logits = prefill(model, input_ids, attention_mask, max_new_tokens, prefill_kwargs)  # (B, 1, V)
+    cache, logits = prefill(model, input_ids, attention_mask, max_new_tokens, prefill_kwargs, compiled is not None)
     B, K, V, device = input_ids.shape[0], num_beams, logits.shape[-1], input_ids.device
     rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,): beam k of input b is row b*K + k
     cache.reorder(rows)
@@ -308,7 +314,7 @@ def beam_search(model, input_ids, max_new_tokens: int = 64, num_beams: int = 4, 
         if seen is not None:
             seen = seen[rows]  # (B*K, V)
             seen[torch.arange(B * K, device=device), token] = True
-        logits = decoder(model)(token[:, None], cache=cache)  # (B*K, 1, V)
+        logits = decoder(model, compiled)(token[:, None], cache=cache)  # (B*K, 1, V)
 
     best = [hyps[0][1] for hyps in finished]  # (n_b,) each
     N = max(len(tokens) for tokens in best)
@@ -399,6 +405,9 @@ def generate_parser() -> ArgumentParser:
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="the LM's weights in int8 (per channel) or int4 (groups of 32; CPU only): fewer bytes per "
                    "token; fastest with --dtype bfloat16 (bench.py decode)")
+    p.add_argument("--compile", action="store_true", help="decode through a torch.compile'd step with a static KV "
+                   "cache (compiled.py): the first answer waits for the compiler; bench.py decode --compile says "
+                   "whether the tokens after come faster on this machine")
     p.add_argument("--attention", metavar="PNG", default=None,
                    help="also save a picture of the attention the answer paid to the image's patches (one --image)")
     return p
@@ -439,6 +448,7 @@ def main(argv=None):
         generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
         model, tok, processor, template = load(resolve(args.model), getattr(torch, args.dtype), device, args.quantize)
         ids, prefill_kwargs = prompt_inputs(args, model, tok, processor, template, device)
+        compiled = CompiledDecoder(decoder(model)) if args.compile else None
     except (CheckpointError, ImageError, OSError, ValueError, RuntimeError) as e:
         fail(e)
 
@@ -456,7 +466,7 @@ def main(argv=None):
         generate(model, ids, args.max_new_tokens, eos_ids=stops, banned=banned_ids(tok, stops), on_token=stream,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  repetition_penalty=args.repetition_penalty, num_beams=args.num_beams, generator=generator,
-                 **prefill_kwargs)
+                 compiled=compiled, **prefill_kwargs)
     except (ValueError, RuntimeError) as e:
         if shown:
             print()

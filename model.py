@@ -148,6 +148,7 @@ class KVCache:
         self.pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # (B, S)
         self.max_len = max_len
         self.length = 0  # slots filled so far
+        self.slot = None  # a compiled step's slot, a (1,) tensor (compiled.py); None: write at `length`
 
     def reorder(self, index):  # index (B',): row b' of the new cache is row index[b'] of this one
         """Keep, repeat or permute rows, as beam search does when beams fork or die."""
@@ -179,7 +180,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # write this step's keys/values, then attend over every filled slot
+        if cache is not None and cache.slot is not None:  # compiled: write at the slot, attend all (masked)
+            cache.k[self.layer].index_copy_(2, cache.slot, k)
+            cache.v[self.layer].index_copy_(2, cache.slot, v)
+            k, v = cache.k[self.layer], cache.v[self.layer]  # (B, Hkv, S, hd)
+        elif cache is not None:  # write this step's keys/values, then attend over every filled slot
             start, end = cache.length, cache.length + T
             cache.k[self.layer][:, :, start:end] = k
             cache.v[self.layer][:, :, start:end] = v
@@ -346,9 +351,7 @@ class LanguageModel(nn.Module):
         if cache is not None:
             cache.valid[:, start:start + T] = attention_mask
             cache.pos[:, start:start + T] = position_ids
-        freqs = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, hd/2)
-        freqs = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, hd)
-        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        cos, sin = self.rope(position_ids, x.dtype)  # (B, 1, T, hd) each
 
         aux = []
         for block in self.layers:  # checkpointing: keep only each block's input, run it again in the backward
@@ -362,11 +365,18 @@ class LanguageModel(nn.Module):
             x = x[:, -1:]  # (B, 1, D)
         if logits_at is not None:
             x = x[logits_at]  # (n, D)
-        x = self.norm(x)  # (B, T, D), (B, 1, D) or (n, D)
-        logits = self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)  # (..., V)
+        logits = self.head(self.norm(x))  # (B, T, V), (B, 1, V) or (n, V)
         if return_aux:
             return logits, (torch.stack(aux).mean() if aux else x.new_zeros(()))
         return logits
+
+    def rope(self, position_ids, dtype):  # (B, T) -> cos, sin (B, 1, T, hd) each
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, hd/2)
+        freqs = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, hd)
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+    def head(self, x):  # (..., D) -> logits (..., V), through the embedding when the head is tied
+        return self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)
 
     def _masks(self, attention_mask, position_ids, cache):
         """Boolean (B, 1, T, S) masks, True where a query may attend a key; None means plain causal.

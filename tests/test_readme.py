@@ -54,7 +54,7 @@ def test_every_linked_doc_and_picture_exists(link):
 SUPPORT = ["autotune", "presets", "checkpoints", "configs", "sources", "questions", "easyvqa"]
 READING = ["processing", "siglip", "lora", "model", "layouts", "qformer", "vlm", "data", "dpo"]  # layouts: a support
 # file holding transformers' layouts (SmolVLM, LLaVA, BLIP-2) for vlm.py and qformer.py
-SCRIPT_SUPPORT = ["quantize", "plots", "cli", "parallel", "runs"]
+SCRIPT_SUPPORT = ["quantize", "compiled", "plots", "cli", "parallel", "runs"]
 SCRIPTS = ["generate", "train", "evaluate", "bench", "export"]
 GENERATE_DECODING = {"generate", "beam_search", "banned_ids", "stop_ids", "attention_maps", "image_attention",
                      "check_options", "next_token"}
