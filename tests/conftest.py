@@ -7,6 +7,13 @@ import os
 import pytest
 import torch
 
+# pytest.ini runs the tests in several worker processes (pytest-xdist's -n): each worker, and every
+# script a test starts, then computes on one thread, so that the workers do not fight over the cores
+# (OpenMP threads that share a core wait on each other: two 2-thread jobs on 2 cores run 10x slower).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def one_thread():

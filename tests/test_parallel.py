@@ -29,9 +29,9 @@ def one_process(*args):
     return r.stdout
 
 
-def two_processes(*args, port=29561):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True, cwd=ROOT,
+def two_processes(*args):  # --standalone: a free port of its own, as tests may run side by side (pytest -n)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True, cwd=ROOT,
                        env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout

@@ -122,8 +122,8 @@ def test_ddp_two_processes_give_the_single_process_losses(tmp_path):
     # so a training tower would see other batch statistics in two processes than in one.
     common = ["--phase", "align", "--steps", "4", "--save-every", "100", "--train-vision", "false", *FAST]
     run(*common, "--out", single)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29517", os.path.join(ROOT, "train.py"), *common, "--out", double],
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(ROOT, "train.py"), *common, "--out", double],
                             capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
