@@ -79,10 +79,12 @@ def train_tokenizer(samples, vocab_size: int, lowercase: bool = False) -> Tokeni
     """A byte-level BPE tokenizer learned from the samples' text (sample_text), with ChatML's special
     tokens: what a from-scratch preset speaks (the `tokenizers` library's BpeTrainer). lowercase: text
     is lower-cased before it is split (as BERT's uncased tokenizers do), so letter case alone never
-    changes a token."""
+    changes a token, and "n't" is written " not" ("isn't" is "is not"), so that a negation is always the
+    word "not", never a piece such as "n" that other words ("drawn") split into."""
     backend = tokenizers.Tokenizer(models.BPE())
     if lowercase:
-        backend.normalizer = normalizers.Lowercase()
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace("can't", "can not"),
+                                                   normalizers.Replace("n't", " not"), normalizers.Replace("n’t", " not")])
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_TOKENS, show_progress=False,

@@ -170,8 +170,9 @@ def write_gguf(lm: LanguageModel, tokenizer, path: str, kind: str = "f32", templ
         if os.path.exists(tmp):
             os.remove(tmp)
     if tok["lowercase"]:
-        print("note: this tokenizer lower-cases text before splitting it, which GGUF cannot say: "
-              "llama.cpp gives the same tokens for lower-case text", file=sys.stderr)
+        print("note: this tokenizer lower-cases text and writes \"n't\" as \" not\" before splitting it, which GGUF "
+              "cannot say: llama.cpp gives the same tokens for lower-case text with \"not\" spelled out",
+              file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

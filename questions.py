@@ -71,8 +71,9 @@ def question_kind(q: Question) -> str:
 # ---------------------------------------------------------------------------
 # The phrasings. Slots: {c} colour noun, {p} picture noun, {o} the thing asked about ("shape", "object",
 # "figure", or the shape a colour question names: "circle"; a shape question's colour goes before it:
-# "red shape"), {x} the value a yes/no question asks about, {t} it as a thing ("a red shape", "a
-# circle"), {n} the same without its article, {ts} in the plural ("red shapes", "circles").
+# "red shape"), {s} a stance (STANCES: "do you think", "is it true that"), {x} the value a yes/no question
+# asks about, {t} it as a thing ("a red shape", "a circle"), {n} the same without its article, {ts} in the
+# plural ("red shapes", "circles").
 # Yes/no templates are "has" (either attribute), "has_color" or "has_shape"; "not_..." are negated.
 # ---------------------------------------------------------------------------
 
@@ -106,23 +107,28 @@ TRAIN = {
         "is {t} visible?", "is {t} shown in the {p}?", "does {t} appear in the {p}?", "are there any {ts}?",
         "{t} in the {p}?", "is it true that there is {t}?", "is {t} in the {p}?", "can you see {t} in the {p}?",
         "is there any {n}?", "you see {t}?", "i think there is {t}, right?", "do you think there is {t}?",
-        "do you think the {p} shows {t}?",
+        "do you think the {p} shows {t}?", "{s} there is {t}?", "{s} the {p} shows {t}?", "{s} there is {t} in the {p}?",
     ],
     "has_color": ["is the {o} {x}?", "is it {x}?", "is the {c} {x}?", "is the {c} of the {o} {x}?",
                   "is there any {x} in the {p}?", "is the {o} colored {x}?", "is the {o} {x} in color?",
-                  "is this {o} {x}?", "do you think the {o} is {x}?", "do you think it is {x}?"],
+                  "is this {o} {x}?", "do you think the {o} is {x}?", "do you think it is {x}?",
+                  "{s} the {o} is {x}?", "{s} it is {x}?"],
     "has_shape": ["is it {t}?", "is the {o} {t}?", "is this {t}?", "is the shape in the {p} {t}?",
-                  "is the {o} shaped like {t}?", "do you think it is {t}?", "do you think the {o} is {t}?"],
+                  "is the {o} shaped like {t}?", "do you think it is {t}?", "do you think the {o} is {t}?",
+                  "{s} the {o} is {t}?", "{s} it is {t}?"],
     "not": [
         "is there not {t}?", "is there not {t} in the image?", "does the image not contain {t}?",
         "is no {n} present?", "is there no {n}?", "is there no {n} in the {p}?", "does the {p} not contain {t}?",
         "is there not {t} in the {p}?", "is it true that there is no {n}?", "is {t} not present?",
         "does the {p} not show {t}?", "are there no {ts}?", "do you not see {t}?", "is there not any {n}?",
         "can you not see {t}?", "i think there is no {n}, right?", "you see no {n}?", "do you think there is no {n}?",
+        "{s} there is no {n}?", "{s} the {p} does not show {t}?", "{s} there is no {n} in the {p}?",
     ],
     "not_color": ["is the {o} not {x}?", "is it not {x}?", "is the {c} not {x}?", "is the {o} not colored {x}?",
-                  "is this {o} not {x}?", "do you think the {o} is not {x}?"],
-    "not_shape": ["is it not {t}?", "is the {o} not {t}?", "is this not {t}?", "do you think the {o} is not {t}?"],
+                  "is this {o} not {x}?", "do you think the {o} is not {x}?",
+                  "{s} the {o} is not {x}?", "{s} it is not {x}?"],
+    "not_shape": ["is it not {t}?", "is the {o} not {t}?", "is this not {t}?", "do you think the {o} is not {t}?",
+                  "{s} the {o} is not {t}?", "{s} it is not {t}?"],
 }
 
 HELD_OUT = {
@@ -151,6 +157,14 @@ HELD_OUT = {
     "not_color": ["is the {o} in the {p} not {x}?", "would you say the {o} is not {x}?"],
     "not_shape": ["is the thing in the {p} not {t}?", "would you say the {o} is not {t}?"],
 }
+
+# What a yes/no question's {s} slot says before a statement ("{s} the shape is red?"): many ways of asking
+# whether something holds, so that a clause the LM has never met does not read as a negation.
+STANCES = ("do you think", "do you believe", "can you confirm", "tell me if", "tell me whether", "is it true that",
+           "is it correct that", "am i right that", "do you agree that", "can you check if", "check whether",
+           "let me know if", "i guess", "i suppose", "maybe", "i believe", "is it the case that", "do you reckon",
+           "are you sure", "could it be that", "you think", "honestly,", "quick check:", "true or false:",
+           "i am asking if", "is it right that", "do you feel", "are you certain", "did you notice that")
 
 # Openings and closings said around a question, now and then.
 OPENINGS = {"train": ["please, ", "please ", "can you tell me, ", "tell me: ", "hey, ", "quick question: ", "hi! ",
@@ -189,8 +203,9 @@ def fill(template: str, q: Question, rng: random.Random) -> str:
     else:
         thing = noun
     named = q.value if q.kind == "has_shape" else f"{q.value} {noun}"  # "circle" or "red shape"
+    stance = rng.choice(STANCES) if "{s}" in template else ""
     return template.format(c=rng.choice(COLOR_NOUNS), p=rng.choice(PICTURE_NOUNS), o=thing, x=q.value,
-                           t=f"a {named}", n=named, ts=named + "s")
+                           t=f"a {named}", n=named, ts=named + "s", s=stance)
 
 
 def surface(text: str, rng: random.Random, phrasings: str) -> str:

@@ -32,6 +32,8 @@ def test_a_lowercase_tokenizer_gives_the_same_tokens_whatever_the_letter_case():
     tok = data.train_tokenizer([{"text": "what color is the shape?"}, {"text": "is there a red circle?"}] * 20, 300, lowercase=True)
     assert tok.encode("WHAT Color is the SHAPE?") == tok.encode("what color is the shape?")
     assert tok.encode("<IMAGE>") != [tok.token_to_id("<image>")]  # typed text still never forges a special token
+    assert tok.encode("Isn't there a red circle?") == tok.encode("is not there a red circle?")  # negation: "not"
+    assert tok.encode("DOESN'T it") == tok.encode("does not it") and tok.encode("can't") == tok.encode("can not")
     cased = data.train_tokenizer([{"text": "what color is the shape?"}] * 20, 300)
     assert cased.encode("WHAT") != cased.encode("what")
 

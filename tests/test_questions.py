@@ -58,11 +58,12 @@ def test_every_phrasing_asks_what_the_question_asks(phrasings):
 def all_fillings(templates: list[str], q: Question) -> set[str]:
     """Every text a list of templates can give for `q`, over all synonyms."""
     out = set()
-    for template, c, p, noun in itertools.product(templates, questions.COLOR_NOUNS, questions.PICTURE_NOUNS,
-                                                  questions.THING_NOUNS):
+    for template, c, p, noun, stance in itertools.product(templates, questions.COLOR_NOUNS, questions.PICTURE_NOUNS,
+                                                          questions.THING_NOUNS, questions.STANCES):
         class Fixed:  # a rng whose choices are fixed, for one synonym each
             def choice(self, options):
-                return {questions.COLOR_NOUNS: c, questions.PICTURE_NOUNS: p, questions.THING_NOUNS: noun}[tuple(options)]
+                return {questions.COLOR_NOUNS: c, questions.PICTURE_NOUNS: p, questions.THING_NOUNS: noun,
+                        questions.STANCES: stance}[tuple(options)]
         out.add(fill(template, q, Fixed()))
     return out
 
