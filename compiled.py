@@ -66,8 +66,7 @@ class CompiledDecoder:
         position_ids = cache.valid.sum(dim=1, keepdim=True)  # (B, 1): the real tokens before this one
         cache.valid.index_fill_(1, cache.slot, True)
         cache.pos.index_copy_(1, cache.slot, position_ids)
-        mask = cache.valid[:, None, None, :]  # (B, 1, 1, S): the filled slots, this one included
-        masks = {"full": mask, "chunked": mask}
+        masks = {"full": cache.valid[:, None, None, :]}  # (B, 1, 1, S): the filled slots, this one included
         x = lm.embed(input_ids)  # (B, 1, D)
         cos, sin = lm.rope(position_ids, x.dtype)  # (B, 1, 1, hd) each
         for block in lm.layers:
