@@ -80,11 +80,15 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def faster_dtype(model: nn.Module, loss, repeats: int = 2, say: bool = False) -> Choice:
+BF16_MARGIN = 0.95  # bfloat16 rounds: it must take under 95% of float32's time, more than timing noise
+
+
+def faster_dtype(model: nn.Module, loss, repeats: int = 3, say: bool = False) -> Choice:
     """"bfloat16" if a training step on CPU, loss() (a small batch's) and its backward, measures faster
-    under bfloat16 autocast than in float32, else "float32"; under torch.distributed, rank 0's answer for
-    every process; said in one line if `say`. The gradients are dropped and the RNG put back: the run
-    goes on as if nothing was timed."""
+    under bfloat16 autocast than in float32 by more than noise (BF16_MARGIN), else "float32": where the
+    two tie, a coin flip of the clock would pick the run's numerics. Under torch.distributed, rank 0's
+    answer for every process; said in one line if `say`. The gradients are dropped and the RNG put back:
+    the run goes on as if nothing was timed."""
     def step(bf16: bool):
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             value = loss()  # ()
@@ -95,6 +99,7 @@ def faster_dtype(model: nn.Module, loss, repeats: int = 2, say: bool = False) ->
     rng = torch.get_rng_state()
     choice = fastest({"float32": lambda: step(False), "bfloat16": lambda: step(True)}, repeats)
     torch.set_rng_state(rng)
+    choice.name = "bfloat16" if choice.times["bfloat16"] < BF16_MARGIN * choice.times["float32"] else "float32"
     if dist.is_initialized():  # one dtype for every process: rank 0's
         flag = torch.tensor([float(choice.name == "bfloat16")], device=next(model.parameters()).device)  # (1,)
         dist.broadcast(flag, src=0)

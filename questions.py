@@ -112,10 +112,15 @@ TRAIN = {
     "has_color": ["is the {o} {x}?", "is it {x}?", "is the {c} {x}?", "is the {c} of the {o} {x}?",
                   "is there any {x} in the {p}?", "is the {o} colored {x}?", "is the {o} {x} in color?",
                   "is this {o} {x}?", "do you think the {o} is {x}?", "do you think it is {x}?",
-                  "{s} the {o} is {x}?", "{s} it is {x}?"],
+                  "{s} the {o} is {x}?", "{s} it is {x}?", "does the {o} look {x}?", "the {o} is {x}, right?",
+                  "in the {p}, is the {o} {x}?", "is the {o} {x} in the {p}?", "is the {o} that you see {x}?",
+                  "does the {o} have a {x} {c}?", "is {x} the {c} of the {o}?", "is its {c} {x}?",
+                  "looking at the {p}, is the {o} {x}?"],
     "has_shape": ["is it {t}?", "is the {o} {t}?", "is this {t}?", "is the shape in the {p} {t}?",
                   "is the {o} shaped like {t}?", "do you think it is {t}?", "do you think the {o} is {t}?",
-                  "{s} the {o} is {t}?", "{s} it is {t}?"],
+                  "{s} the {o} is {t}?", "{s} it is {t}?", "does the {o} look like {t}?", "the {o} is {t}, right?",
+                  "in the {p}, is the {o} {t}?", "is the {o} that you see {t}?", "does the {o} have the shape of {t}?",
+                  "is its shape {t}?", "looking at the {p}, is it {t}?"],
     "not": [
         "is there not {t}?", "is there not {t} in the image?", "does the image not contain {t}?",
         "is no {n} present?", "is there no {n}?", "is there no {n} in the {p}?", "does the {p} not contain {t}?",
@@ -126,9 +131,12 @@ TRAIN = {
     ],
     "not_color": ["is the {o} not {x}?", "is it not {x}?", "is the {c} not {x}?", "is the {o} not colored {x}?",
                   "is this {o} not {x}?", "do you think the {o} is not {x}?",
-                  "{s} the {o} is not {x}?", "{s} it is not {x}?"],
+                  "{s} the {o} is not {x}?", "{s} it is not {x}?", "does the {o} not look {x}?",
+                  "the {o} is not {x}, right?", "in the {p}, is the {o} not {x}?",
+                  "is the {c} of the {o} not {x}?"],
     "not_shape": ["is it not {t}?", "is the {o} not {t}?", "is this not {t}?", "do you think the {o} is not {t}?",
-                  "{s} the {o} is not {t}?", "{s} it is not {t}?"],
+                  "{s} the {o} is not {t}?", "{s} it is not {t}?", "does the {o} not look like {t}?",
+                  "the {o} is not {t}, right?", "in the {p}, is the {o} not {t}?"],
 }
 
 HELD_OUT = {
@@ -164,7 +172,9 @@ STANCES = ("do you think", "do you believe", "can you confirm", "tell me if", "t
            "is it correct that", "am i right that", "do you agree that", "can you check if", "check whether",
            "let me know if", "i guess", "i suppose", "maybe", "i believe", "is it the case that", "do you reckon",
            "are you sure", "could it be that", "you think", "honestly,", "quick check:", "true or false:",
-           "i am asking if", "is it right that", "do you feel", "are you certain", "did you notice that")
+           "i am asking if", "is it right that", "do you feel", "are you certain", "did you notice that",
+           "in your view,", "from what you see,", "as far as you can tell,", "at a glance,", "what do you think,",
+           "can you tell if", "please confirm", "right or wrong:")
 
 # Openings and closings said around a question, now and then.
 OPENINGS = {"train": ["please, ", "please ", "can you tell me, ", "tell me: ", "hey, ", "quick question: ", "hi! ",
@@ -264,14 +274,23 @@ def prose() -> list[str]:
     return [p.strip() for text in topics.values() for p in text.split("\n\n") if len(p.split()) >= 8]
 
 
+def held_out_words() -> set[str]:
+    """Every word of the held-out phrasings (templates, openings, closings): never put in as filler, so
+    that training meets none of them through `insert_filler` either."""
+    texts = [t for group in HELD_OUT.values() for t in group] + OPENINGS["held_out"] + CLOSINGS["held_out"]
+    return {w for t in texts for w in re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", t))}
+
+
 @functools.cache
 def filler_words(n: int = 2000) -> list[str]:
-    """The `n` commonest words of `prose()` that ask nothing (not in MEANINGFUL), three letters or more."""
+    """The `n` commonest words of `prose()` that ask nothing (not in MEANINGFUL) and are no held-out
+    phrasing's, three letters or more."""
     counts = {}
     for paragraph in prose():
         for word in re.findall(r"[a-z]{3,}", paragraph.lower()):
             counts[word] = counts.get(word, 0) + 1
-    return [w for w in sorted(counts, key=lambda w: (-counts[w], w)) if w not in MEANINGFUL][:n]
+    skip = MEANINGFUL | held_out_words()
+    return [w for w in sorted(counts, key=lambda w: (-counts[w], w)) if w not in skip][:n]
 
 
 def insert_filler(text: str, rng: random.Random, p: float = 0.2) -> str:

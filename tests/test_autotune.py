@@ -79,6 +79,15 @@ def test_faster_dtype_times_both_drops_the_gradients_and_puts_the_rng_back():
     torch.manual_seed(0)
     choice = faster_dtype(model, loss)
     assert choice.name == "bfloat16" and set(choice.times) == {"float32", "bfloat16"}
-    assert calls.count(True) == calls.count(False) == 3  # one warm-up and two timed each
+    assert calls.count(True) == calls.count(False) == 4  # one warm-up and three timed each
     assert torch.equal(torch.rand(2), expected)  # the run goes on as if nothing had been timed
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_faster_dtype_keeps_float32_where_bfloat16_is_not_clearly_faster(monkeypatch):
+    model = torch.nn.Linear(8, 8)
+    loss = lambda: model(torch.rand(2, 8)).sum()  # noqa: E731
+    for bf16_time, expected in [(0.97, "float32"), (0.90, "bfloat16")]:  # float32 takes 1.0
+        measured = autotune.Choice("bfloat16", {"float32": 1.0, "bfloat16": bf16_time}, 0.0)
+        monkeypatch.setattr(autotune, "fastest", lambda candidates, repeats: measured)
+        assert faster_dtype(model, loss).name == expected

@@ -112,6 +112,7 @@ def test_reword_keeps_the_own_words_when_asked_to():
 def test_filler_words_ask_nothing():
     words = questions.filler_words()
     assert len(words) == 2000 and not set(words) & questions.MEANINGFUL and all(len(w) >= 3 for w in words)
+    assert not set(words) & questions.held_out_words() and {"would", "painted", "drawn"} <= questions.held_out_words()
     rng = random.Random(0)
     texts = [questions.insert_filler("is there a red shape?", rng, p=1.0) for _ in range(100)]
     assert all(len(t.split()) in (6, 7, 8) for t in texts) and len(set(texts)) > 50
