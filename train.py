@@ -90,7 +90,7 @@ class TrainConfig:
     lora_targets: str = "q_proj,v_proj"  # comma-separated, or "all-linear"
     lora_layers: int = 0  # LoRA in the top N LM layers only (0, or N above the LM's: all of them)
     train_connector: bool = True  # false: align's connector stays; with --lora-layers, backward stops below them
-    dtype: str = "auto"  # auto: bf16 autocast on GPUs that support it; on CPU where a step measures faster
+    dtype: str = "auto"  # auto: bf16 autocast on GPUs that support it; on CPU where a step measures >5% faster
     compile: bool = False
     fsdp: bool = False  # under torchrun: parameters, gradients and AdamW's state sharded (parallel.py)
     activation_checkpointing: bool = False  # blocks recompute their activations in the backward: less memory
@@ -391,7 +391,7 @@ def validate(s: Setup, val_set: list) -> dict:
 
 
 def measured_dtype(s: Setup, train_set: list, is_main: bool) -> bool:
-    """--dtype auto on CPU: bfloat16 if a micro batch's step measures faster in it (autotune.faster_dtype), in eval
+    """--dtype auto on CPU: bfloat16 if a micro batch's step measures >5% faster in it (autotune.faster_dtype), in eval
     mode (no BatchNorm statistics move) and with features, if kept, in a cache of the trial's own."""
     phase, trial = PHASES[s.cfg.phase], replace(s, features=data.KeptFeatures(s.model) if s.features else None)
     batch = phase.batch(train_set[:s.cfg.micro_batch], trial)
