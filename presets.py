@@ -16,7 +16,7 @@ PRESETS = {
         "vision": "tiny", "lm": "tiny", "connector": "pixel_shuffle", "template": "chatml-plain", "save_every": 100,
         "vision_config": TINY_VISION, "lm_config": TINY_LM, "batch_size": 32, "micro_batch": 32, "max_len": 96,
         "tokenizer_vocab": 1024, "tokenizer_data": "easy-vqa-wide-text", "tokenizer_lowercase": True, "eval_every": 50,
-        "dtype": "float32",  # the recipe as measured: a step is as fast in bf16 here, so auto's pick was a coin flip
+        "dtype": "float32",  # as measured; a tiny step ties in bf16 on some CPUs, where auto's pick is a coin flip
         "phases": {
             "pretrain": {"data": "easy-vqa-text-curriculum", "shuffle": False, "steps": 1800, "lr": 5e-4},
             "align": {"data": "easy-vqa-captions", "steps": 150, "lr_connector": 3e-3, "train_vision": True,
