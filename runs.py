@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import signal
@@ -398,8 +397,13 @@ def write_checkpoint_files(tmp: str, step: int, model, tokenizer, processor, opt
 def load_trainer_state(ckpt: str, optimizer, load_optimizer=None) -> int:
     """The optimizer and RNG states of a checkpoint put back, as save_checkpoint left them (a sharded one's
     optimizer from its shards, by `load_optimizer(folder)`: parallel.sharded_optimizer_loader); its step."""
-    try:  # weights_only: a damaged or hostile file is refused, never run (UnpicklingError)
+    try:  # weights_only: a damaged or hostile file is refused, never run; its unpickler
+        # may fail on garbage with any error (UnpicklingError, IndexError, UnicodeDecodeError...)
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    except Exception as e:
+        fail(f"--resume: {ckpt}/trainer_state.pt is damaged ({type(e).__name__}: {e}); "
+             "no whole checkpoint to continue from")
+    try:
         if state["optimizer"] is None and load_optimizer is not None:
             load_optimizer(os.path.join(ckpt, "optimizer"))
         else:
@@ -409,7 +413,7 @@ def load_trainer_state(ckpt: str, optimizer, load_optimizer=None) -> int:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         random.setstate(state["rng_python"])
         return int(state["step"])
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
         fail(f"--resume: {ckpt}/trainer_state.pt is damaged ({type(e).__name__}: {e}); "
              "no whole checkpoint to continue from")
 
