@@ -113,13 +113,13 @@ TRAIN = {
                   "is there any {x} in the {p}?", "is the {o} colored {x}?", "is the {o} {x} in color?",
                   "is this {o} {x}?", "do you think the {o} is {x}?", "do you think it is {x}?",
                   "{s} the {o} is {x}?", "{s} it is {x}?", "does the {o} look {x}?", "the {o} is {x}, right?",
-                  "in the {p}, is the {o} {x}?", "is the {o} {x} in the {p}?", "is the {o} that you see {x}?",
+                  "is the {o} that you see {x}?",
                   "does the {o} have a {x} {c}?", "is {x} the {c} of the {o}?", "is its {c} {x}?",
                   "looking at the {p}, is the {o} {x}?"],
     "has_shape": ["is it {t}?", "is the {o} {t}?", "is this {t}?", "is the shape in the {p} {t}?",
                   "is the {o} shaped like {t}?", "do you think it is {t}?", "do you think the {o} is {t}?",
                   "{s} the {o} is {t}?", "{s} it is {t}?", "does the {o} look like {t}?", "the {o} is {t}, right?",
-                  "in the {p}, is the {o} {t}?", "is the {o} that you see {t}?", "does the {o} have the shape of {t}?",
+                  "is the {o} that you see {t}?", "does the {o} have the shape of {t}?",
                   "is its shape {t}?", "looking at the {p}, is it {t}?"],
     "not": [
         "is there not {t}?", "is there not {t} in the image?", "does the image not contain {t}?",
@@ -132,11 +132,11 @@ TRAIN = {
     "not_color": ["is the {o} not {x}?", "is it not {x}?", "is the {c} not {x}?", "is the {o} not colored {x}?",
                   "is this {o} not {x}?", "do you think the {o} is not {x}?",
                   "{s} the {o} is not {x}?", "{s} it is not {x}?", "does the {o} not look {x}?",
-                  "the {o} is not {x}, right?", "in the {p}, is the {o} not {x}?",
+                  "the {o} is not {x}, right?",
                   "is the {c} of the {o} not {x}?"],
     "not_shape": ["is it not {t}?", "is the {o} not {t}?", "is this not {t}?", "do you think the {o} is not {t}?",
                   "{s} the {o} is not {t}?", "{s} it is not {t}?", "does the {o} not look like {t}?",
-                  "the {o} is not {t}, right?", "in the {p}, is the {o} not {t}?"],
+                  "the {o} is not {t}, right?"],
 }
 
 HELD_OUT = {
@@ -173,7 +173,7 @@ STANCES = ("do you think", "do you believe", "can you confirm", "tell me if", "t
            "let me know if", "i guess", "i suppose", "maybe", "i believe", "is it the case that", "do you reckon",
            "are you sure", "could it be that", "you think", "honestly,", "quick check:", "true or false:",
            "i am asking if", "is it right that", "do you feel", "are you certain", "did you notice that",
-           "in your view,", "from what you see,", "as far as you can tell,", "at a glance,", "what do you think,",
+           "in your view,", "from what you see,", "at a glance,", "what do you think,",
            "can you tell if", "please confirm", "right or wrong:")
 
 # Openings and closings said around a question, now and then.

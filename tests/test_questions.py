@@ -84,6 +84,32 @@ def test_held_out_phrasings_are_never_said_in_training(q):
         assert not any(h.lower().rstrip("?.") in text for h in held_out), text
 
 
+# The words that only held-out phrasings say. A training phrasing, stance, opening, closing or filler
+# that says one of them leaks it (before the 12-08 recipe the stance "as far as you can tell," said "as").
+HELD_OUT_ONLY = {"anywhere", "appears", "as", "been", "call", "depicted", "drawn", "excuse", "find", "got", "has",
+                 "include", "lot", "painted", "seen", "so", "sort", "thing", "we", "wonder", "would"}
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\{\w+\}|[a-z]+", text.lower())
+
+
+def test_held_out_phrasings_are_new_in_word_order_and_in_words():
+    """A held-out template may not be a training template's words in another order ("is the {o} in the
+    {p} {x}?" against "is the {o} {x} in the {p}?"; "thing" counts as {o}), and no word of HELD_OUT_ONLY
+    is ever said in training."""
+    def bag(template):
+        return sorted("{o}" if w == "thing" else w for w in words(template))
+    trained = [t for group in TRAIN.values() for t in group]
+    for template in (t for group in HELD_OUT.values() for t in group):
+        assert all(bag(template) != bag(t) for t in trained), template
+    said = trained + list(questions.STANCES) + OPENINGS["train"] + questions.CLOSINGS["train"]
+    said_words = {w for text in said for w in words(text)} | set(questions.filler_words())
+    assert not HELD_OUT_ONLY & said_words
+    held_out = [t for group in HELD_OUT.values() for t in group] + OPENINGS["held_out"] + questions.CLOSINGS["held_out"]
+    assert HELD_OUT_ONLY == {w for text in held_out for w in words(text)} - said_words - {"{o}", "{x}", "{t}", "{n}", "{c}", "{p}", "{ts}"}
+
+
 def test_phrasings_cover_the_kinds_the_issue_names():
     assert {"color", "shape", "has", "has_color", "has_shape", "not", "not_color", "not_shape"} == set(TRAIN) == set(HELD_OUT)
     joined = " ".join(t for group in TRAIN.values() for t in group)
