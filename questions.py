@@ -13,7 +13,7 @@ A phrasing is a template with slots, filled by synonyms, then surface forms: an 
 opening or closing, contractions, letter case and end punctuation. `TRAIN` holds the training
 phrasings (the data set's own 24 among them) and `HELD_OUT` the others; held-out templates and
 openings are never trained on, not even in words (the tests check that no held-out template can
-come out of `say(..., "train")`). Answers keep easy-VQA's convention: "is there not a red shape?" is
+come out of `say(..., "train")`, nor is a training template's words in another order). Answers keep easy-VQA's convention: "is there not a red shape?" is
 answered "yes" when there is no red shape, and so is "isn't there a red shape?".
 """
 import functools

@@ -403,6 +403,9 @@ def load_trainer_state(ckpt: str, optimizer, load_optimizer=None) -> int:
     except Exception as e:
         fail(f"--resume: {ckpt}/trainer_state.pt is damaged ({type(e).__name__}: {e}); "
              "no whole checkpoint to continue from")
+    if not isinstance(state, dict):
+        fail(f"--resume: {ckpt}/trainer_state.pt is damaged (holds a {type(state).__name__}, not a trainer state); "
+             "no whole checkpoint to continue from")
     try:
         if state["optimizer"] is None and load_optimizer is not None:
             load_optimizer(os.path.join(ckpt, "optimizer"))

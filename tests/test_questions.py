@@ -85,9 +85,13 @@ def test_held_out_phrasings_are_never_said_in_training(q):
 
 
 # The words that only held-out phrasings say. A training phrasing, stance, opening, closing or filler
-# that says one of them leaks it (before the 12-08 recipe the stance "as far as you can tell," said "as").
+# that says one of them leaks it (the stance "as far as you can tell," once said "as": docs/tiny-recipe.md,
+# "No held-out words").
 HELD_OUT_ONLY = {"anywhere", "appears", "as", "been", "call", "depicted", "drawn", "excuse", "find", "got", "has",
                  "include", "lot", "painted", "seen", "so", "sort", "thing", "we", "wonder", "would"}
+# A held-out template one synonym away from a training one, found after the preset's runs and disclosed
+# in docs/tiny-recipe.md; the next recipe drops the training one. No other pair may appear.
+KNOWN_TWINS = {("is the thing in the {p} {t}?", "is the shape in the {p} {t}?")}
 
 
 def words(text: str) -> list[str]:
@@ -96,18 +100,22 @@ def words(text: str) -> list[str]:
 
 def test_held_out_phrasings_are_new_in_word_order_and_in_words():
     """A held-out template may not be a training template's words in another order ("is the {o} in the
-    {p} {x}?" against "is the {o} {x} in the {p}?"; "thing" counts as {o}), and no word of HELD_OUT_ONLY
-    is ever said in training."""
+    {p} {x}?" against "is the {o} {x} in the {p}?"), a synonym counted as its slot ("thing", "shape" as
+    {o}; "image" as {p}; "colour" as {c}), and no word of HELD_OUT_ONLY is ever said in training."""
+    slot = {**{w: "{o}" for w in ("thing", *questions.THING_NOUNS)}, **{w: "{p}" for w in questions.PICTURE_NOUNS},
+            **{w: "{c}" for w in questions.COLOR_NOUNS}}
+
     def bag(template):
-        return sorted("{o}" if w == "thing" else w for w in words(template))
+        return sorted(slot.get(w, w) for w in words(template))
     trained = [t for group in TRAIN.values() for t in group]
-    for template in (t for group in HELD_OUT.values() for t in group):
-        assert all(bag(template) != bag(t) for t in trained), template
+    twins = {(h, t) for group in HELD_OUT.values() for h in group for t in trained if bag(h) == bag(t)}
+    assert twins == KNOWN_TWINS
     said = trained + list(questions.STANCES) + OPENINGS["train"] + questions.CLOSINGS["train"]
     said_words = {w for text in said for w in words(text)} | set(questions.filler_words())
     assert not HELD_OUT_ONLY & said_words
     held_out = [t for group in HELD_OUT.values() for t in group] + OPENINGS["held_out"] + questions.CLOSINGS["held_out"]
-    assert HELD_OUT_ONLY == {w for text in held_out for w in words(text)} - said_words - {"{o}", "{x}", "{t}", "{n}", "{c}", "{p}", "{ts}"}
+    held_out_words = {w for text in held_out for w in words(text) if not w.startswith("{")}
+    assert HELD_OUT_ONLY == held_out_words - said_words
 
 
 def test_phrasings_cover_the_kinds_the_issue_names():

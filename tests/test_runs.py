@@ -28,8 +28,10 @@ def test_damaged_trainer_state_log_and_latest_are_one_line(tmp_path, capsys):
     # UnicodeDecodeError and KeyError (seeds 0-299 checked); each must be one error line
     import random
     garbage = [random.Random(seed).randbytes(256) for seed in range(300)]
-    for content in garbage + [None]:
-        if content is None:
+    for content in garbage + [None, "tensor"]:
+        if content == "tensor":
+            torch.save(torch.zeros(3), ckpt / "trainer_state.pt")  # loads, but is no trainer state
+        elif content is None:
             torch.save({"step": 1}, ckpt / "trainer_state.pt")  # a state without its keys
         else:
             (ckpt / "trainer_state.pt").write_bytes(content)
